@@ -1,0 +1,113 @@
+# Every user entry point of the harness. `make help` lists them.
+# Any target that needs Python first creates or refreshes .venv from the
+# pinned requirements, so a fresh checkout needs no other step.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := all
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+KCONFIG_CONFIG ?= .config
+export KCONFIG_CONFIG
+export srctree := $(CURDIR)
+PYTHON ?= python3
+
+# Command-line overrides, applied for this invocation only (never written to .config).
+OVERRIDES := $(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),--set $(v)=$($(v)))) \
+	$(if $(TIME),--set TIME_BUDGET=$(TIME))
+CLI := HARNESS_COMMAND='make $(MAKECMDGOALS) $(strip $(foreach v,MAX_ITERS EPOCHS SEEDS TIME RESULTS_DIR,$(if $($(v)),$(v)=$($(v)))))' \
+	$(PY) -m lib.cli --config $(KCONFIG_CONFIG) $(OVERRIDES)
+DEFCONFIG_OUT ?= defconfig
+RESULTS_TREE := $(or $(RESULTS_DIR),results)
+
+.PHONY: help all run dry-run continue report prepare-data test lint quickstart venv \
+	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
+	allnoconfig randconfig clean mrproper
+
+help: ## List the make targets
+	@echo "Pruning experiment harness. Typical use: make defconfig-lenet5-quick && make"
+	@echo
+	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
+		awk -F'\t' '{printf "  %-22s %s\n", $$1, $$2}'
+	@echo
+	@echo "Overrides for this invocation: MAX_ITERS=N EPOCHS=N TIME=30m SEEDS=N RESULTS_DIR=dir YES=1"
+	@echo "KCONFIG_CONFIG=path reads/writes another config file instead of .config."
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	@echo "Setting up $(VENV) (torch pinned to 2.13.0; about a minute on a fresh machine)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q -r requirements.txt
+	@$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	@touch $@
+
+venv: $(STAMP) ## Create or refresh the virtual environment
+
+all: run ## Train the matrix described by .config (same as `make run`)
+
+run: $(STAMP) ## Train every run of .config's matrix into a new results folder
+	@$(CLI) run
+
+dry-run: $(STAMP) ## Print the matrix and each run's hardware plan; train nothing
+	@$(CLI) dry-run
+
+continue: $(STAMP) ## Finish the newest unfinished results folder (finished runs are kept)
+	@$(CLI) continue
+
+report: $(STAMP) ## Rewrite summary.json and report.md of RESULTS=dir (default: newest)
+	@$(CLI) report $(if $(RESULTS),--results $(RESULTS))
+
+prepare-data: $(STAMP) ## Download the datasets .config needs (needs the network)
+	@$(CLI) prepare-data
+
+list-defconfigs: $(STAMP) ## List the named experiments in defconfigs/
+	@$(PY) scripts/kconfig_tool.py list
+
+defconfig-%: $(STAMP) ## Write .config from defconfigs/<name>
+	@$(PY) scripts/kconfig_tool.py defconfig $*
+
+menuconfig: $(STAMP) ## Edit .config in a terminal menu
+	@$(VENV)/bin/menuconfig Kconfig
+
+olddefconfig: $(STAMP) ## Update .config to the current Kconfig, new symbols at defaults
+	@$(VENV)/bin/olddefconfig Kconfig
+
+savedefconfig: $(STAMP) ## Write the minimal form of .config to ./defconfig (DEFCONFIG_OUT=path)
+	@$(VENV)/bin/savedefconfig --kconfig Kconfig --out $(DEFCONFIG_OUT)
+	@echo "wrote $(DEFCONFIG_OUT) (copy it to defconfigs/<name> to make it a named experiment)"
+
+listnewconfig: $(STAMP) ## List symbols that .config does not set yet
+	@$(VENV)/bin/listnewconfig Kconfig
+
+allyesconfig: $(STAMP) ## .config with every bool on (the largest matrix)
+	@$(VENV)/bin/allyesconfig Kconfig
+
+allnoconfig: $(STAMP) ## .config with every bool off
+	@$(VENV)/bin/allnoconfig Kconfig
+
+randconfig: $(STAMP) ## Random .config; KCONFIG_SEED=N repeats one
+	@$(PY) scripts/kconfig_tool.py randconfig
+
+test: $(STAMP) ## Run the test suite (CPU only, no network)
+	@$(PY) -m pytest -q tests
+
+lint: $(STAMP) ## ruff over the project
+	@$(VENV)/bin/ruff check .
+
+quickstart: $(STAMP) ## Set up and run the LeNet-5 quickstart on real MNIST digits (CPU)
+	@$(PY) scripts/kconfig_tool.py defconfig lenet5-quick
+	@$(CLI) run
+
+clean: ## Remove caches (keeps .config, results/, data/ and .venv)
+	@find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	@rm -rf .pytest_cache .ruff_cache
+	@echo "removed caches"
+
+mrproper: clean ## Also remove .config, results/ and .venv (asks first unless YES=1)
+	@if [ "$(YES)" != "1" ]; then \
+		if [ ! -t 0 ]; then echo "error: mrproper deletes $(RESULTS_TREE)/; run it as \`make mrproper YES=1\`" >&2; exit 2; fi; \
+		read -r -p "Delete $(KCONFIG_CONFIG), $(RESULTS_TREE)/ and $(VENV)? [y/N] " ans; \
+		[ "$$ans" = y ] || [ "$$ans" = Y ] || { echo "nothing deleted"; exit 1; }; \
+	fi
+	@rm -rf $(KCONFIG_CONFIG) $(KCONFIG_CONFIG).old $(RESULTS_TREE) $(VENV)
+	@echo "removed $(KCONFIG_CONFIG), $(RESULTS_TREE)/ and $(VENV)"

@@ -1,0 +1,32 @@
+"""The classic LeNet-5 for 32x32 single-channel images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LeNet5(nn.Module):
+    """conv5-pool-conv5-pool then three fully connected layers; 61,706 parameters for 10 classes.
+
+    Layers are named attributes (not one Sequential) so pruning and surgery code can
+    address them by name: conv1, conv2, fc1, fc2, fc3.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5)
+        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (N, num_classes) for images of shape (N, C, 32, 32)."""
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # 32 -> 28 -> 14
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # 14 -> 10 -> 5
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)

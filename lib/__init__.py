@@ -1,0 +1,1 @@
+"""The model-agnostic experiment harness (see DESIGN.md in shared/)."""

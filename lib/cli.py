@@ -1,0 +1,116 @@
+"""The command line behind the Makefile: ``python -m lib.cli COMMAND [--set SYMBOL=VALUE ...]``.
+
+Commands: check (validate .config), dry-run (print the matrix and plans), run
+(train the matrix), continue (finish the newest unfinished results folder),
+report (rewrite summary.json and report.md of a results folder), prepare-data.
+A HarnessError prints as one line ``error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from lib.errors import HarnessError
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lib.cli", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["check", "dry-run", "run", "continue", "report", "prepare-data"])
+    parser.add_argument("--config", default=".config", help="the .config to read (default: .config)")
+    parser.add_argument("--set", action="append", default=[], metavar="SYMBOL=VALUE",
+                        help="override a symbol for this invocation only (make MAX_ITERS=... etc.)")
+    parser.add_argument("--results", help="results folder for `report` (default: the newest)")
+    return parser.parse_args(argv)
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise HarnessError(f"override {pair!r} is not SYMBOL=VALUE")
+        if value != "":  # an empty make variable means "not given"
+            result[name.removeprefix("CONFIG_")] = value
+    return result
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    try:
+        command = os.environ.get("HARNESS_COMMAND") or " ".join(["python -m lib.cli"] + [shlex.quote(a) for a in argv])
+        return _dispatch(args, command.strip())
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, command: str) -> int:
+    from lib import config as config_mod
+    from lib import matrix
+
+    if args.command == "report":
+        folder = Path(args.results) if args.results else _newest_folder(config_mod.load(args.config).results_dir)
+        matrix.write_summary(folder)
+        print(f"wrote {folder / 'summary.json'} and {folder / 'report.md'}")
+        return 0
+    config = config_mod.load(args.config, _overrides(args.set))
+    if args.command == "check":
+        print(f"{args.config}: ok ({len(matrix.expand(config))} run(s))")
+        return 0
+    if args.command == "prepare-data":
+        return _prepare_data(config)
+    if args.command == "continue":
+        folder = matrix.newest_unfinished(config.results_dir)
+        runs = matrix.run_folder(folder, config.jobs, only_unfinished=True)
+        return _finish(folder, runs)
+    specs = matrix.expand(config)
+    if args.command == "dry-run":
+        print(matrix.dry_run_table(specs))
+        plans = {s.model: s.hardware.rationale for s in specs}
+        for model, why in plans.items():
+            print(f"plan for {model}: {why}")
+        print(f"{len(specs)} run(s); nothing trained (dry run)")
+        return 0
+    folder = matrix.create_results_folder(config, specs, command)
+    runs = matrix.run_folder(folder, config.jobs)
+    return _finish(folder, runs)
+
+
+def _finish(folder: Path, runs: list[dict]) -> int:
+    counts = {s: sum(r["status"] == s for r in runs) for s in ("ok", "diverged", "failed")}
+    print(f"results: {folder}")
+    report = folder / "report.md"
+    print(f"{counts['ok']} ok, {counts['diverged']} diverged, {counts['failed']} failed; report: {report}")
+    return 1 if counts["failed"] else 0
+
+
+def _newest_folder(results_dir: str) -> Path:
+    from lib.matrix import _absolute
+
+    base = Path(_absolute(results_dir))
+    folders = sorted((p.parent for p in base.glob("*/matrix.json")), key=lambda p: p.stat().st_mtime)
+    if not folders:
+        raise HarnessError(f"no results folder under {base}; run `make` first")
+    return folders[-1]
+
+
+def _prepare_data(config: object) -> int:
+    from lib import matrix
+    from lib.task import get_task
+
+    done = set()
+    for spec in matrix.expand(config):
+        key = (spec.model, tuple(sorted(spec.model_options.items())))
+        if key not in done:
+            done.add(key)
+            message = get_task(spec.model).fetch_data(spec)
+            print(f"{spec.model}: {message or 'data ready'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,17 @@
+"""Errors the user can fix. Each carries one line saying what is wrong and how to fix it.
+
+Entry points catch HarnessError, print its message on one line and exit non-zero;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class HarnessError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+class ConfigError(HarnessError):
+    """A .config value that is missing, malformed, out of range or inconsistent."""
+
+
+class DataMissingError(HarnessError):
+    """A dataset that has not been prepared; the message names the make target."""

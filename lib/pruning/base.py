@@ -1,0 +1,177 @@
+"""``Pruner``: the base every pruning method extends.
+
+The trainer drives a pruner with four calls per run::
+
+    pruner.set_total_steps(total)          # once, resolves a fractional schedule
+    loss.backward()
+    pruner.before_step()                   # zero pruned weights' gradients
+    clip gradients; optimizer.step()
+    pruner.after_step(step)                # on schedule: score -> threshold -> masks
+
+A method only overrides ``importance`` (score high = keep); methods that need
+per-step work (movement pruning's score accumulation) also extend
+``before_step`` and report their buffers through ``_buffers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lib.errors import HarnessError
+from lib.pruning.prunable import prunable_parameters
+from lib.pruning.schedule import SparsitySchedule
+from lib.pruning.threshold import get_threshold
+from lib.spec import PruneSettings
+
+
+class Pruner:
+    """Gradual pruning of the prunable weights of ``model`` along a sparsity schedule."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, settings: PruneSettings):
+        self.model = model
+        self.optimizer = optimizer
+        self.settings = settings
+        self.params = prunable_parameters(model)
+        self.schedule = self.make_schedule(settings)
+        self.threshold = get_threshold(settings.threshold)
+        self.masks: dict[str, Tensor] = {}  # name -> bool keep-mask; empty until the first update
+        self.step = 0  # optimizer steps completed at the last after_step()
+        self.applied = 0.0  # sparsity the current masks were computed for
+        self.total_steps: int | None = None
+
+    # -- what subclasses override -------------------------------------------------------------
+
+    def make_schedule(self, settings: PruneSettings) -> SparsitySchedule:
+        """The schedule this method follows (validated here, so a bad config fails before training)."""
+        return SparsitySchedule(
+            settings.schedule, settings.target, settings.start, settings.end, settings.frequency
+        )
+
+    def importance(self, name: str, param: nn.Parameter) -> Tensor:
+        """Score of each entry of ``param``, same shape; the lowest are pruned."""
+        raise NotImplementedError(f"{type(self).__name__} must define importance()")
+
+    def _buffers(self) -> Iterable[Tensor]:
+        """Tensors the pruner keeps alive between steps (counted by ``buffer_bytes``)."""
+        return self.masks.values()
+
+    # -- the trainer's interface --------------------------------------------------------------
+
+    def set_total_steps(self, total: int) -> None:
+        """Tell the pruner how long the run is, turning fractional start/end into steps."""
+        self.total_steps = total
+        self.schedule = self.schedule.resolve(total)
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Zero the gradients of pruned weights; call after backward, before clipping and step.
+
+        With a zero gradient, a pruned weight and its zeroed optimizer state stay
+        exactly zero under SGD (momentum, L2), Adam and AdamW, so no other
+        per-step work is needed between mask updates.
+        """
+        for name, param in self.params:
+            mask = self.masks.get(name)
+            if mask is not None and param.grad is not None:
+                param.grad.mul_(mask)
+
+    def after_step(self, step: int) -> None:
+        """Record that ``step`` optimizer steps (1-based) are done; update masks when the schedule says so."""
+        self.step = step
+        if self._due(step):
+            self.prune_to(self.scheduled_sparsity(step))
+
+    def _due(self, step: int) -> bool:
+        if self.schedule.should_update(step):
+            return True
+        # Apply the final target at the first step past end even when step == end
+        # was never seen (end == 0, as steps are 1-based, or a resume that skipped it).
+        return step >= self.schedule.steps()[1] and self.applied != self.schedule.target
+
+    @torch.no_grad()
+    def prune_to(self, sparsity: float) -> None:
+        """Recompute the masks for ``sparsity`` and zero pruned weights and their optimizer state."""
+        scores = [self.importance(name, param) for name, param in self.params]
+        masks = self.threshold(scores, sparsity)
+        del scores  # free the score copies before touching weights
+        self.masks = {name: mask for (name, _), mask in zip(self.params, masks, strict=True)}
+        self.applied = sparsity
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero pruned weights and every optimizer state tensor shaped like them."""
+        for name, param in self.params:
+            mask = self.masks.get(name)
+            if mask is None:
+                continue
+            param.mul_(mask)
+            for value in self._state_tensors(param):
+                value.mul_(mask)
+
+    def _state_tensors(self, param: nn.Parameter) -> list[Tensor]:
+        """Per-weight optimizer state (exp_avg, exp_avg_sq, max_exp_avg_sq, momentum_buffer, ...)."""
+        if self.optimizer is None:
+            return []
+        state = self.optimizer.state.get(param, {})
+        # Scalars such as Adam's 'step' have a different shape and are left alone.
+        return [v for v in state.values() if isinstance(v, Tensor) and v.shape == param.shape]
+
+    def scheduled_sparsity(self, step: int) -> float:
+        """Sparsity the schedule asks for after ``step`` optimizer steps."""
+        return self.schedule.sparsity_at(step)
+
+    def reaches_target(self) -> bool:
+        """False when the run ends before the schedule applies its target (the trainer flags it)."""
+        if self.total_steps is None:
+            raise RuntimeError("call set_total_steps() before reaches_target()")
+        return self.schedule.reaches_target(self.total_steps)
+
+    @torch.no_grad()
+    def sparsity(self) -> float:
+        """Fraction of prunable weights that are exactly zero, measured on the weights themselves.
+
+        Measured rather than read from the masks, so a mask that was never
+        applied (or an optimizer that revived pruned weights) shows up.
+        """
+        total = self.prunable_count()
+        if total == 0:
+            return 0.0
+        zeros = sum(int((param == 0).sum()) for _, param in self.params)
+        return zeros / total
+
+    def prunable_count(self) -> int:
+        """Number of weights this pruner may prune."""
+        return sum(param.numel() for _, param in self.params)
+
+    def buffer_bytes(self) -> int:
+        """Bytes the pruner holds between steps: masks plus any method buffers."""
+        return sum(t.numel() * t.element_size() for t in self._buffers())
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and progress, for a checkpoint (plain tensors and numbers: weights_only-safe)."""
+        return {"step": self.step, "applied": self.applied, "masks": dict(self.masks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output; the masks must match this model's prunable weights."""
+        params = dict(self.params)
+        masks = state.get("masks", {})
+        for name, mask in masks.items():
+            if name not in params or mask.shape != params[name].shape:
+                raise HarnessError(
+                    f"checkpoint pruning mask '{name}' does not match the model; "
+                    "was the checkpoint saved by another model?"
+                )
+        self.masks = {
+            name: mask.to(device=params[name].device, dtype=torch.bool) for name, mask in masks.items()
+        }
+        self.step = int(state["step"])
+        self.applied = float(state["applied"])

@@ -1,0 +1,55 @@
+"""Run one training run from its folder: ``python -m lib.run RUN_DIR``.
+
+Reads RUN_DIR/spec.json (nothing else), trains, and always leaves
+RUN_DIR/summary.json: status ok, diverged, or failed with the error text.
+Exit status: 0 for ok or diverged (a recorded outcome), 1 for failed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from lib.errors import HarnessError
+from lib.spec import RunSpec, write_json_atomic
+
+
+def run(run_dir: Path) -> int:
+    spec = RunSpec.read(run_dir / "spec.json")
+    started = time.time()
+    try:
+        from lib.trainer import train
+
+        summary = train(spec, run_dir)
+    except HarnessError as exc:
+        summary = failed_summary(spec.name, str(exc))
+    except Exception as exc:  # a crash in one run must not lose its record
+        traceback.print_exc()
+        summary = failed_summary(spec.name, f"{type(exc).__name__}: {exc}")
+    summary["spec"] = spec.to_dict()
+    summary["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
+    write_json_atomic(run_dir / "summary.json", summary)
+    print(f"{spec.name}: {summary['status']}" + (f" ({summary['error']})" if summary.get("error") else ""))
+    return 1 if summary["status"] == "failed" else 0
+
+
+def failed_summary(name: str, error: str) -> dict:
+    """The record of a run that did not finish."""
+    return {"name": name, "status": "failed", "error": error, "flags": []}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m lib.run RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        return run(Path(argv[0]))
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,138 @@
+"""RunSpec: everything one training run needs, and nothing it must look up elsewhere.
+
+A RunSpec is written as ``spec.json`` in its run folder; ``python -m lib.run
+<run_dir>`` re-runs it from that file alone. The trainer never reads .config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lib.errors import HarnessError
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Hyperparameters of the optimizer this run uses (lr is the peak learning rate)."""
+
+    name: str
+    lr: float
+    weight_decay: float
+    momentum: float = 0.9
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """How and when to prune. ``start``/``end`` are steps (int) or fractions of the run (float)."""
+
+    method: str = "none"
+    target: float = 0.0
+    schedule: str = "cubic"
+    start: int | float = 0.1
+    end: int | float = 0.7
+    frequency: int = 10
+    threshold: str = "exact"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The training budget and loop settings shared by every model."""
+
+    batch_size: int
+    epochs: int = 0
+    max_iters: int = 0
+    time_budget_s: float = 0.0
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    eval_interval: int = 0
+    eval_batches: int = 0
+    log_interval: int = 10
+    deterministic: bool = True
+    keep_checkpoints: bool = True
+
+
+@dataclass(frozen=True)
+class HardwarePlan:
+    """Where and how the run executes; decided by lib.hardware.plan()."""
+
+    device: str
+    micro_batch: int
+    grad_accum: int
+    world_size: int = 1
+    compile: bool = False
+    dtype: str = "float32"
+    threads: int = 0
+    rationale: str = ""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the matrix: model x optimizer x pruning x sparsity x seed."""
+
+    name: str
+    model: str
+    seed: int
+    optim: OptimSettings
+    prune: PruneSettings
+    train: TrainSettings
+    hardware: HardwarePlan
+    model_options: dict[str, Any] = field(default_factory=dict)
+    data_dir: str = "data"
+    tracker: str = "none"
+
+    @property
+    def optimizer(self) -> str:
+        return self.optim.name
+
+    @property
+    def pruning(self) -> str:
+        return self.prune.method
+
+    @property
+    def sparsity(self) -> float:
+        return self.prune.target
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        parts = {
+            "optim": OptimSettings,
+            "prune": PruneSettings,
+            "train": TrainSettings,
+            "hardware": HardwarePlan,
+        }
+        kwargs = dict(data)
+        for key, kind in parts.items():
+            kwargs[key] = kind(**data[key])
+        return cls(**kwargs)
+
+    def write(self, path: Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def read(cls, path: Path) -> RunSpec:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise HarnessError(f"{path}: no such spec.json; give a run folder made by `make`") from None
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise HarnessError(f"{path}: not a valid spec.json ({exc}); re-create the run with `make`") from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)

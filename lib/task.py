@@ -1,0 +1,84 @@
+"""The task plug-in: the only surface through which lib/ knows a model family.
+
+Each model folder (lenet5/, later gpt2/ and resnet/) exposes ``TASK``, an object
+with the members of ``Task`` below. The trainer, the matrix, the reports and the
+graphs know nothing else about a model. ``TASKS`` maps a model name to the module
+holding its task; it is imported only when that model is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from lib.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lib.spec import RunSpec
+
+Batch = tuple["torch.Tensor", ...]
+
+# model name -> module exposing TASK; the Kconfig prefix of a model's own
+# symbols is its name in capitals (LENET5_...).
+TASKS: dict[str, str] = {
+    "lenet5": "lenet5.task",
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The headline metric of a task and which direction is better."""
+
+    name: str  # "accuracy" or "perplexity"
+    higher_is_better: bool
+    unit: str = ""  # "%" for accuracy
+
+    def better(self, a: float, b: float) -> bool:
+        """True if metric value ``a`` is strictly better than ``b``."""
+        return a > b if self.higher_is_better else a < b
+
+
+class Task(Protocol):
+    """What a model folder provides."""
+
+    name: str
+    metric: Metric
+    sample_unit: str  # what throughput counts: "images" or "tokens"
+
+    def prepare(self, spec: RunSpec) -> None:
+        """Load the data into memory; raise DataMissingError naming `make prepare-data` if absent."""
+
+    def build_model(self, spec: RunSpec) -> nn.Module:
+        """A freshly initialised model (the trainer has seeded torch already)."""
+
+    def examples_per_epoch(self, spec: RunSpec) -> int:
+        """Training examples in one epoch, used to turn EPOCHS into steps."""
+
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int) -> Iterator[Batch]:
+        """An endless stream of training micro-batches, reshuffled every epoch from ``seed``."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean training loss of ``model`` on ``batch`` (already on the model's device)."""
+
+    def samples_in(self, batch: Batch) -> int:
+        """How many ``sample_unit`` a batch holds (images, or tokens)."""
+
+    def evaluate(self, model: nn.Module, spec: RunSpec, split: str) -> dict[str, float]:
+        """Metrics on split "val" or "test": {"loss": ..., metric.name: ...}. Runs under no_grad."""
+
+    def fetch_data(self, spec: RunSpec) -> str:
+        """Download what this task needs into spec.data_dir (`make prepare-data`); say what was done."""
+
+
+def get_task(model: str) -> Task:
+    """The task object of model ``model``; a clear error if there is no such model."""
+    module = TASKS.get(model)
+    if module is None:
+        known = ", ".join(sorted(TASKS))
+        raise ConfigError(f"unknown model {model!r}; known models: {known}")
+    return importlib.import_module(module).TASK

@@ -1,0 +1,236 @@
+"""The ONE training loop, shared by every model (read it top to bottom).
+
+It knows a model only through its task plug-in (lib/task.py) and takes every
+setting from the RunSpec; it never reads .config. Outputs in the run folder:
+metrics.jsonl (one line per evaluation), checkpoints/best.pt (the best
+checkpoint by validation metric among evaluations at the target sparsity) and
+the summary dict that lib/run.py writes as summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lib import memory
+from lib.optim import build_optimizer
+from lib.pruning import build_pruner
+from lib.spec import RunSpec, TrainSettings
+from lib.task import Task, get_task
+from lib.tracking import open_tracker
+
+SPARSITY_TOLERANCE = 0.005  # reached sparsity must be within 0.5 points of target
+TIME_PROBE_STEPS = 5  # steps measured before a time budget fixes the step count
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Best:
+    """The best evaluation so far among those eligible (at target sparsity)."""
+
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def planned_steps(train: TrainSettings, examples_per_epoch: int, batch_size: int) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch) from the EPOCHS and MAX_ITERS budgets."""
+    per_epoch = max(1, math.ceil(examples_per_epoch / batch_size))
+    budgets = [n for n in (train.epochs * per_epoch, train.max_iters) if n > 0]
+    return (min(budgets) if budgets else 0), per_epoch
+
+
+def lr_at(step: int, peak: float, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to ``peak`` then cosine decay to ``min_ratio * peak`` at ``total``."""
+    if warmup and step <= warmup:
+        return peak * step / warmup
+    if total <= warmup:
+        return peak
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """Train one run; return its summary (status ok or diverged). Exceptions mean failed."""
+    hw, cfg = spec.hardware, spec.train
+    if hw.threads:
+        torch.set_num_threads(hw.threads)
+    seed_everything(spec.seed, cfg.deterministic)
+    device = _device(hw.device)
+    task = get_task(spec.model)
+    task.prepare(spec)
+
+    model = task.build_model(spec).to(device)
+    optimizer = build_optimizer(model, spec.optim)
+    pruner = build_pruner(model, optimizer, spec.prune)
+    total, per_epoch = planned_steps(cfg, task.examples_per_epoch(spec), cfg.batch_size)
+    provisional = total or 10**9  # with only a time budget the step count is fixed after probing
+    pruner.set_total_steps(provisional)
+    eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
+    stream = task.train_batches(spec, hw.micro_batch, spec.seed)
+
+    tracker = open_tracker(spec.tracker, spec.name)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = (run_dir / "metrics.jsonl").open("w")
+    best, status, error = Best(), "ok", None
+    samples, train_time, step, evals = 0, 0.0, 0, 0
+    memory.reset_peak(device)
+    start = time.perf_counter()
+    bar = tqdm(total=provisional if total else None, desc=spec.name, unit="step", leave=False, disable=None)
+
+    model.train()
+    while step < provisional:
+        step += 1
+        t0 = time.perf_counter()
+        lr = lr_at(step, spec.optim.lr, provisional, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(hw.grad_accum):
+            batch = tuple(t.to(device, non_blocking=True) for t in next(stream))
+            loss = task.loss(model, batch) / hw.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+            samples += task.samples_in(batch)
+        pruner.before_step()  # pruned weights get no gradient
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pruner.after_step(step)  # mask updates happen here, on schedule
+        train_time += time.perf_counter() - t0
+        bar.update(1)
+
+        if cfg.time_budget_s and step == TIME_PROBE_STEPS:
+            provisional = _steps_within_budget(step, train_time, cfg.time_budget_s, total)
+            pruner.set_total_steps(provisional)
+            bar.total = provisional
+            eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
+        if step % cfg.log_interval == 0 or step == provisional:
+            train_loss = float(loss_sum)
+            if not math.isfinite(train_loss):
+                status, error = "diverged", f"training loss became {train_loss} at step {step}"
+                break
+            bar.set_postfix(loss=f"{train_loss:.4f}", sparsity=f"{pruner.sparsity():.3f}")
+            _log(f"step {step}/{provisional} loss {train_loss:.4f} lr {lr:.2e} sparsity {pruner.sparsity():.4f}")
+        if step % eval_every == 0 or step == provisional:
+            record = _evaluate(task, model, spec, step, per_epoch, lr, pruner, float(loss_sum), start)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            tracker.log(record)
+            evals += 1
+            if not math.isfinite(record["val"]["loss"]):
+                status, error = "diverged", f"validation loss became {record['val']['loss']} at step {step}"
+                break
+            if _eligible(record, spec) and _improves(task, record, best):
+                best = Best(step, record["val"])
+                _save_checkpoint(ckpt_dir / "best.pt", model, pruner, step)
+    bar.close()
+    metrics_file.close()
+    tracker.finish()
+    wall = time.perf_counter() - start
+
+    reached = pruner.sparsity()  # of the final weights, before the best checkpoint is loaded back
+    test = _test_at_best(task, model, spec, ckpt_dir / "best.pt", best) if status == "ok" else None
+    if not cfg.keep_checkpoints:
+        (ckpt_dir / "best.pt").unlink(missing_ok=True)
+    flags = []
+    if spec.pruning != "none" and abs(reached - spec.sparsity) > SPARSITY_TOLERANCE:
+        flags.append("sparsity_missed")
+    if status == "ok" and best.step == 0:
+        flags.append("no_eligible_checkpoint")
+    return {
+        "name": spec.name,
+        "status": status,
+        "error": error,
+        "flags": flags,
+        "metric": {"name": task.metric.name, "higher_is_better": task.metric.higher_is_better,
+                   "unit": task.metric.unit},
+        "best": {"step": best.step, "val": best.metrics} if best.step else None,
+        "test_at_best": test,
+        "sparsity": {"target": spec.sparsity, "reached": reached, "prunable_params": pruner.prunable_count(),
+                     "total_params": sum(p.numel() for p in model.parameters())},
+        "steps": {"planned": provisional, "done": step, "evaluations": evals},
+        "memory": {**memory.peak(device), "state_bytes": memory.state_bytes(model, optimizer, pruner.buffer_bytes())},
+        "throughput": {"unit": f"{task.sample_unit}/s", "value": samples / train_time if train_time else 0.0},
+        "wall_time_s": wall,
+    }
+
+
+def _device(kind: str) -> torch.device:
+    if kind == "cuda" and not torch.cuda.is_available():
+        from lib.errors import HarnessError
+
+        raise HarnessError("the plan says CUDA but torch sees no GPU now; re-plan with `make dry-run`")
+    return torch.device(kind)
+
+
+def _steps_within_budget(step: int, elapsed: float, budget: float, cap: int) -> int:
+    """Steps reachable in the time budget, from the measured speed; never more than ``cap``."""
+    reachable = max(step, int(budget / (elapsed / step)))
+    return min(reachable, cap) if cap else reachable
+
+
+def _log(line: str) -> None:
+    tqdm.write(line)
+
+
+def _evaluate(task: Task, model: torch.nn.Module, spec: RunSpec, step: int, per_epoch: int, lr: float,
+              pruner: Any, train_loss: float, start: float) -> dict[str, Any]:
+    model.eval()
+    with torch.no_grad():
+        val = task.evaluate(model, spec, "val")
+    model.train()
+    name = task.metric.name
+    _log(f"eval step {step}: val {name} {val[name]:.4f} val loss {val['loss']:.4f} sparsity {pruner.sparsity():.4f}")
+    return {"step": step, "epoch": step / per_epoch, "lr": lr, "train_loss": train_loss, "val": val,
+            "sparsity": pruner.sparsity(), "target_sparsity_now": pruner.scheduled_sparsity(step),
+            "elapsed_s": time.perf_counter() - start}
+
+
+def _eligible(record: dict[str, Any], spec: RunSpec) -> bool:
+    """Only checkpoints at the target sparsity may be "best": an early dense one says nothing of pruning."""
+    return spec.pruning == "none" or record["sparsity"] >= spec.sparsity - SPARSITY_TOLERANCE
+
+
+def _improves(task: Task, record: dict[str, Any], best: Best) -> bool:
+    value = record["val"][task.metric.name]
+    return not best.step or task.metric.better(value, best.metrics[task.metric.name])
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, pruner: Any, step: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step}, tmp)
+    tmp.replace(path)
+
+
+def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, path: Path, best: Best) -> dict | None:
+    """Evaluate the test split once, on the best checkpoint as saved on disk."""
+    if not best.step:
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    model.eval()
+    with torch.no_grad():
+        result = task.evaluate(model, spec, "test")
+    return {"step": state["step"], **result}

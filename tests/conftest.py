@@ -1,0 +1,41 @@
+"""Shared test helpers: writing .config files the way the Makefile does."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import kconfiglib
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+
+
+def resolve_defconfig(lines: str, out: Path) -> Path:
+    """Expand defconfig-style ``lines`` into a full .config at ``out`` (like `make defconfig-x`)."""
+    os.environ["srctree"] = str(ROOT)
+    kconf = kconfiglib.Kconfig(str(ROOT / "Kconfig"), warn_to_stderr=False)
+    src = out.with_suffix(".defconfig")
+    src.write_text(lines)
+    kconf.load_config(str(src))
+    assert not [w for w in kconf.warnings if "undefined" in w], kconf.warnings
+    kconf.write_config(str(out), save_old=False)
+    return out
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    """make_config(defconfig_lines, extra_raw_lines="") -> path of a .config.
+
+    ``extra_raw_lines`` are appended verbatim afterwards, as a user editing the file would.
+    """
+
+    def _make(lines: str = "", extra: str = "") -> Path:
+        path = resolve_defconfig(lines, tmp_path / ".config")
+        if extra:
+            path.write_text(path.read_text() + extra)
+        return path
+
+    return _make

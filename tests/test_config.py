@@ -1,0 +1,153 @@
+"""lib/config.py: typed values, every validation error, and the dead-symbol check."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import kconfiglib
+import pytest
+
+from lib import config
+from lib.errors import ConfigError
+from tests.conftest import ROOT, resolve_defconfig
+
+QUICK = (ROOT / "defconfigs" / "lenet5-quick").read_text()
+
+
+def test_quick_defconfig_types(make_config):
+    cfg = config.load(make_config(QUICK))
+    assert cfg.models == ("lenet5",)
+    assert cfg.optimizers == ("sgd", "adamw")
+    assert cfg.prunings == ("none", "magnitude")
+    assert cfg.sparsities == (0.5, 0.7, 0.9)
+    assert cfg.seeds == (1,)
+    assert cfg.optim["adamw"].lr == pytest.approx(3e-3) and isinstance(cfg.optim["adamw"].lr, float)
+    assert cfg.optim["sgd"].momentum == pytest.approx(0.9)
+    assert cfg.prune.schedule == "cubic" and cfg.prune.start == 0.1 and cfg.prune.frequency == 10
+    assert cfg.train.epochs == 15 and cfg.train.grad_clip == 1.0
+    assert cfg.model_options == {"lenet5": {"dataset": "mnist5k"}}
+    assert cfg.device == "cpu" and cfg.jobs == 2 and cfg.tracker == "none"
+
+
+def test_single_axes_and_steps(make_config):
+    cfg = config.load(make_config('CONFIG_PRUNING_MAGNITUDE=y\nCONFIG_TARGET_SPARSITY="0.8"\n'
+                                  'CONFIG_PRUNING_START="100"\nCONFIG_PRUNING_END="0.5"\n'
+                                  "CONFIG_PRUNING_SCHEDULE_CUBIC_LATE=y\nCONFIG_SEEDS=3\nCONFIG_SEED=7\n"))
+    assert cfg.prunings == ("magnitude",) and cfg.sparsities == (0.8,)
+    assert cfg.prune.start == 100 and isinstance(cfg.prune.start, int) and cfg.prune.end == 0.5
+    assert cfg.prune.schedule == "cubic-late"
+    assert cfg.seeds == (7, 8, 9)
+
+
+def test_overrides_apply_and_are_validated(make_config):
+    path = make_config(QUICK)
+    cfg = config.load(path, {"MAX_ITERS": "20", "TIME_BUDGET": "2m", "SEEDS": "2", "EPOCHS": "3"})
+    assert cfg.train.max_iters == 20 and cfg.train.time_budget_s == 120 and cfg.seeds == (1, 2)
+    assert cfg.train.epochs == 3 and cfg.overrides["MAX_ITERS"] == "20"
+    with pytest.raises(ConfigError, match="CONFIG_SEEDS=1000 is outside its range"):
+        config.load(path, {"SEEDS": "1000"})
+    with pytest.raises(ConfigError, match="takes a whole number"):
+        config.load(path, {"EPOCHS": "many"})
+    with pytest.raises(ConfigError, match="no such symbol"):
+        config.load(path, {"NOPE": "1"})
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("CONFIG_EPOCHS=0\nCONFIG_MAX_ITERS=0\n", "no training budget"),
+    ("CONFIG_SEEDS=0\n", r"CONFIG_SEEDS=0 is outside its range \[1, 100\]"),
+    ("CONFIG_EPOCHS=abc\n", "the value 'abc' is invalid for EPOCHS"),
+    ('CONFIG_ADAMW_LR="fast"\n', "CONFIG_ADAMW_LR='fast' is not a number"),
+    ('CONFIG_ADAMW_LR="-1"\n', "CONFIG_ADAMW_LR=-1 is outside"),
+    ('CONFIG_ADAMW_BETA2="1.0"\n', "CONFIG_ADAMW_BETA2=1.0 is outside"),
+    ('CONFIG_TIME_BUDGET="soon"\n', "CONFIG_TIME_BUDGET='soon' is not a duration"),
+    ('CONFIG_PRUNING_START="0.8"\nCONFIG_PRUNING_END="0.2"\n', "CONFIG_PRUNING_END=0.2 comes before"),
+    ('CONFIG_PRUNING_START="1.5"\n', "CONFIG_PRUNING_START='1.5': give a step"),
+    ("CONFIG_NO_SUCH_SYMBOL=y\n", "CONFIG_NO_SUCH_SYMBOL=y is not a symbol of this Kconfig tree"),
+    ("CONFIG_ADAM_LR=\"1e-3\"\n", "CONFIG_ADAM_LR has no effect: it depends on OPTIMIZER_ADAM"),
+    ('CONFIG_TARGET_SPARSITY="0.5"\n', "CONFIG_TARGET_SPARSITY has no effect"),
+    ("CONFIG_OPTIMIZER_ENABLE_SGD=n\nCONFIG_OPTIMIZER_ENABLE_ADAMW=n\n", "no optimizer enabled"),
+    ("CONFIG_SPARSITY_ENABLE_50=n\nCONFIG_SPARSITY_ENABLE_70=n\nCONFIG_SPARSITY_ENABLE_90=n\n",
+     "no target sparsity enabled"),
+    ("this line is garbage\n", "malformed"),
+])
+def test_bad_values_give_one_clear_line(make_config, extra, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        config.load(make_config(QUICK, extra))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2", "nan", "half"])
+def test_target_sparsity_must_be_inside_zero_one(make_config, value):
+    path = make_config(f'CONFIG_PRUNING_MAGNITUDE=y\nCONFIG_TARGET_SPARSITY="{value}"\n')
+    with pytest.raises(ConfigError, match="CONFIG_TARGET_SPARSITY"):
+        config.load(path)
+
+
+def test_bool_with_unmet_dependency_is_refused(make_config):
+    message = "CONFIG_OPTIMIZER_ENABLE_SGD=y has no effect: it depends on OPTIMIZER_MULTIPLE"
+    with pytest.raises(ConfigError, match=message):
+        config.load(make_config("", "CONFIG_OPTIMIZER_ENABLE_SGD=y\n"))
+
+
+def test_missing_config_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"run `make defconfig-<name>` first"):
+        config.load(tmp_path / ".config")
+
+
+def test_duration_parsing():
+    assert config.parse_duration("90s") == 90 and config.parse_duration("30m") == 1800
+    assert config.parse_duration("1.5h") == 5400 and config.parse_duration("0") == 0
+    assert config.parse_duration("45") == 45
+
+
+def _reads(path: Path) -> set[str]:
+    try:
+        return config.load_with_reads(path)[1]
+    except ConfigError:
+        return set()
+
+
+def test_every_symbol_is_read(tmp_path):
+    """Dead-symbol check: a symbol nothing reads is a setting that never reaches the trainer."""
+    read: set[str] = set()
+    os.environ["srctree"] = str(ROOT)
+    kconf = kconfiglib.Kconfig(str(ROOT / "Kconfig"), warn_to_stderr=False)
+    for sym in kconf.unique_defined_syms:  # allyesconfig: every menu visible
+        if sym.orig_type == kconfiglib.BOOL and not sym.choice:
+            sym.set_value(2)
+    kconf.write_config(str(tmp_path / "allyes"), save_old=False)
+    read |= _reads(tmp_path / "allyes")
+    for defconfig in sorted((ROOT / "defconfigs").iterdir()):
+        read |= _reads(resolve_defconfig(defconfig.read_text(), tmp_path / defconfig.name))
+    missing = config.all_symbol_names() - read
+    assert not missing, f"symbols nothing reads: {sorted(missing)}"
+
+
+def test_every_symbol_and_choice_has_help():
+    os.environ["srctree"] = str(ROOT)
+    kconf = kconfiglib.Kconfig(str(ROOT / "Kconfig"), warn_to_stderr=False)
+    items = list(kconf.unique_defined_syms) + list(kconf.unique_choices)
+    without = [getattr(i, "name", None) or str(i) for i in items if not any(n.help for n in i.nodes)]
+    assert not without, f"no help text: {without}"
+    assert not kconf.warnings, kconf.warnings
+
+
+def test_kconfig_names_match_the_registries():
+    from lib.optim import OPTIMIZERS
+    from lib.pruning import PRUNERS
+    from lib.task import TASKS
+
+    text = "".join(p.read_text() for p in ROOT.glob("**/Kconfig*") if ".venv" not in p.parts)
+    for prefix, registry in (("OPTIMIZER", OPTIMIZERS), ("PRUNING", PRUNERS), ("MODEL", TASKS)):
+        names = set(re.findall(rf"^config {prefix}_ENABLE_(\w+)$", text, re.M))
+        assert {n.lower() for n in names} == set(registry), prefix
+
+
+def test_config_fields_are_used_outside_the_reader():
+    """Every Config field must be consumed by the matrix, the CLI or the trainer."""
+    used = "".join(p.read_text() for p in (ROOT / "lib").glob("*.py") if p.name != "config.py")
+    fields = config.Config.__dataclass_fields__
+    unused = [f for f in fields if f not in ("path",) and not re.search(rf"config\.{f}\b", used)]
+    assert not unused, f"Config fields nothing uses: {unused}"
