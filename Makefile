@@ -88,7 +88,8 @@ allnoconfig: $(STAMP) ## .config with every bool off
 randconfig: $(STAMP) ## Random .config; KCONFIG_SEED=N repeats one
 	@$(PY) scripts/kconfig_tool.py randconfig
 
-test: $(STAMP) ## Run the test suite (CPU only, no network)
+test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes)
+	@$(VENV)/bin/ruff check .
 	@$(PY) -m pytest -q tests
 
 lint: $(STAMP) ## ruff over the project

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from lib.errors import ConfigError
+from lib.registry import lookup
 
 if TYPE_CHECKING:
     import torch
@@ -77,8 +77,4 @@ class Task(Protocol):
 
 def get_task(model: str) -> Task:
     """The task object of model ``model``; a clear error if there is no such model."""
-    module = TASKS.get(model)
-    if module is None:
-        known = ", ".join(sorted(TASKS))
-        raise ConfigError(f"unknown model {model!r}; known models: {known}")
-    return importlib.import_module(module).TASK
+    return importlib.import_module(lookup(TASKS, model, "model", "lib/task.py")).TASK

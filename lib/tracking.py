@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lib.errors import ConfigError
-
-TRACKERS = ("none",)
+from lib.registry import lookup
 
 
 class NullTracker:
@@ -23,8 +21,9 @@ class NullTracker:
         pass
 
 
+TRACKERS = {"none": NullTracker}
+
+
 def open_tracker(name: str, run_name: str) -> NullTracker:
     """The tracker called ``name`` for run ``run_name``; an unknown name lists the valid ones."""
-    if name not in TRACKERS:
-        raise ConfigError(f"unknown tracker {name!r}; choose one of: {', '.join(TRACKERS)}")
-    return NullTracker()
+    return lookup(TRACKERS, name, "tracker", "lib/tracking.py")()

@@ -39,3 +39,22 @@ def make_config(tmp_path: Path):
         return path
 
     return _make
+
+
+def tiny_spec(name: str = "t", *, optimizer: str = "adamw", lr: float = 3e-3, pruning: str = "none",
+              sparsity: float = 0.0, max_iters: int = 20, seed: int = 1, **train_kw):
+    """A small LeNet-5 RunSpec that trains in about a second on the CPU."""
+    from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
+
+    train = {"batch_size": 64, "max_iters": max_iters, "eval_interval": 5, "log_interval": 5, **train_kw}
+    prune = {"method": pruning, "target": sparsity, "start": 2, "end": 10, "frequency": 2}
+    prune.update(train.pop("prune", {}))
+    return RunSpec(
+        name=name, model="lenet5", seed=seed,
+        optim=OptimSettings(optimizer, lr, 0.0),
+        prune=PruneSettings(**prune),
+        train=TrainSettings(**train),
+        hardware=HardwarePlan(device="cpu", micro_batch=32, grad_accum=2, threads=1),
+        model_options={"dataset": "mnist5k"},
+        data_dir=str(ROOT / "data"),
+    )

@@ -14,6 +14,7 @@ from torch import nn
 from lib.errors import ConfigError
 from lib.optim import adam, adamw, sgd
 from lib.optim.groups import param_groups
+from lib.registry import lookup
 from lib.spec import OptimSettings
 
 __all__ = ["OPTIMIZERS", "OptimizerFactory", "build_optimizer", "param_groups"]
@@ -40,13 +41,7 @@ def build_optimizer(model: nn.Module, settings: OptimSettings, **options: Any) -
     ``options`` (e.g. ``fused=True``) are handed to the torch constructor; by
     default torch picks its own foreach/fused implementation.
     """
-    factory = OPTIMIZERS.get(settings.name)
-    if factory is None:
-        valid = ", ".join(sorted(OPTIMIZERS))
-        raise ConfigError(
-            f"unknown optimizer '{settings.name}'; valid: {valid} "
-            "(new ones are registered in lib/optim/__init__.py)"
-        )
+    factory = lookup(OPTIMIZERS, settings.name, "optimizer", "lib/optim/__init__.py")
     try:
         return factory(model, settings, **options)
     except ValueError as exc:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lib.errors import ConfigError
 from lib.pruning.base import Pruner
 from lib.pruning.magnitude import MagnitudePruner
 from lib.pruning.none import NonePruner
 from lib.pruning.prunable import prunable_parameters
 from lib.pruning.schedule import SparsitySchedule
+from lib.registry import lookup
 from lib.spec import PruneSettings
 
 __all__ = ["PRUNERS", "Pruner", "SparsitySchedule", "build_pruner", "prunable_parameters"]
@@ -30,11 +30,5 @@ def build_pruner(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, settings: PruneSettings
 ) -> Pruner:
     """The pruner ``settings.method`` for ``model``, validating its schedule and threshold."""
-    cls = PRUNERS.get(settings.method)
-    if cls is None:
-        valid = ", ".join(sorted(PRUNERS))
-        raise ConfigError(
-            f"unknown pruning method '{settings.method}'; valid: {valid} "
-            "(new ones are registered in lib/pruning/__init__.py)"
-        )
+    cls = lookup(PRUNERS, settings.method, "pruning method", "lib/pruning/__init__.py")
     return cls(model, optimizer, settings)

@@ -1,0 +1,129 @@
+"""lib/trainer.py and lib/run.py: the loop's guarantees, checked on tiny real LeNet-5 runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib import run as run_mod
+from lib.spec import RunSpec
+from lib.task import get_task
+from lib.trainer import lr_at, planned_steps
+from tests.conftest import tiny_spec
+
+
+def _run(spec: RunSpec, tmp_path: Path) -> tuple[dict, Path]:
+    run_dir = tmp_path / spec.name
+    run_dir.mkdir()
+    spec.write(run_dir / "spec.json")
+    run_mod.run(run_dir)
+    return json.loads((run_dir / "summary.json").read_text()), run_dir
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(5, 1.0, 100, 10, 0.1) == pytest.approx(0.5)
+    assert lr_at(10, 1.0, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 100, 10, 0.1) == pytest.approx(0.55)  # half way through the cosine
+    assert lr_at(100, 1.0, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_planned_steps_takes_the_smaller_budget():
+    from lib.spec import TrainSettings
+
+    assert planned_steps(TrainSettings(batch_size=128, epochs=2), 4000, 128) == (64, 32)
+    assert planned_steps(TrainSettings(batch_size=128, epochs=2, max_iters=10), 4000, 128) == (10, 32)
+
+
+def test_best_checkpoint_is_saved_and_test_is_measured_on_it(tmp_path):
+    summary, run_dir = _run(tiny_spec("dense", max_iters=20), tmp_path)
+    assert summary["status"] == "ok", summary
+    ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert ckpt["step"] == summary["best"]["step"] == summary["test_at_best"]["step"]
+    evals = _metrics(run_dir)
+    best_val = max(e["val"]["accuracy"] for e in evals)
+    assert summary["best"]["val"]["accuracy"] == best_val
+    # the test number is reproducible from the checkpoint on disk, so that file really is the best one
+    spec = RunSpec.read(run_dir / "spec.json")
+    task = get_task("lenet5")
+    model = task.build_model(spec)
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        assert task.evaluate(model, spec, "test")["accuracy"] == summary["test_at_best"]["accuracy"]
+    assert summary["memory"]["peak_rss_bytes"] > 0
+    sb = summary["memory"]["state_bytes"]
+    assert sb["weights"] == 61706 * 4 and sb["optimizer_state"] >= 2 * 61706 * 4
+    assert summary["throughput"]["value"] > 0 and summary["throughput"]["unit"] == "images/s"
+
+
+def test_best_is_chosen_only_at_target_sparsity(tmp_path):
+    spec = tiny_spec("pruned", pruning="magnitude", sparsity=0.7, max_iters=30, prune={"end": 20})
+    summary, run_dir = _run(spec, tmp_path)
+    assert summary["status"] == "ok" and not summary["flags"]
+    assert abs(summary["sparsity"]["reached"] - 0.7) <= 0.005
+    first_at_target = min(e["step"] for e in _metrics(run_dir) if e["sparsity"] >= 0.695)
+    assert summary["best"]["step"] >= first_at_target
+    assert summary["sparsity"]["prunable_params"] == 61470  # conv and linear weights, no biases
+
+
+def test_sparsity_missed_trips_when_the_schedule_is_cut_short(tmp_path):
+    spec = tiny_spec("short", pruning="magnitude", sparsity=0.9, max_iters=12, prune={"end": 1000})
+    summary, _ = _run(spec, tmp_path)
+    assert summary["status"] == "ok"
+    assert "sparsity_missed" in summary["flags"]
+    assert summary["sparsity"]["reached"] < 0.9 - 0.005
+    assert summary["best"] is None and summary["test_at_best"] is None  # never at target: nothing to report
+
+
+def test_nan_loss_marks_the_run_diverged(tmp_path):
+    spec = tiny_spec("nan", optimizer="sgd", lr=1e30, grad_clip=0.0, max_iters=20)
+    summary, _ = _run(spec, tmp_path)
+    assert summary["status"] == "diverged"
+    assert "became" in summary["error"]
+
+
+def test_same_seed_repeats_to_the_bit(tmp_path):
+    a, dir_a = _run(tiny_spec("a", max_iters=10, seed=3), tmp_path)
+    b, dir_b = _run(tiny_spec("b", max_iters=10, seed=3), tmp_path)
+    c, _ = _run(tiny_spec("c", max_iters=10, seed=4), tmp_path)
+    losses = [[e["train_loss"] for e in _metrics(d)] for d in (dir_a, dir_b)]
+    assert losses[0] == losses[1]
+    assert a["best"]["val"] == b["best"]["val"]
+    assert a["best"]["val"] != c["best"]["val"]
+
+
+def test_time_budget_fixes_the_step_count(tmp_path):
+    spec = tiny_spec("timed", max_iters=0, epochs=0, time_budget_s=2.0)
+    summary, _ = _run(spec, tmp_path)
+    assert summary["status"] == "ok"
+    steps = summary["steps"]
+    assert steps["done"] == steps["planned"] and 5 <= steps["planned"] < 10**6
+    assert summary["wall_time_s"] < 2.0 * 3 + 5  # bounded by the budget, with evaluation overhead
+
+
+def test_a_raising_run_is_recorded_as_failed(tmp_path):
+    spec = tiny_spec("bad")
+    bad = RunSpec.from_dict({**spec.to_dict(), "model": "nosuchmodel"})
+    summary, _ = _run(bad, tmp_path)
+    assert summary["status"] == "failed"
+    assert "unknown model 'nosuchmodel'" in summary["error"]
+
+
+def test_missing_dataset_fails_with_the_prepare_data_command(tmp_path):
+    spec = tiny_spec("nodata")
+    spec = RunSpec.from_dict({**spec.to_dict(), "model_options": {"dataset": "mnist"}, "data_dir": str(tmp_path)})
+    summary, _ = _run(spec, tmp_path)
+    assert summary["status"] == "failed" and "make prepare-data" in summary["error"]
+    assert "\n" not in summary["error"]
+
+
+def test_summary_numbers_are_finite(tmp_path):
+    summary, _ = _run(tiny_spec("finite", max_iters=10), tmp_path)
+    assert math.isfinite(summary["best"]["val"]["loss"]) and summary["wall_time_s"] > 0
