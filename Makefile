@@ -16,12 +16,14 @@ PYTHON ?= python3
 # Command-line overrides, applied for this invocation only (never written to .config).
 OVERRIDES := $(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),--set $(v)=$($(v)))) \
 	$(if $(TIME),--set TIME_BUDGET=$(TIME))
-CLI := HARNESS_COMMAND='make $(MAKECMDGOALS) $(strip $(foreach v,MAX_ITERS EPOCHS SEEDS TIME RESULTS_DIR,$(if $($(v)),$(v)=$($(v)))))' \
+RECORDED := $(strip make $(MAKECMDGOALS) $(if $(filter-out .config,$(KCONFIG_CONFIG)),KCONFIG_CONFIG=$(KCONFIG_CONFIG)) \
+	$(foreach v,MAX_ITERS EPOCHS SEEDS TIME RESULTS_DIR,$(if $($(v)),$(v)=$($(v)))))
+CLI := HARNESS_COMMAND='$(RECORDED)' \
 	$(PY) -m lib.cli --config $(KCONFIG_CONFIG) $(OVERRIDES)
 DEFCONFIG_OUT ?= defconfig
 RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
-.PHONY: help all run dry-run continue report prepare-data test lint quickstart venv \
+.PHONY: help all run dry-run continue report graphs compare publish prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
 	allnoconfig randconfig clean mrproper
 
@@ -54,8 +56,17 @@ dry-run: $(STAMP) ## Print the matrix and each run's hardware plan; train nothin
 continue: $(STAMP) ## Finish the newest unfinished results folder (finished runs are kept)
 	@$(CLI) continue
 
-report: $(STAMP) ## Rewrite summary.json and report.md of RESULTS=dir (default: newest)
+report: $(STAMP) ## Rewrite summary.json, graphs/ and report.md of RESULTS=dir (default: newest)
 	@$(CLI) report $(if $(RESULTS),--results $(RESULTS))
+
+graphs: $(STAMP) ## Redraw graphs/*.png of RESULTS=dir (default: newest results folder)
+	@$(CLI) graphs $(if $(RESULTS),--results $(RESULTS))
+
+compare: $(STAMP) ## Rank methods per sparsity in RESULTS=dir; AGAINST=dir2 sets two folders side by side
+	@$(CLI) compare $(if $(RESULTS),--results $(RESULTS)) $(if $(AGAINST),--against $(AGAINST))
+
+publish: $(STAMP) ## Copy RESULTS=dir (default: newest) into key_results/<date>_<NAME>/ (NAME=... required)
+	@$(CLI) publish --name '$(NAME)' $(if $(RESULTS),--results $(RESULTS))
 
 prepare-data: $(STAMP) ## Download the datasets .config needs (needs the network)
 	@$(CLI) prepare-data
@@ -92,6 +103,9 @@ test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes
 	@$(VENV)/bin/ruff check .
 	@$(PY) -m pytest -q tests
 
+bench: $(STAMP) ## Pruning benchmarks on the CPU over GPT-2 124M-shaped weights (a few minutes)
+	@$(PY) scripts/bench_pruning.py
+
 lint: $(STAMP) ## ruff over the project
 	@$(VENV)/bin/ruff check .
 
@@ -100,15 +114,17 @@ quickstart: $(STAMP) ## Set up and run the LeNet-5 quickstart on real MNIST digi
 	@$(CLI) run
 
 clean: ## Remove caches (keeps .config, results/, data/ and .venv)
-	@find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	@find '$(CURDIR)' \( -path '$(CURDIR)/.venv' -o -path '$(abspath $(VENV))' \) -prune -o \
+		-name __pycache__ -type d -exec rm -rf {} +
 	@rm -rf .pytest_cache .ruff_cache
 	@echo "removed caches"
 
-mrproper: clean ## Also remove .config, results/ and .venv (asks first unless YES=1)
+mrproper: ## Also remove .config, results/ and .venv (asks first unless YES=1)
 	@if [ "$(YES)" != "1" ]; then \
 		if [ ! -t 0 ]; then echo "error: mrproper deletes $(RESULTS_TREE)/; run it as \`make mrproper YES=1\`" >&2; exit 2; fi; \
 		read -r -p "Delete $(KCONFIG_CONFIG), $(RESULTS_TREE)/ and $(VENV)? [y/N] " ans; \
 		[ "$$ans" = y ] || [ "$$ans" = Y ] || { echo "nothing deleted"; exit 1; }; \
 	fi
+	@$(MAKE) --no-print-directory clean VENV=$(VENV)
 	@rm -rf $(KCONFIG_CONFIG) $(KCONFIG_CONFIG).old $(RESULTS_TREE) $(VENV)
 	@echo "removed $(KCONFIG_CONFIG), $(RESULTS_TREE)/ and $(VENV)"

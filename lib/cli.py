@@ -2,7 +2,9 @@
 
 Commands: check (validate .config), dry-run (print the matrix and plans), run
 (train the matrix), continue (finish the newest unfinished results folder),
-report (rewrite summary.json and report.md of a results folder), prepare-data.
+report (rewrite summary.json, graphs/ and report.md of a results folder), graphs
+(redraw graphs/ only), compare (Markdown ranking of methods, or two folders side
+by side), publish (copy a results folder into key_results/), prepare-data.
 A HarnessError prints as one line ``error: ...`` with exit status 2.
 """
 
@@ -19,11 +21,14 @@ from lib.errors import HarnessError
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lib.cli", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["check", "dry-run", "run", "continue", "report", "prepare-data"])
+    parser.add_argument("command", choices=["check", "dry-run", "run", "continue", "report", "graphs", "compare",
+                                            "publish", "prepare-data"])
     parser.add_argument("--config", default=".config", help="the .config to read (default: .config)")
     parser.add_argument("--set", action="append", default=[], metavar="SYMBOL=VALUE",
                         help="override a symbol for this invocation only (make MAX_ITERS=... etc.)")
-    parser.add_argument("--results", help="results folder for `report` (default: the newest)")
+    parser.add_argument("--results", help="results folder for report/graphs/compare/publish (default: the newest)")
+    parser.add_argument("--against", help="compare: a second results folder, shown side by side")
+    parser.add_argument("--name", help="publish: the name of the key_results/<date>_<name>/ folder")
     return parser.parse_args(argv)
 
 
@@ -52,6 +57,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
     from lib import config as config_mod
     from lib import matrix
 
+    if args.command in ("graphs", "compare", "publish"):
+        return _results_command(args)
     if args.command == "report":
         folder = Path(args.results) if args.results else _newest_folder(config_mod.load(args.config).results_dir)
         matrix.write_summary(folder)
@@ -86,6 +93,29 @@ def _finish(folder: Path, runs: list[dict]) -> int:
     report = folder / "report.md"
     print(f"{counts['ok']} ok, {counts['diverged']} diverged, {counts['failed']} failed; report: {report}")
     return 1 if counts["failed"] else 0
+
+
+def _results_command(args: argparse.Namespace) -> int:
+    """graphs, compare and publish: read a results folder, train nothing."""
+    from lib import compare, plots, publish
+    from lib import config as config_mod
+
+    if args.command == "publish" and not args.name:
+        raise HarnessError("publish needs a name: `make publish NAME=<name> [RESULTS=dir]`")
+    folder = Path(args.results) if args.results else _newest_folder(config_mod.load(args.config).results_dir)
+    if not folder.is_dir():
+        raise HarnessError(f"{folder}: no such results folder; give RESULTS=<dir> of a folder made by `make`")
+    if args.command == "compare":
+        print(compare.compare(folder, Path(args.against) if args.against else None), end="")
+    elif args.command == "publish":
+        print(f"published {folder} to {publish.publish(folder, args.name)}")
+    else:
+        manifest = plots.write_graphs(folder)
+        for g in manifest["graphs"]:
+            print(f"wrote {folder / g['file']}")
+        for g in manifest["skipped"]:
+            print(f"skipped {g['graph']} ({g['model']}): {g['reason']}")
+    return 0
 
 
 def _newest_folder(results_dir: str) -> Path:

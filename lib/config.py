@@ -9,7 +9,6 @@ has no effect because its dependencies are off).
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,10 +18,15 @@ from typing import Any
 import kconfiglib
 
 from lib.errors import ConfigError
+from lib.kconf import (
+    Reader,
+    apply_overrides,
+    check_user_values,
+    open_kconfig,
+    raise_on_load_warnings,
+)
 from lib.spec import OptimSettings, PruneSettings, TrainSettings
 
-ROOT = Path(__file__).resolve().parent.parent
-KCONFIG = ROOT / "Kconfig"
 SPARSITY_CHOICES = (50, 70, 90, 95, 99)
 
 
@@ -34,6 +38,7 @@ class Config:
     models: tuple[str, ...]
     optimizers: tuple[str, ...]
     prunings: tuple[str, ...]
+    variants: tuple[str, ...]
     sparsities: tuple[float, ...]
     seeds: tuple[int, ...]
     optim: Mapping[str, OptimSettings]
@@ -44,6 +49,8 @@ class Config:
     cpu_threads: int
     jobs: int
     tracker: str
+    tracker_project: str
+    wandb_mode: str
     results_dir: str
     results_name: str
     data_dir: str
@@ -63,20 +70,20 @@ def load_with_reads(path: str | Path, overrides: Mapping[str, str] | None = None
         raise ConfigError(
             f"{path} not found: run `make defconfig-<name>` first (`make list-defconfigs` lists them)"
         )
-    kconf = _open_kconfig()
+    kconf = open_kconfig()
     kconf.load_config(str(path))
-    _raise_on_load_warnings(kconf, path)
-    _apply_overrides(kconf, overrides or {})
-    reader = _Reader(kconf)
+    raise_on_load_warnings(kconf, path)
+    apply_overrides(kconf, overrides or {})
+    reader = Reader(kconf)
     config = _build(reader, path, dict(overrides or {}))
-    _check_user_values(kconf)
-    _raise_on_load_warnings(kconf, path)  # values are computed lazily: range warnings come late
+    check_user_values(kconf)
+    raise_on_load_warnings(kconf, path)  # values are computed lazily: range warnings come late
     return config, reader.read
 
 
 def all_symbol_names() -> set[str]:
     """Every symbol defined in the Kconfig tree (for the dead-symbol test)."""
-    kconf = _open_kconfig()
+    kconf = open_kconfig()
     return {sym.name for sym in kconf.unique_defined_syms}
 
 
@@ -89,166 +96,54 @@ def parse_duration(text: str, symbol: str = "TIME_BUDGET") -> float:
     return float(match.group(1)) * scale
 
 
-def _open_kconfig() -> kconfiglib.Kconfig:
-    os.environ["srctree"] = str(ROOT)  # `source` paths are relative to the project root
-    try:
-        kconf = kconfiglib.Kconfig(str(KCONFIG), warn_to_stderr=False, suppress_traceback=False)
-    except kconfiglib.KconfigError as exc:
-        raise ConfigError(f"the Kconfig tree does not parse: {str(exc).splitlines()[0]}") from None
-    kconf.warnings.clear()
-    return kconf
-
-
-_FATAL_WARNINGS = ("is not a valid value", "is invalid for", "malformed", "outside the active range")
-
-
-def _raise_on_load_warnings(kconf: kconfiglib.Kconfig, path: Path) -> None:
-    for name, value in kconf.missing_syms:
-        raise ConfigError(f"{path}: CONFIG_{name}={value} is not a symbol of this Kconfig tree (a typo, or "
-                          f"renamed?); remove it or run `make olddefconfig`")
-    for warning in kconf.warnings:
-        if any(key in warning for key in _FATAL_WARNINGS):
-            text = warning.split("warning: ", 1)[-1]
-            raise ConfigError(f"{path}: {text}; fix it with `make menuconfig` or a defconfig target")
-
-
-def _apply_overrides(kconf: kconfiglib.Kconfig, overrides: Mapping[str, str]) -> None:
-    for name, value in overrides.items():
-        sym = kconf.syms.get(name)
-        if sym is None or not sym.nodes:
-            raise ConfigError(f"override {name}={value}: no such symbol in the Kconfig tree")
-        if sym.orig_type in (kconfiglib.INT, kconfiglib.HEX) and not re.fullmatch(r"-?\d+", value):
-            raise ConfigError(f"override {name}={value!r}: CONFIG_{name} takes a whole number")
-        sym.set_value(value)
-
-
-def _check_user_values(kconf: kconfiglib.Kconfig) -> None:
-    """Refuse settings that kconfiglib would silently ignore or replace."""
-    for sym in kconf.unique_defined_syms:
-        asked = sym.user_value
-        if asked is None:
-            continue
-        if sym.orig_type in (kconfiglib.BOOL, kconfiglib.TRISTATE):
-            if asked and not sym.tri_value and not sym.choice:
-                deps = kconfiglib.expr_str(sym.direct_dep)
-                raise ConfigError(
-                    f"CONFIG_{sym.name}=y has no effect: it depends on {deps}; set that too or drop the line"
-                )
-            continue
-        if sym.visibility == 0:
-            deps = kconfiglib.expr_str(sym.direct_dep)
-            raise ConfigError(f"CONFIG_{sym.name} has no effect: it depends on {deps}; set that too or drop it")
-        if sym.orig_type in (kconfiglib.INT, kconfiglib.HEX) and int(asked, 0) != int(sym.str_value, 0):
-            low, high = _int_range(sym)
-            raise ConfigError(
-                f"CONFIG_{sym.name}={asked} is outside its range [{low}, {high}]; "
-                f"pick a value in range (make menuconfig)"
-            )
-
-
-def _int_range(sym: kconfiglib.Symbol) -> tuple[str, str]:
-    for low, high, cond in sym.ranges:
-        if kconfiglib.expr_value(cond):
-            return low.str_value, high.str_value
-    return "?", "?"
-
-
-class _Reader:
-    """Typed access to symbols; remembers which names were read (see the dead-symbol test)."""
-
-    def __init__(self, kconf: kconfiglib.Kconfig) -> None:
-        self.kconf = kconf
-        self.read: set[str] = set()
-
-    def sym(self, name: str) -> kconfiglib.Symbol:
-        self.read.add(name)
-        return self.kconf.syms[name]
-
-    def bool(self, name: str) -> bool:
-        return self.sym(name).tri_value == 2
-
-    def int(self, name: str) -> int:
-        return int(self.sym(name).str_value, 0)
-
-    def str(self, name: str) -> str:
-        return self.sym(name).str_value
-
-    def float(self, name: str, low: float | None = None, high: float | None = None,
-              open_low: bool = False, open_high: bool = False) -> float:
-        text = self.str(name)
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(f"CONFIG_{name}={text!r} is not a number; give e.g. 0.5 or 3e-3") from None
-        too_low = low is not None and (value <= low if open_low else value < low)
-        too_high = high is not None and (value >= high if open_high else value > high)
-        if value != value or too_low or too_high:
-            lo, hi = ("(" if open_low else "[") + str(low), str(high) + (")" if open_high else "]")
-            raise ConfigError(f"CONFIG_{name}={text} is outside {lo}, {hi}; pick a value in range")
-        return value
-
-    def choice(self, name: str) -> str:
-        """The selected member of named choice ``name``, lowercased, without the prefix."""
-        choice = self.kconf.named_choices[name]
-        for member in choice.syms:
-            self.read.add(member.name)
-        if choice.selection is None:
-            return ""
-        return _member_key(name, choice.selection.name)
-
-    def members(self, name: str) -> list[str]:
-        return [_member_key(name, sym.name) for sym in self.kconf.named_choices[name].syms]
-
-    def axis(self, name: str) -> tuple[str, ...]:
-        """A matrix axis: the choice when <NAME>_MULTIPLE is off, else every enabled member."""
-        if not self.bool(f"{name}_MULTIPLE"):
-            picked = self.choice(name)
-            for key in self.members(name):  # the MULTIPLE flags are read either way
-                self.bool(_enable_symbol(name, key))
-            return (picked,)
-        return tuple(k for k in self.members(name) if self.bool(_enable_symbol(name, k)))
-
-
-def _enable_symbol(axis: str, key: str) -> str:
-    return f"{axis}_ENABLE_{key.upper().replace('-', '_')}"
-
-
-def _member_key(choice: str, member: str) -> str:
-    return member[len(choice) + 1:].lower().replace("_", "-")
-
-
-def _build(r: _Reader, path: Path, overrides: dict[str, str]) -> Config:
+def _build(r: Reader, path: Path, overrides: dict[str, str]) -> Config:
     models = r.axis("MODEL")
     optimizers = r.axis("OPTIMIZER")
     prunings = r.axis("PRUNING")
+    _require_nonempty(models=models, optimizers=optimizers, prunings=prunings)
+    variants = r.axis("ADAMWPRUNE_VARIANT") if "state" in prunings else ()
+    _check_state_pairing(optimizers, prunings)
     sparsities = _sparsities(r)
     train = _train(r)
-    _require_nonempty(models=models, optimizers=optimizers, prunings=prunings)
     if any(p != "none" for p in prunings) and not sparsities:
         raise ConfigError("no target sparsity enabled: enable one of CONFIG_SPARSITY_ENABLE_* or turn off "
                           "CONFIG_SPARSITY_MULTIPLE")
     first_seed = r.int("SEED")
+    tracker = r.choice("TRACKER")
     return Config(
         path=str(path),
         models=models,
         optimizers=optimizers,
         prunings=prunings,
+        variants=variants,
         sparsities=sparsities,
         seeds=tuple(range(first_seed, first_seed + r.int("SEEDS"))),
         optim={name: _optim(r, name) for name in optimizers},
-        prune=_prune(r),
+        prune=_prune(r, prunings),
         train=train,
         model_options={m: _model_options(r, m) for m in models},
         device=r.choice("DEVICE"),
         cpu_threads=r.int("CPU_THREADS"),
         jobs=r.int("MATRIX_JOBS"),
-        tracker=r.choice("TRACKER"),
+        tracker=tracker,
+        tracker_project=r.str("TRACKER_PROJECT") if tracker != "none" else "",
+        wandb_mode=r.choice("WANDB_MODE") if tracker == "wandb" else "",
         results_dir=r.str("RESULTS_DIR") or "results",
         results_name=r.str("RESULTS_NAME"),
         data_dir=r.str("DATA_DIR") or "data",
         overrides=overrides,
         text=path.read_text(),
     )
+
+
+def _check_state_pairing(optimizers: tuple[str, ...], prunings: tuple[str, ...]) -> None:
+    """State pruning reads AdamWPrune's own moments; AdamWPrune prunes only from them."""
+    if "state" in prunings and "adamwprune" not in optimizers:
+        raise ConfigError("CONFIG_PRUNING_STATE needs the AdamWPrune optimizer (CONFIG_OPTIMIZER_ADAMWPRUNE): "
+                          "it prunes from AdamWPrune's exp_avg/exp_avg_sq")
+    if optimizers == ("adamwprune",) and not {"none", "state"} & set(prunings):
+        raise ConfigError("CONFIG_OPTIMIZER_ADAMWPRUNE runs with pruning none or state only; "
+                          "choose CONFIG_PRUNING_STATE (or another optimizer for magnitude/movement)")
 
 
 def _require_nonempty(**axes: tuple[str, ...]) -> None:
@@ -259,7 +154,7 @@ def _require_nonempty(**axes: tuple[str, ...]) -> None:
                               f"CONFIG_{symbol}_MULTIPLE")
 
 
-def _sparsities(r: _Reader) -> tuple[float, ...]:
+def _sparsities(r: Reader) -> tuple[float, ...]:
     enabled = {pct: r.bool(f"SPARSITY_ENABLE_{pct}") for pct in SPARSITY_CHOICES}
     if r.bool("SPARSITY_MULTIPLE"):
         r.sym("TARGET_SPARSITY")
@@ -267,22 +162,47 @@ def _sparsities(r: _Reader) -> tuple[float, ...]:
     return (r.float("TARGET_SPARSITY", 0.0, 1.0, open_low=True, open_high=True),)
 
 
-def _optim(r: _Reader, name: str) -> OptimSettings:
+def _optim(r: Reader, name: str) -> OptimSettings:
     prefix = name.upper()
     lr = r.float(f"{prefix}_LR", 0.0, open_low=True)
     decay = r.float(f"{prefix}_WEIGHT_DECAY", 0.0)
     if name == "sgd":
         return OptimSettings(name, lr, decay, momentum=r.float("SGD_MOMENTUM", 0.0, 1.0, open_high=True),
                              nesterov=r.bool("SGD_NESTEROV"))
+    extra: dict[str, Any] = {}
+    if name == "adamwprune":
+        extra = {"base": r.choice("ADAMWPRUNE_BASE"), "amsgrad": r.bool("ADAMWPRUNE_AMSGRAD")}
+    if name == "adamwspam" or extra.get("base") == "adamwspam":
+        extra.update(_spam(r))
     return OptimSettings(
         name, lr, decay,
         beta1=r.float(f"{prefix}_BETA1", 0.0, 1.0, open_high=True),
         beta2=r.float(f"{prefix}_BETA2", 0.0, 1.0, open_high=True),
         eps=r.float(f"{prefix}_EPS", 0.0, open_low=True),
+        **extra,
     )
 
 
-def _prune(r: _Reader) -> PruneSettings:
+def _spam(r: Reader) -> dict[str, Any]:
+    theta = r.float("SPAM_THETA")
+    if not theta > 0:
+        raise ConfigError(f"CONFIG_SPAM_THETA={r.str('SPAM_THETA')} must be > 0 (spikes are g^2 > theta * v)")
+    return {"spam_form": r.choice("SPAM_FORM"), "spam_theta": theta, "spam_interval": r.int("SPAM_INTERVAL"),
+            "spam_warmup": r.int("SPAM_WARMUP"), "spam_clip": r.bool("SPAM_CLIP")}
+
+
+def _prune(r: Reader, prunings: tuple[str, ...]) -> PruneSettings:
+    """Schedule and threshold, plus the options of each pruning method in the matrix."""
+    options: dict[str, Any] = {}
+    if "magnitude" in prunings:
+        options["importance"] = r.choice("PRUNING_IMPORTANCE")
+    if "movement" in prunings:
+        options["movement_form"] = r.choice("MOVEMENT_FORM")
+    if "state" in prunings:
+        options["bitter8_form"] = r.choice("ADAMWPRUNE_BITTER8_FORM")
+    threshold = r.choice("PRUNING_THRESHOLD")
+    if threshold == "sampled":
+        options["sample_fraction"] = r.float("PRUNING_SAMPLE_FRACTION", 0.0, 1.0, open_low=True)
     start = _step_or_fraction(r, "PRUNING_START")
     end = _step_or_fraction(r, "PRUNING_END")
     if type(start) is type(end) and end <= start:
@@ -293,11 +213,12 @@ def _prune(r: _Reader) -> PruneSettings:
         start=start,
         end=end,
         frequency=r.int("PRUNING_FREQUENCY"),
-        threshold=r.choice("PRUNING_THRESHOLD"),
+        threshold=threshold,
+        **options,
     )
 
 
-def _step_or_fraction(r: _Reader, name: str) -> int | float:
+def _step_or_fraction(r: Reader, name: str) -> int | float:
     text = r.str(name).strip()
     if re.fullmatch(r"\d+", text):
         return int(text)
@@ -307,7 +228,7 @@ def _step_or_fraction(r: _Reader, name: str) -> int | float:
                       f"with a decimal point (e.g. 0.25)")
 
 
-def _train(r: _Reader) -> TrainSettings:
+def _train(r: Reader) -> TrainSettings:
     settings = TrainSettings(
         batch_size=r.int("BATCH_SIZE"),
         epochs=r.int("EPOCHS"),
@@ -327,7 +248,7 @@ def _train(r: _Reader) -> TrainSettings:
     return settings
 
 
-def _model_options(r: _Reader, model: str) -> dict[str, Any]:
+def _model_options(r: Reader, model: str) -> dict[str, Any]:
     """Every symbol defined in <model>/Kconfig, keyed by name minus the model prefix, lowercased."""
     prefix = model.upper() + "_"
     options: dict[str, Any] = {}

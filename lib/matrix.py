@@ -8,6 +8,7 @@ of the newest folder that have no ok or diverged summary.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -19,46 +20,73 @@ from typing import Any
 from tqdm import tqdm
 
 from lib import hardware
-from lib.config import ROOT, Config
+from lib.config import Config
 from lib.errors import HarnessError
+from lib.kconf import ROOT
 from lib.run import failed_summary
 from lib.spec import PruneSettings, RunSpec, write_json_atomic
 
 FINISHED = ("ok", "diverged")
 
 
-def run_name(model: str, optimizer: str, pruning: str, sparsity: float, seed: int | None) -> str:
-    """<model>_<optimizer>_<pruning>_<sparsity%>[_s<seed>] (DESIGN.md, Results folder)."""
-    name = f"{model}_{optimizer}_{pruning}_{sparsity * 100:g}"
+def run_name(model: str, optimizer: str, pruning: str, sparsity: float, seed: int | None, variant: str = "") -> str:
+    """<model>_<optimizer>[_<variant>]_<pruning>_<sparsity%>[_s<seed>] (DESIGN.md, Results folder)."""
+    name = f"{model}_{optimizer}{'_' + variant if variant else ''}_{pruning}_{sparsity * 100:g}"
     return name if seed is None else f"{name}_s{seed}"
 
 
-def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunSpec]:
-    """Every valid combination of the matrix's axes, in a stable order.
+def valid_pair(optimizer: str, pruning: str) -> bool:
+    """State pruning needs AdamWPrune's moments; AdamWPrune prunes only from them (or not at all)."""
+    if pruning == "state":
+        return optimizer == "adamwprune"
+    return optimizer != "adamwprune" or pruning == "none"
 
-    Rules: pruning "none" runs once, at sparsity 0, whatever the sparsity axis holds.
+
+def _variants(config: Config, optimizer: str, pruning: str) -> tuple[str, ...]:
+    return config.variants if (optimizer, pruning) == ("adamwprune", "state") else ("",)
+
+
+def combinations(config: Config) -> list[tuple[str, str, str, str, float, int]]:
+    """(model, optimizer, variant, pruning, sparsity, seed) for every valid run, in a stable order.
+
+    Rules: pruning "none" runs once, at sparsity 0, whatever the sparsity axis holds;
+    state pruning runs only with AdamWPrune, and AdamWPrune only with none or state;
+    the bitter variants expand only for AdamWPrune with state pruning.
     """
+    result = []
+    for model, optimizer, pruning in itertools.product(config.models, config.optimizers, config.prunings):
+        if not valid_pair(optimizer, pruning):
+            continue
+        sparsities = (0.0,) if pruning == "none" else config.sparsities
+        for variant, sparsity, seed in itertools.product(_variants(config, optimizer, pruning), sparsities,
+                                                         config.seeds):
+            result.append((model, optimizer, variant, pruning, sparsity, seed))
+    return result
+
+
+def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunSpec]:
+    """One RunSpec per valid combination of the matrix's axes, with its hardware plan."""
     devices = devices or hardware.detect()
+    plans = {m: hardware.plan(m, config.train.batch_size, config.device, config.cpu_threads, config.jobs, devices)
+             for m in config.models}
     specs = []
-    for model in config.models:
-        plan = hardware.plan(model, config.train.batch_size, config.device, config.cpu_threads, config.jobs, devices)
-        for optimizer in config.optimizers:
-            for pruning in config.prunings:
-                for sparsity in (0.0,) if pruning == "none" else config.sparsities:
-                    for seed in config.seeds:
-                        tag = seed if len(config.seeds) > 1 else None
-                        specs.append(RunSpec(
-                            name=run_name(model, optimizer, pruning, sparsity, tag),
-                            model=model,
-                            seed=seed,
-                            optim=config.optim[optimizer],
-                            prune=PruneSettings(**{**config.prune.__dict__, "method": pruning, "target": sparsity}),
-                            train=config.train,
-                            hardware=plan,
-                            model_options=dict(config.model_options[model]),
-                            data_dir=_absolute(config.data_dir),
-                            tracker=config.tracker,
-                        ))
+    for model, optimizer, variant, pruning, sparsity, seed in combinations(config):
+        tag = seed if len(config.seeds) > 1 else None
+        prune = {**config.prune.__dict__, "method": pruning, "target": sparsity, "variant": variant}
+        specs.append(RunSpec(
+            name=run_name(model, optimizer, pruning, sparsity, tag, variant),
+            model=model,
+            seed=seed,
+            optim=config.optim[optimizer],
+            prune=PruneSettings(**prune),
+            train=config.train,
+            hardware=plans[model],
+            model_options=dict(config.model_options[model]),
+            data_dir=_absolute(config.data_dir),
+            tracker=config.tracker,
+            tracker_project=config.tracker_project,
+            wandb_mode=config.wandb_mode,
+        ))
     return specs
 
 
@@ -128,13 +156,14 @@ def run_folder(folder: Path, jobs: int, only_unfinished: bool = False) -> list[d
 
 
 def write_summary(folder: Path) -> list[dict[str, Any]]:
-    """summary.json (one entry per run, in matrix order) and report.md."""
-    from lib import report
+    """summary.json (one entry per run, in matrix order), graphs/ and report.md."""
+    from lib import plots, report
 
     matrix = _read_matrix(folder)
     runs = [_read_summary(folder / name) for name in matrix["runs"]]
     write_json_atomic(folder / "summary.json", {"folder": folder.name, "command": matrix["command"],
                                                 "created": matrix["created"], "runs": runs})
+    plots.write_graphs(folder)
     report.write_report(folder)
     return runs
 

@@ -35,10 +35,22 @@ def peak(device: torch.device) -> dict[str, int | None]:
     return result
 
 
+def current(device: torch.device) -> dict[str, int | None]:
+    """Memory in use now (for the memory timeline): RSS, and CUDA allocated on a GPU."""
+    result: dict[str, int | None] = {"rss_bytes": _status_bytes("VmRSS:")}
+    if device.type == "cuda":
+        result["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
+    return result
+
+
 def _vm_hwm_bytes() -> int | None:
+    return _status_bytes("VmHWM:")
+
+
+def _status_bytes(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass

@@ -1,73 +1,209 @@
-"""report.md of a results folder, generated only from its summary.json.
+"""report.md of a results folder, generated only from its runs' JSON (and graphs/graphs.json).
 
-Works for accuracy tasks (higher is better) and perplexity tasks (lower is
-better) alike: the metric's name, unit and direction come from each run's record.
+Works for accuracy tasks (higher is better) and perplexity tasks (lower is better)
+alike: the metric's name, unit and direction come from each run's record, and a
+folder holding several models gets one section (tables and graphs) per model.
 Missing fields render as "-" and the report says what is missing; it never fails.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("run", "status", "best val (step)", "test at best", "sparsity reached / target", "peak memory",
-           "throughput", "wall time", "flags")
+from lib.plots import read_manifest
+from lib.results import Folder, Metric, Run, Stat, groups, load, metric_of, mib, stat, test_stat
+
+FLAGGED = ("failed", "diverged", "incomplete", "unknown")
 
 
 def write_report(folder: Path) -> Path:
-    """Write folder/report.md from folder/summary.json and return its path."""
-    summary = json.loads((folder / "summary.json").read_text())
-    runs = summary.get("runs", [])
-    lines = [f"# Results: {folder.name}", ""]
-    lines += [f"Command: `{summary.get('command', '?')}`", f"Created: {summary.get('created', '?')}", ""]
-    lines += _status_line(runs)
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_row(r)) + " |" for r in runs]
-    lines += ["", "Best val is the best validation metric among evaluations at the target sparsity;",
-              "the test metric is measured once, on that checkpoint as saved to disk.", ""]
-    config = folder / "config.txt"
-    if config.exists():
-        lines += ["## Configuration", "", "```", config.read_text().strip(), "```", ""]
+    """Write folder/report.md and return its path (graphs are embedded if graphs/ was written)."""
+    folder = Path(folder)
     path = folder / "report.md"
-    path.write_text("\n".join(lines))
+    path.write_text(render(folder))
     return path
 
 
-def _status_line(runs: list[dict[str, Any]]) -> list[str]:
+def render(folder: Path) -> str:
+    """The report's Markdown text."""
+    data = load(folder)
+    lines = [f"# Results: {Path(folder).name}", ""]
+    lines += [f"Command: `{data.command or 'unknown'}`  ", f"Created: {data.created or 'unknown'}", ""]
+    lines += _status_line(data.runs) + [""]
+    if data.notes:
+        lines += ["## What is missing", ""] + [f"- {n}" for n in data.notes] + [""]
+    lines += _flags(data.runs)
+    manifest = read_manifest(folder)
+    for model, runs in data.models().items():
+        metric = metric_of(runs)
+        lines += _model_section(model, runs, metric)
+        lines += _graphs(manifest, model)
+    lines += _provenance(data)
+    return "\n".join(lines) + "\n"
+
+
+def _status_line(runs: list[Run]) -> list[str]:
     if not runs:
-        return ["No runs in this folder."]
+        return ["No runs in this folder: nothing to report."]
     counts: dict[str, int] = {}
     for r in runs:
-        counts[r.get("status", "unknown")] = counts.get(r.get("status", "unknown"), 0) + 1
+        counts[r.status] = counts.get(r.status, 0) + 1
     text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     return [f"{len(runs)} run(s): {text}."]
 
 
-def _metric(run: dict[str, Any], values: dict[str, Any] | None) -> str:
-    if not values or "metric" not in run:
-        return "-"
-    m = run["metric"]
-    value = values.get(m["name"])
-    return "-" if value is None else f"{m['name']} {value:.2f}{m.get('unit', '')}"
+def _flags(runs: list[Run]) -> list[str]:
+    rows = []
+    for r in runs:
+        flags = ([r.status] if r.status in FLAGGED else []) + [str(f) for f in r.summary.get("flags") or []]
+        if flags:
+            rows.append([r.name, r.status, ", ".join(flags), _cell(r.summary.get("error") or "-")])
+    if not rows:
+        return ["No run failed, diverged or missed its sparsity.", ""]
+    return ["## Flags", ""] + _table(["run", "status", "flags", "error"], rows) + [""]
 
 
-def _row(run: dict[str, Any]) -> list[str]:
-    best = run.get("best")
-    best_text = f"{_metric(run, best['val'])} ({best['step']})" if best else "-"
-    sp = run.get("sparsity") or {}
-    sparsity = f"{sp['reached']:.1%} / {sp['target']:.0%}" if "reached" in sp else "-"
-    mem = (run.get("memory") or {})
-    peak = mem.get("cuda_max_allocated_bytes") or mem.get("peak_rss_bytes")
-    tp = run.get("throughput") or {}
-    wall = run.get("wall_time_s")
-    flags = list(run.get("flags") or [])
-    if run.get("status") != "ok" and run.get("error"):
-        flags.append(str(run["error"]).replace("|", "/")[:120])
+def _model_section(model: str, runs: list[Run], metric: Metric | None) -> list[str]:
+    title = f"{metric.name} ({metric.direction})" if metric else "no metric recorded"
+    lines = [f"## {model}: {title}", ""]
+    name = _metric_head(metric)
+    head = ["run", "status", "optimizer", "variant", "pruning", "target", "seed", f"best val {name} (step)",
+            f"test {name} at best", "sparsity reached / target", "peak memory", "state bytes", "throughput",
+            "wall time"]
+    lines += ["### Runs", ""] + _table(*_drop_empty("variant", head, [_run_row(r) for r in runs])) + [""]
+    lines += ["Best val is the best validation metric among evaluations at the target sparsity; the test "
+              "metric is measured once, on that checkpoint as saved to disk.", ""]
+    lines += ["### Per method (mean ± std over seeds)", ""]
+    head = ["optimizer", "variant", "pruning", "target", "seeds ok / runs", f"test {name}", f"best val {name}",
+            "sparsity reached", "peak memory", "state bytes", "throughput", "wall time"]
+    lines += _table(*_drop_empty("variant", head, [_group_row(members) for members in groups(runs).values()]))
+    lines += [""]
+    lines += ["Mean ± sample std (n-1) over the seeds that finished ok; a single seed shows no ±. "
+              "Failed and diverged runs are excluded from the means and listed under Flags.", ""]
+    return lines + _best_per_sparsity(runs, metric)
+
+
+def _best_per_sparsity(runs: list[Run], metric: Metric | None) -> list[str]:
+    """The best method at each target sparsity by mean test metric (`make compare` ranks them all)."""
+    if metric is None:
+        return []
+    best: dict[float, tuple[str, Stat]] = {}
+    for (_, method, target), members in groups(runs).items():
+        s = test_stat(members)
+        if s is None:
+            continue
+        if target not in best or metric.best([s.mean, best[target][1].mean]) != best[target][1].mean:
+            best[target] = (method, s)
+    if not best:
+        return []
+    lines = [f"Best test {metric.name} per target sparsity ({metric.direction}; mean over seeds; "
+             "`make compare` ranks every method and marks differences within the seeds' spread):", ""]
+    lines += [f"- {t:.0%}: {m} {s.text()}" for t, (m, s) in sorted(best.items())]
+    return lines + [""]
+
+
+def _metric_head(metric: Metric | None) -> str:
+    if metric is None:
+        return "metric"
+    return f"{metric.name} ({metric.unit})" if metric.unit else metric.name
+
+
+def _run_row(r: Run) -> list[str]:
+    best = r.summary.get("best") or {}
+    best_value = r.best_value()
+    sp = r.summary.get("sparsity") or {}
+    reached = sp.get("reached")
+    sparsity = f"{reached:.1%} / {r.target:.0%}" if isinstance(reached, (int, float)) else f"- / {r.target:.0%}"
+    tp = r.summary.get("throughput") or {}
+    wall = r.summary.get("wall_time_s")
     return [
-        run.get("name", "?"), run.get("status", "?"), best_text, _metric(run, run.get("test_at_best")), sparsity,
-        f"{peak / 2**20:.0f} MiB" if peak else "-",
-        f"{tp['value']:.0f} {tp['unit']}" if tp.get("value") else "-",
-        f"{wall:.1f} s" if wall is not None else "-",
-        ", ".join(flags) or "-",
+        r.name, r.status, r.optimizer, r.variant or "-", r.pruning, f"{r.target:.0%}",
+        str(r.seed if r.seed is not None else "-"),
+        f"{best_value:.2f} ({best.get('step', '?')})" if best_value is not None else "-",
+        _num(r.test_value()), sparsity, _peak(r), mib(r.state_total()),
+        f"{tp['value']:,.0f} {tp.get('unit', '')}".rstrip() if isinstance(tp.get("value"), (int, float)) else "-",
+        f"{wall:.1f} s" if isinstance(wall, (int, float)) else "-",
     ]
+
+
+def _group_row(runs: list[Run]) -> list[str]:
+    first = runs[0]
+    ok = [r for r in runs if r.status == "ok"]
+    reached = stat([v * 100 for r in ok if isinstance(v := (r.summary.get("sparsity") or {}).get("reached"),
+                                                      (int, float))])
+    peaks = stat([p[1] for r in ok if (p := r.peak_bytes())])
+    states = stat([s for r in ok if (s := r.state_total()) is not None])
+    tps = stat([v for r in ok if isinstance(v := (r.summary.get("throughput") or {}).get("value"), (int, float))])
+    walls = stat([v for r in ok if isinstance(v := r.summary.get("wall_time_s"), (int, float))])
+    unit = next(((r.summary.get("throughput") or {}).get("unit", "") for r in ok), "")
+    return [
+        first.optimizer, first.variant or "-", first.pruning, f"{first.target:.0%}", f"{len(ok)} / {len(runs)}",
+        _stat(test_stat(runs)), _stat(stat([v for r in ok if (v := r.best_value()) is not None])),
+        f"{reached.mean:.1f}%" if reached else "-",
+        mib(peaks.mean) if peaks else "-", mib(states.mean) if states else "-",
+        f"{tps.mean:,.0f} {unit}".rstrip() if tps else "-", f"{walls.mean:.1f} s" if walls else "-",
+    ]
+
+
+def _peak(r: Run) -> str:
+    mem = r.memory()
+    alloc, reserved = mem.get("cuda_max_allocated_bytes"), mem.get("cuda_max_reserved_bytes")
+    if alloc:
+        return f"{mib(alloc)} alloc / {mib(reserved)} reserved (GPU)"
+    peak = mem.get("peak_rss_bytes")
+    return f"{mib(peak)} RSS (CPU)" if peak else "-"
+
+
+def _graphs(manifest: dict[str, Any] | None, model: str) -> list[str]:
+    lines = ["### Graphs", ""]
+    if manifest is None:
+        return lines + ["No graphs yet: run `make graphs` to draw them.", ""]
+    for g in manifest.get("graphs", []):
+        if g.get("model") == model:
+            lines += [f"![{g.get('graph', '')}]({g.get('file', '')})", ""]
+    skipped = [g for g in manifest.get("skipped", []) if g.get("model") in (model, "-")]
+    lines += [f"- {g.get('graph')}: not drawn, {g.get('reason')}" for g in skipped]
+    if any(g.get("model") == model and "Pareto" in g.get("graph", "") for g in manifest.get("graphs", [])):
+        lines += ["", "Memory vs metric: the memory axis is the runs' state bytes (weights + gradients + "
+                  "optimizer state + pruning buffers, counted exactly), or the measured peak when no run "
+                  "recorded state bytes; the axis label says which. A point is on the Pareto front when no "
+                  "other point uses no more memory and scores no worse."]
+    return lines + [""]
+
+
+def _provenance(data: Folder) -> list[str]:
+    lines = ["## How this was produced", "", "```", data.command or "(command not recorded)", "```", ""]
+    config = data.path / "config.txt"
+    try:
+        text = config.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return lines + ["config.txt is missing: the .config that produced these runs is unknown.", ""]
+    return lines + ["The .config used (config.txt):", "", "```", text, "```", ""]
+
+
+def _stat(s: Stat | None) -> str:
+    return s.text() if s else "-"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _cell(text: Any) -> str:
+    return " ".join(str(text).replace("|", "/").split())[:300]
+
+
+def _drop_empty(column: str, head: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """Leave out ``column`` when no row has a value in it (e.g. variant, outside AdamWPrune state pruning)."""
+    i = head.index(column)
+    if any(row[i] != "-" for row in rows):
+        return head, rows
+    return head[:i] + head[i + 1:], [row[:i] + row[i + 1:] for row in rows]
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return ["(no runs)"]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
+        ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]

@@ -27,6 +27,13 @@ class OptimSettings:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    amsgrad: bool = False
+    base: str = ""  # adamwprune: the update rule it applies ("adamw" or "adamwspam")
+    spam_form: str = "paper"  # "paper" (arXiv 2501.06842) or "knlp" (the public AdamWPrune code)
+    spam_theta: float = 5000.0
+    spam_interval: int = 500
+    spam_warmup: int = 150
+    spam_clip: bool = True
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,12 @@ class PruneSettings:
     start: int | float = 0.1
     end: int | float = 0.7
     frequency: int = 10
-    threshold: str = "exact"
+    threshold: str = "exact"  # "exact", "sampled" or "per-layer"
+    sample_fraction: float = 0.02
+    importance: str = "magnitude"  # magnitude pruning: "magnitude", "gradient-sensitivity", "activation"
+    movement_form: str = "sanh"  # "sanh" (paper) or "knlp"
+    variant: str = ""  # state pruning: "bitter0" .. "bitter9"
+    bitter8_form: str = "paper"  # "paper" or "knlp"
 
 
 @dataclass(frozen=True)
@@ -87,7 +99,9 @@ class RunSpec:
     hardware: HardwarePlan
     model_options: dict[str, Any] = field(default_factory=dict)
     data_dir: str = "data"
-    tracker: str = "none"
+    tracker: str = "none"  # "none", "wandb" or "trackio"
+    tracker_project: str = ""
+    wandb_mode: str = ""  # "online", "offline" or "disabled"
 
     @property
     def optimizer(self) -> str:

@@ -88,10 +88,11 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
     stream = task.train_batches(spec, hw.micro_batch, spec.seed)
 
-    tracker = open_tracker(spec.tracker, spec.name)
+    tracker = open_tracker(spec, run_dir)  # rank 0 only; a tracker failure never stops the run
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = (run_dir / "metrics.jsonl").open("w")
+    curve_file = (run_dir / "train.jsonl").open("w")  # loss, lr, sparsity and memory per log interval
     best, status, error = Best(), "ok", None
     samples, train_time, step, evals = 0, 0.0, 0, 0
     memory.reset_peak(device)
@@ -131,8 +132,11 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
             if not math.isfinite(train_loss):
                 status, error = "diverged", f"training loss became {train_loss} at step {step}"
                 break
-            bar.set_postfix(loss=f"{train_loss:.4f}", sparsity=f"{pruner.sparsity():.3f}")
-            _log(f"step {step}/{provisional} loss {train_loss:.4f} lr {lr:.2e} sparsity {pruner.sparsity():.4f}")
+            sparsity = pruner.sparsity()
+            curve_file.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "sparsity": sparsity,
+                                         "elapsed_s": time.perf_counter() - start, **memory.current(device)}) + "\n")
+            bar.set_postfix(loss=f"{train_loss:.4f}", sparsity=f"{sparsity:.3f}")
+            _log(f"step {step}/{provisional} loss {train_loss:.4f} lr {lr:.2e} sparsity {sparsity:.4f}")
         if step % eval_every == 0 or step == provisional:
             record = _evaluate(task, model, spec, step, per_epoch, lr, pruner, float(loss_sum), start)
             metrics_file.write(json.dumps(record) + "\n")
@@ -147,6 +151,7 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
                 _save_checkpoint(ckpt_dir / "best.pt", model, pruner, step)
     bar.close()
     metrics_file.close()
+    curve_file.close()
     tracker.finish()
     wall = time.perf_counter() - start
 

@@ -20,17 +20,13 @@ sys.path.insert(0, str(ROOT))
 
 from lib.config import load  # noqa: E402
 from lib.errors import HarnessError  # noqa: E402
+from lib.kconf import open_kconfig  # noqa: E402
 
 DEFCONFIGS = ROOT / "defconfigs"
 
 
 def names() -> list[str]:
     return sorted(p.name for p in DEFCONFIGS.iterdir() if p.is_file())
-
-
-def open_kconfig() -> kconfiglib.Kconfig:
-    os.environ["srctree"] = str(ROOT)
-    return kconfiglib.Kconfig(str(ROOT / "Kconfig"), warn_to_stderr=False)
 
 
 def target() -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import kconfiglib
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
@@ -58,3 +59,21 @@ def tiny_spec(name: str = "t", *, optimizer: str = "adamw", lr: float = 3e-3, pr
         model_options={"dataset": "mnist5k"},
         data_dir=str(ROOT / "data"),
     )
+
+
+class SmallConvNet(torch.nn.Module):
+    """A conv + two Linear layers on 1x8x8 inputs: small enough for hand-checked pruning tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc1 = torch.nn.Linear(4 * 6 * 6, 32)
+        self.fc2 = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+def small_conv_net(seed: int = 0) -> SmallConvNet:
+    torch.manual_seed(seed)
+    return SmallConvNet()

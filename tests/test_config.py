@@ -19,8 +19,9 @@ QUICK = (ROOT / "defconfigs" / "lenet5-quick").read_text()
 def test_quick_defconfig_types(make_config):
     cfg = config.load(make_config(QUICK))
     assert cfg.models == ("lenet5",)
-    assert cfg.optimizers == ("sgd", "adamw")
-    assert cfg.prunings == ("none", "magnitude")
+    assert cfg.optimizers == ("sgd", "adamw", "adamwprune")
+    assert cfg.prunings == ("none", "magnitude", "state")
+    assert cfg.variants == ("bitter7",)
     assert cfg.sparsities == (0.5, 0.7, 0.9)
     assert cfg.seeds == (1,)
     assert cfg.optim["adamw"].lr == pytest.approx(3e-3) and isinstance(cfg.optim["adamw"].lr, float)
@@ -67,7 +68,8 @@ def test_overrides_apply_and_are_validated(make_config):
     ("CONFIG_NO_SUCH_SYMBOL=y\n", "CONFIG_NO_SUCH_SYMBOL=y is not a symbol of this Kconfig tree"),
     ("CONFIG_ADAM_LR=\"1e-3\"\n", "CONFIG_ADAM_LR has no effect: it depends on OPTIMIZER_ADAM"),
     ('CONFIG_TARGET_SPARSITY="0.5"\n', "CONFIG_TARGET_SPARSITY has no effect"),
-    ("CONFIG_OPTIMIZER_ENABLE_SGD=n\nCONFIG_OPTIMIZER_ENABLE_ADAMW=n\n", "no optimizer enabled"),
+    ("CONFIG_OPTIMIZER_ENABLE_SGD=n\nCONFIG_OPTIMIZER_ENABLE_ADAMW=n\nCONFIG_OPTIMIZER_ENABLE_ADAMWPRUNE=n\n",
+     "no optimizer enabled"),
     ("CONFIG_SPARSITY_ENABLE_50=n\nCONFIG_SPARSITY_ENABLE_70=n\nCONFIG_SPARSITY_ENABLE_90=n\n",
      "no target sparsity enabled"),
     ("this line is garbage\n", "malformed"),
@@ -109,16 +111,32 @@ def _reads(path: Path) -> set[str]:
         return set()
 
 
-def test_every_symbol_is_read(tmp_path):
-    """Dead-symbol check: a symbol nothing reads is a setting that never reaches the trainer."""
-    read: set[str] = set()
+def _allyes(tmp_path: Path, choose: kconfiglib.Symbol | None = None) -> Path:
+    """allyesconfig, optionally with one choice member selected, written to a file."""
     os.environ["srctree"] = str(ROOT)
     kconf = kconfiglib.Kconfig(str(ROOT / "Kconfig"), warn_to_stderr=False)
-    for sym in kconf.unique_defined_syms:  # allyesconfig: every menu visible
+    for sym in kconf.unique_defined_syms:  # every bool on: every menu visible
         if sym.orig_type == kconfiglib.BOOL and not sym.choice:
             sym.set_value(2)
-    kconf.write_config(str(tmp_path / "allyes"), save_old=False)
-    read |= _reads(tmp_path / "allyes")
+    if choose is not None:
+        kconf.syms[choose.name].set_value(2)
+    path = tmp_path / f"allyes-{choose.name if choose else 'plain'}"
+    kconf.write_config(str(path), save_old=False)
+    return path
+
+
+def test_every_symbol_is_read(tmp_path):
+    """Dead-symbol check: a symbol nothing reads is a setting that never reaches the trainer.
+
+    Loads allyesconfig, then allyesconfig with each choice member selected in turn
+    (so the symbols that only one choice makes visible are reached), then every defconfig.
+    """
+    read = _reads(_allyes(tmp_path))
+    os.environ["srctree"] = str(ROOT)
+    kconf = kconfiglib.Kconfig(str(ROOT / "Kconfig"), warn_to_stderr=False)
+    for choice in kconf.unique_choices:
+        for member in choice.syms:
+            read |= _reads(_allyes(tmp_path, member))
     for defconfig in sorted((ROOT / "defconfigs").iterdir()):
         read |= _reads(resolve_defconfig(defconfig.read_text(), tmp_path / defconfig.name))
     missing = config.all_symbol_names() - read
@@ -151,3 +169,48 @@ def test_config_fields_are_used_outside_the_reader():
     fields = config.Config.__dataclass_fields__
     unused = [f for f in fields if f not in ("path",) and not re.search(rf"config\.{f}\b", used)]
     assert not unused, f"Config fields nothing uses: {unused}"
+
+
+def test_state_pruning_needs_adamwprune(make_config):
+    with pytest.raises(ConfigError, match="CONFIG_PRUNING_STATE needs the AdamWPrune optimizer"):
+        config.load(make_config("CONFIG_PRUNING_STATE=y\n"))
+
+
+def test_adamwprune_alone_with_magnitude_is_refused(make_config):
+    with pytest.raises(ConfigError, match="CONFIG_OPTIMIZER_ADAMWPRUNE runs with pruning none or state only"):
+        config.load(make_config("CONFIG_OPTIMIZER_ADAMWPRUNE=y\nCONFIG_PRUNING_MAGNITUDE=y\n"))
+
+
+@pytest.mark.parametrize("theta", ["0", "-5"])
+def test_spam_theta_must_be_positive(make_config, theta):
+    with pytest.raises(ConfigError, match="CONFIG_SPAM_THETA"):
+        config.load(make_config(f'CONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_SPAM_THETA="{theta}"\n'))
+
+
+def test_spam_defaults_follow_the_form(make_config):
+    paper = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\n")).optim["adamwspam"]
+    assert (paper.spam_form, paper.spam_theta, paper.spam_interval, paper.spam_warmup) == ("paper", 5000, 500, 150)
+    assert paper.eps == 1e-6
+    knlp = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_SPAM_FORM_KNLP=y\n")).optim["adamwspam"]
+    assert (knlp.spam_form, knlp.spam_theta, knlp.spam_interval) == ("knlp", 50, 1000)
+
+
+def test_adamwprune_on_spam_base_reads_spam_settings(make_config):
+    cfg = config.load(make_config("CONFIG_OPTIMIZER_ADAMWPRUNE=y\nCONFIG_ADAMWPRUNE_BASE_ADAMWSPAM=y\n"
+                                  "CONFIG_PRUNING_STATE=y\nCONFIG_ADAMWPRUNE_VARIANT_BITTER8=y\n"
+                                  "CONFIG_ADAMWPRUNE_BITTER8_FORM_KNLP=y\n"))
+    opt = cfg.optim["adamwprune"]
+    assert opt.base == "adamwspam" and opt.spam_theta == 5000
+    assert cfg.variants == ("bitter8",) and cfg.prune.bitter8_form == "knlp"
+
+
+def test_variant_axis_and_method_options(make_config):
+    cfg = config.load(make_config(
+        "CONFIG_OPTIMIZER_MULTIPLE=y\nCONFIG_OPTIMIZER_ENABLE_ADAMWPRUNE=y\nCONFIG_PRUNING_MULTIPLE=y\n"
+        "CONFIG_PRUNING_ENABLE_MOVEMENT=y\nCONFIG_PRUNING_ENABLE_STATE=y\nCONFIG_ADAMWPRUNE_VARIANT_MULTIPLE=y\n"
+        "CONFIG_ADAMWPRUNE_VARIANT_ENABLE_BITTER0=y\nCONFIG_MOVEMENT_FORM_KNLP=y\n"
+        "CONFIG_PRUNING_IMPORTANCE_GRADIENT_SENSITIVITY=y\nCONFIG_PRUNING_THRESHOLD_SAMPLED=y\n"
+        'CONFIG_PRUNING_SAMPLE_FRACTION="0.05"\n'))
+    assert cfg.variants == ("bitter0", "bitter7")
+    assert cfg.prune.movement_form == "knlp" and cfg.prune.importance == "gradient-sensitivity"
+    assert cfg.prune.threshold == "sampled" and cfg.prune.sample_fraction == 0.05

@@ -23,18 +23,21 @@ def test_quick_matrix_expansion(make_config):
         "lenet5_sgd_none_0", "lenet5_sgd_magnitude_50", "lenet5_sgd_magnitude_70", "lenet5_sgd_magnitude_90",
         "lenet5_adamw_none_0", "lenet5_adamw_magnitude_50", "lenet5_adamw_magnitude_70",
         "lenet5_adamw_magnitude_90",
+        "lenet5_adamwprune_none_0", "lenet5_adamwprune_bitter7_state_50", "lenet5_adamwprune_bitter7_state_70",
+        "lenet5_adamwprune_bitter7_state_90",
     ]
     none_runs = [s for s in specs if s.pruning == "none"]
-    assert len(none_runs) == 2 and all(s.sparsity == 0.0 for s in none_runs)  # once, at sparsity 0
+    assert len(none_runs) == 3 and all(s.sparsity == 0.0 for s in none_runs)  # once, at sparsity 0
     for s in specs:
         assert s.hardware.micro_batch * s.hardware.grad_accum * s.hardware.world_size == s.train.batch_size
         assert s.optim.name == s.optimizer and s.optim.lr == (0.05 if s.optimizer == "sgd" else 3e-3)
+        assert s.prune.variant == ("bitter7" if s.pruning == "state" else "")
     assert len({s.name for s in specs}) == len(specs)
 
 
 def test_seeds_multiply_runs_and_name_them(make_config):
     specs = matrix.expand(config.load(make_config(QUICK), {"SEEDS": "3"}), CPU)
-    assert len(specs) == 24
+    assert len(specs) == 36
     assert {s.name for s in specs if s.name.startswith("lenet5_adamw_none_0")} == {
         "lenet5_adamw_none_0_s1", "lenet5_adamw_none_0_s2", "lenet5_adamw_none_0_s3"}
     assert {s.seed for s in specs} == {1, 2, 3}
@@ -48,7 +51,7 @@ def test_single_run_config_is_a_matrix_of_one(make_config):
 def test_dry_run_table_lists_runs_and_plans(make_config):
     table = matrix.dry_run_table(matrix.expand(config.load(make_config(QUICK)), CPU))
     assert "lenet5_adamw_magnitude_90" in table and "cpu 128x1" in table
-    assert len(table.splitlines()) == 2 + 8
+    assert len(table.splitlines()) == 2 + 12
 
 
 def test_cpu_plan_divides_the_batch_exactly():
@@ -102,3 +105,16 @@ def test_failures_are_isolated_and_recorded(tmp_path):
     runs = matrix.run_folder(folder, jobs=2, only_unfinished=True)
     assert {r["name"]: r["status"] for r in runs}["crashes"] == "ok"
     assert (folder / "ok" / "summary.json").read_text() == before  # finished run untouched
+
+
+def test_state_and_variants_expand_only_for_adamwprune(make_config):
+    cfg = config.load(make_config(
+        "CONFIG_OPTIMIZER_MULTIPLE=y\nCONFIG_OPTIMIZER_ENABLE_ADAMWPRUNE=y\nCONFIG_PRUNING_MULTIPLE=y\n"
+        "CONFIG_PRUNING_ENABLE_STATE=y\nCONFIG_ADAMWPRUNE_VARIANT_MULTIPLE=y\n"
+        "CONFIG_ADAMWPRUNE_VARIANT_ENABLE_BITTER0=y\nCONFIG_TARGET_SPARSITY=\"0.7\"\n"))
+    names = [s.name for s in matrix.expand(cfg, CPU)]
+    assert names == [
+        "lenet5_adamw_none_0", "lenet5_adamw_magnitude_70",
+        "lenet5_adamwprune_none_0",
+        "lenet5_adamwprune_bitter0_state_70", "lenet5_adamwprune_bitter7_state_70",
+    ]

@@ -9,24 +9,10 @@ from torch import nn
 from lib.errors import ConfigError
 from lib.optim import build_optimizer
 from lib.pruning import PRUNERS, build_pruner, prunable_parameters
+from lib.pruning.bitmask import packed_size
 from lib.pruning.threshold import global_exact_mask, prune_count
 from lib.spec import OptimSettings, PruneSettings
-
-
-class ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc1 = nn.Linear(4 * 6 * 6, 32)
-        self.fc2 = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
-
-
-def make(seed: int = 0) -> ConvNet:
-    torch.manual_seed(seed)
-    return ConvNet()
+from tests.conftest import small_conv_net as make
 
 
 def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -138,12 +124,12 @@ def train_and_check(optim: OptimSettings, **options: object) -> None:
         check_pruned_stay_zero(pruner, opt)
     assert updates == 6
     assert pruner.sparsity() == pytest.approx(0.70, abs=0.005)
-    assert pruner.buffer_bytes() == pruner.prunable_count()  # one byte per bool mask entry
+    assert pruner.buffer_bytes() == sum(packed_size(p.numel()) for _, p in pruner.params)  # 1 bit per weight
 
 
 def check_lowest_pruned(pruner, before: dict[str, torch.Tensor], sparsity: float) -> None:
     scores = torch.cat([before[name].flatten() for name, _ in pruner.params])
-    keep = torch.cat([pruner.masks[name].flatten() for name, _ in pruner.params])
+    keep = torch.cat([pruner.mask(name).flatten() for name, _ in pruner.params])
     assert int((~keep).sum()) == prune_count(pruner.prunable_count(), sparsity)
     if (~keep).any():
         assert scores[~keep].max() <= scores[keep].min()
@@ -151,7 +137,7 @@ def check_lowest_pruned(pruner, before: dict[str, torch.Tensor], sparsity: float
 
 def check_pruned_stay_zero(pruner, opt: torch.optim.Optimizer) -> None:
     for name, param in pruner.params:
-        mask = pruner.masks.get(name)
+        mask = pruner.mask(name)
         if mask is None:
             continue
         assert bool((param[~mask] == 0).all()), name
@@ -183,7 +169,7 @@ def test_update_zeros_amsgrad_state_too() -> None:
         opt.step()
         pruner.after_step(step)
         for name, param in pruner.params:
-            assert bool((opt.state[param]["max_exp_avg_sq"][~pruner.masks[name]] == 0).all())
+            assert bool((opt.state[param]["max_exp_avg_sq"][~pruner.mask(name)] == 0).all())
 
 
 def test_final_target_applied_even_when_end_step_is_skipped() -> None:
@@ -256,4 +242,24 @@ def test_unknown_pruner_lists_valid_names() -> None:
 
 def test_unknown_threshold_lists_valid_names() -> None:
     with pytest.raises(ConfigError, match="exact"):
-        build_pruner(make(), None, PruneSettings("magnitude", target=0.5, threshold="sampled"))
+        build_pruner(make(), None, PruneSettings("magnitude", target=0.5, threshold="topk"))
+
+
+def test_masks_only_grow_even_when_pruned_weights_score_highest():
+    """A pruned weight gets no gradient; reviving it would leave a 'kept' zero and overshoot the target."""
+    from lib.pruning.magnitude import MagnitudePruner
+    from lib.spec import PruneSettings
+
+    class Inverted(MagnitudePruner):  # zeros score highest: the worst case for revival
+        def importance(self, name, param):
+            return torch.where(param == 0, torch.full_like(param, 1e9), param.abs())
+
+    model = make(0)
+    pruner = Inverted(model, None, PruneSettings("magnitude", target=0.8, start=0, end=1, frequency=1))
+    pruner.set_total_steps(10)
+    pruner.prune_to(0.4)
+    first = {name: pruner.mask(name).clone() for name, _ in pruner.params}
+    pruner.prune_to(0.8)
+    for name, _ in pruner.params:
+        assert not (pruner.mask(name) & ~first[name]).any(), "a pruned weight was revived"
+    assert abs(pruner.sparsity() - 0.8) < 1e-3

@@ -61,6 +61,8 @@ def test_best_checkpoint_is_saved_and_test_is_measured_on_it(tmp_path):
     sb = summary["memory"]["state_bytes"]
     assert sb["weights"] == 61706 * 4 and sb["optimizer_state"] >= 2 * 61706 * 4
     assert summary["throughput"]["value"] > 0 and summary["throughput"]["unit"] == "images/s"
+    curve = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [5, 10, 15, 20] and all(c["rss_bytes"] > 0 for c in curve)
 
 
 def test_best_is_chosen_only_at_target_sparsity(tmp_path):

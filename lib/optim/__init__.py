@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lib.errors import ConfigError
-from lib.optim import adam, adamw, sgd
+from lib.optim import adam, adamw, adamwadv, adamwprune, adamwspam, sgd
 from lib.optim.groups import param_groups
 from lib.registry import lookup
 from lib.spec import OptimSettings
@@ -32,6 +32,9 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "sgd": sgd.build,
     "adam": adam.build,
     "adamw": adamw.build,
+    "adamwadv": adamwadv.build,
+    "adamwspam": adamwspam.build,
+    "adamwprune": adamwprune.build,
 }
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from lib.spec import OptimSettings
+
 # Modules whose weights are lookup tables rather than linear maps.
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
@@ -46,3 +48,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
+
+
+def adam_kwargs(model: nn.Module, settings: OptimSettings) -> dict[str, Any]:
+    """The constructor arguments every Adam-family optimizer shares: groups, lr, betas, eps, weight decay."""
+    return {
+        "params": param_groups(model, settings.weight_decay),
+        "lr": settings.lr,
+        "betas": (settings.beta1, settings.beta2),
+        "eps": settings.eps,
+        "weight_decay": settings.weight_decay,
+    }

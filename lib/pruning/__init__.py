@@ -12,9 +12,11 @@ from torch import nn
 
 from lib.pruning.base import Pruner
 from lib.pruning.magnitude import MagnitudePruner
+from lib.pruning.movement import MovementPruner
 from lib.pruning.none import NonePruner
 from lib.pruning.prunable import prunable_parameters
 from lib.pruning.schedule import SparsitySchedule
+from lib.pruning.state import StatePruner
 from lib.registry import lookup
 from lib.spec import PruneSettings
 
@@ -23,6 +25,8 @@ __all__ = ["PRUNERS", "Pruner", "SparsitySchedule", "build_pruner", "prunable_pa
 PRUNERS: dict[str, type[Pruner]] = {
     "none": NonePruner,
     "magnitude": MagnitudePruner,
+    "movement": MovementPruner,
+    "state": StatePruner,
 }
 
 

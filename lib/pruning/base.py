@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from lib.errors import HarnessError
+from lib.pruning import bitmask
 from lib.pruning.prunable import prunable_parameters
 from lib.pruning.schedule import SparsitySchedule
-from lib.pruning.threshold import get_threshold
+from lib.pruning.threshold import LazyScores, get_threshold
 from lib.spec import PruneSettings
 
 
@@ -32,6 +33,8 @@ class Pruner:
     """Gradual pruning of the prunable weights of ``model`` along a sparsity schedule."""
 
     name: ClassVar[str] = "base"
+    # Store keep-masks bit-packed (lib/pruning/bitmask.py, 1 bit per weight) instead of bool (1 byte).
+    pack_masks: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, settings: PruneSettings):
         self.model = model
@@ -39,8 +42,8 @@ class Pruner:
         self.settings = settings
         self.params = prunable_parameters(model)
         self.schedule = self.make_schedule(settings)
-        self.threshold = get_threshold(settings.threshold)
-        self.masks: dict[str, Tensor] = {}  # name -> bool keep-mask; empty until the first update
+        self.threshold = get_threshold(settings.threshold, settings.sample_fraction)
+        self.masks: dict[str, Tensor] = {}  # name -> keep-mask (bool, or packed uint8); empty until the first update
         self.step = 0  # optimizer steps completed at the last after_step()
         self.applied = 0.0  # sparsity the current masks were computed for
         self.total_steps: int | None = None
@@ -57,9 +60,35 @@ class Pruner:
         """Score of each entry of ``param``, same shape; the lowest are pruned."""
         raise NotImplementedError(f"{type(self).__name__} must define importance()")
 
+    def importance_at(self, name: str, param: nn.Parameter, index: Tensor) -> Tensor:
+        """``importance(name, param)`` at the flattened positions ``index`` (override to skip the rest)."""
+        return self.importance(name, param).reshape(-1)[index]
+
+    def ranked(self, i: int) -> Tensor:
+        """Importance of prunable tensor ``i`` with every exactly-zero weight ranked lowest (-inf).
+
+        Masks only grow: a pruned weight (exactly zero) gets no gradient, so "reviving"
+        it would leave a zero counted as kept and the reached sparsity would overshoot;
+        scores where pruned weights score 0 (movement, bitter5) would otherwise do just
+        that. Testing w == 0 rather than the mask needs no unpacking of packed masks,
+        and a kept weight stuck at zero is pruned first, so the masks agree with the
+        sparsity measured on the weights.
+        """
+        name, param = self.params[i]
+        return self.importance(name, param).masked_fill(param == 0, float("-inf"))
+
+    def ranked_at(self, i: int, index: Tensor) -> Tensor:
+        """``ranked(i)`` at the flattened positions ``index``."""
+        name, param = self.params[i]
+        scores = self.importance_at(name, param, index)
+        return scores.masked_fill(param.detach().reshape(-1)[index] == 0, float("-inf"))
+
     def _buffers(self) -> Iterable[Tensor]:
         """Tensors the pruner keeps alive between steps (counted by ``buffer_bytes``)."""
         return self.masks.values()
+
+    def close(self) -> None:
+        """Release what the pruner attached to the model (hooks); masks and weights stay."""
 
     # -- the trainer's interface --------------------------------------------------------------
 
@@ -79,7 +108,7 @@ class Pruner:
         for name, param in self.params:
             mask = self.masks.get(name)
             if mask is not None and param.grad is not None:
-                param.grad.mul_(mask)
+                _apply_mask(param.grad, mask)
 
     def after_step(self, step: int) -> None:
         """Record that ``step`` optimizer steps (1-based) are done; update masks when the schedule says so."""
@@ -96,11 +125,19 @@ class Pruner:
 
     @torch.no_grad()
     def prune_to(self, sparsity: float) -> None:
-        """Recompute the masks for ``sparsity`` and zero pruned weights and their optimizer state."""
-        scores = [self.importance(name, param) for name, param in self.params]
-        masks = self.threshold(scores, sparsity)
-        del scores  # free the score copies before touching weights
-        self.masks = {name: mask for (name, _), mask in zip(self.params, masks, strict=True)}
+        """Recompute the masks for ``sparsity`` and zero pruned weights and their optimizer state.
+
+        Scores are computed one tensor at a time as the threshold reads them
+        (``LazyScores``), never all at once; the update step seeds ``sampled``.
+        """
+        scores = LazyScores(
+            self.ranked,
+            [p.numel() for _, p in self.params],
+            gather=self.ranked_at,
+            device=self.params[0][1].device if self.params else None,
+        )
+        masks = self.threshold(scores, sparsity, seed=self.step)
+        self.masks = {name: self._stored(mask) for (name, _), mask in zip(self.params, masks, strict=True)}
         self.applied = sparsity
         self.apply_masks()
 
@@ -111,9 +148,25 @@ class Pruner:
             mask = self.masks.get(name)
             if mask is None:
                 continue
-            param.mul_(mask)
+            _apply_mask(param, mask)
             for value in self._state_tensors(param):
-                value.mul_(mask)
+                _apply_mask(value, mask)
+
+    def mask(self, name: str) -> Tensor | None:
+        """The bool keep-mask of weight ``name`` (unpacked if stored packed); None before the first update."""
+        mask = self.masks.get(name)
+        if mask is None or mask.dtype == torch.bool:
+            return mask
+        return bitmask.unpack(mask, dict(self.params)[name].shape)
+
+    def _stored(self, mask: Tensor, shape: torch.Size | None = None) -> Tensor:
+        """A bool or packed keep-mask in the form this pruner stores (``pack_masks``)."""
+        if mask.dtype == torch.uint8 and not self.pack_masks:
+            assert shape is not None
+            return bitmask.unpack(mask, shape)
+        if mask.dtype != torch.uint8 and self.pack_masks:
+            return bitmask.pack(mask.to(torch.bool))
+        return mask if mask.dtype == torch.uint8 else mask.to(torch.bool)
 
     def _state_tensors(self, param: nn.Parameter) -> list[Tensor]:
         """Per-weight optimizer state (exp_avg, exp_avg_sq, max_exp_avg_sq, momentum_buffer, ...)."""
@@ -165,13 +218,29 @@ class Pruner:
         params = dict(self.params)
         masks = state.get("masks", {})
         for name, mask in masks.items():
-            if name not in params or mask.shape != params[name].shape:
+            if name not in params or not _fits(mask, params[name]):
                 raise HarnessError(
                     f"checkpoint pruning mask '{name}' does not match the model; "
                     "was the checkpoint saved by another model?"
                 )
         self.masks = {
-            name: mask.to(device=params[name].device, dtype=torch.bool) for name, mask in masks.items()
+            name: self._stored(mask.to(device=params[name].device), params[name].shape)
+            for name, mask in masks.items()
         }
         self.step = int(state["step"])
         self.applied = float(state["applied"])
+
+
+def _apply_mask(tensor: Tensor, mask: Tensor) -> None:
+    """Zero, in place, the entries of ``tensor`` that ``mask`` (bool or packed) prunes."""
+    if mask.dtype == torch.bool:
+        tensor.mul_(mask)
+    else:
+        bitmask.apply_(tensor, mask)
+
+
+def _fits(mask: Tensor, param: Tensor) -> bool:
+    """True when ``mask`` is a bool mask shaped like ``param`` or a packed one of the right size."""
+    if mask.dtype == torch.uint8:
+        return mask.shape == (bitmask.packed_size(param.numel()),)
+    return mask.shape == param.shape

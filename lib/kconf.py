@@ -1,0 +1,148 @@
+"""kconfiglib plumbing for lib/config.py: open the tree, refuse what kconfiglib only warns about, typed reads.
+
+Only lib/config.py (the one reader of .config) and the config-writing script use this.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import kconfiglib
+
+from lib.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+KCONFIG = ROOT / "Kconfig"
+
+
+def open_kconfig() -> kconfiglib.Kconfig:
+    os.environ["srctree"] = str(ROOT)  # `source` paths are relative to the project root
+    try:
+        kconf = kconfiglib.Kconfig(str(KCONFIG), warn_to_stderr=False, suppress_traceback=False)
+    except kconfiglib.KconfigError as exc:
+        raise ConfigError(f"the Kconfig tree does not parse: {str(exc).splitlines()[0]}") from None
+    kconf.warnings.clear()
+    return kconf
+
+
+_FATAL_WARNINGS = ("is not a valid value", "is invalid for", "malformed", "outside the active range")
+
+
+def raise_on_load_warnings(kconf: kconfiglib.Kconfig, path: Path) -> None:
+    for name, value in kconf.missing_syms:
+        raise ConfigError(f"{path}: CONFIG_{name}={value} is not a symbol of this Kconfig tree (a typo, or "
+                          f"renamed?); remove it or run `make olddefconfig`")
+    for warning in kconf.warnings:
+        if any(key in warning for key in _FATAL_WARNINGS):
+            text = warning.split("warning: ", 1)[-1]
+            raise ConfigError(f"{path}: {text}; fix it with `make menuconfig` or a defconfig target")
+
+
+def apply_overrides(kconf: kconfiglib.Kconfig, overrides: Mapping[str, str]) -> None:
+    for name, value in overrides.items():
+        sym = kconf.syms.get(name)
+        if sym is None or not sym.nodes:
+            raise ConfigError(f"override {name}={value}: no such symbol in the Kconfig tree")
+        if sym.orig_type in (kconfiglib.INT, kconfiglib.HEX) and not re.fullmatch(r"-?\d+", value):
+            raise ConfigError(f"override {name}={value!r}: CONFIG_{name} takes a whole number")
+        sym.set_value(value)
+
+
+def check_user_values(kconf: kconfiglib.Kconfig) -> None:
+    """Refuse settings that kconfiglib would silently ignore or replace."""
+    for sym in kconf.unique_defined_syms:
+        asked = sym.user_value
+        if asked is None:
+            continue
+        if sym.orig_type in (kconfiglib.BOOL, kconfiglib.TRISTATE):
+            if asked and not sym.tri_value and not sym.choice:
+                deps = kconfiglib.expr_str(sym.direct_dep)
+                raise ConfigError(
+                    f"CONFIG_{sym.name}=y has no effect: it depends on {deps}; set that too or drop the line"
+                )
+            continue
+        if sym.visibility == 0:
+            deps = kconfiglib.expr_str(sym.direct_dep)
+            raise ConfigError(f"CONFIG_{sym.name} has no effect: it depends on {deps}; set that too or drop it")
+        if sym.orig_type in (kconfiglib.INT, kconfiglib.HEX) and int(asked, 0) != int(sym.str_value, 0):
+            low, high = _int_range(sym)
+            raise ConfigError(
+                f"CONFIG_{sym.name}={asked} is outside its range [{low}, {high}]; "
+                f"pick a value in range (make menuconfig)"
+            )
+
+
+def _int_range(sym: kconfiglib.Symbol) -> tuple[str, str]:
+    for low, high, cond in sym.ranges:
+        if kconfiglib.expr_value(cond):
+            return low.str_value, high.str_value
+    return "?", "?"
+
+
+class Reader:
+    """Typed access to symbols; remembers which names were read (see the dead-symbol test)."""
+
+    def __init__(self, kconf: kconfiglib.Kconfig) -> None:
+        self.kconf = kconf
+        self.read: set[str] = set()
+
+    def sym(self, name: str) -> kconfiglib.Symbol:
+        self.read.add(name)
+        return self.kconf.syms[name]
+
+    def bool(self, name: str) -> bool:
+        return self.sym(name).tri_value == 2
+
+    def int(self, name: str) -> int:
+        return int(self.sym(name).str_value, 0)
+
+    def str(self, name: str) -> str:
+        return self.sym(name).str_value
+
+    def float(self, name: str, low: float | None = None, high: float | None = None,
+              open_low: bool = False, open_high: bool = False) -> float:
+        text = self.str(name)
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"CONFIG_{name}={text!r} is not a number; give e.g. 0.5 or 3e-3") from None
+        too_low = low is not None and (value <= low if open_low else value < low)
+        too_high = high is not None and (value >= high if open_high else value > high)
+        if value != value or too_low or too_high:
+            lo, hi = ("(" if open_low else "[") + str(low), str(high) + (")" if open_high else "]")
+            raise ConfigError(f"CONFIG_{name}={text} is outside {lo}, {hi}; pick a value in range")
+        return value
+
+    def choice(self, name: str) -> str:
+        """The selected member of named choice ``name``, lowercased, without the prefix."""
+        choice = self.kconf.named_choices[name]
+        for member in choice.syms:
+            self.read.add(member.name)
+        if choice.selection is None:
+            return ""
+        return member_key(name, choice.selection.name)
+
+    def members(self, name: str) -> list[str]:
+        syms = self.kconf.named_choices[name].syms
+        self.read.update(sym.name for sym in syms)
+        return [member_key(name, sym.name) for sym in syms]
+
+    def axis(self, name: str) -> tuple[str, ...]:
+        """A matrix axis: the choice when <NAME>_MULTIPLE is off, else every enabled member."""
+        if not self.bool(f"{name}_MULTIPLE"):
+            picked = self.choice(name)
+            for key in self.members(name):  # the MULTIPLE flags are read either way
+                self.bool(_enable_symbol(name, key))
+            return (picked,)
+        return tuple(k for k in self.members(name) if self.bool(_enable_symbol(name, k)))
+
+
+def _enable_symbol(axis: str, key: str) -> str:
+    return f"{axis}_ENABLE_{key.upper().replace('-', '_')}"
+
+
+def member_key(choice: str, member: str) -> str:
+    return member[len(choice) + 1:].lower().replace("_", "-")

@@ -1,0 +1,183 @@
+"""``adamwprune``: an AdamW-family optimizer that prunes from its own state (seeds/001).
+
+``AdamWPrune`` wraps a base optimizer, torch's ``AdamW`` (``base="adamw"``,
+fused kernel where torch has one for the parameters' device) or ``AdamWSPAM``
+(``base="adamwspam"``), and adds only a pruning mask:
+
+- ``param_groups`` and ``state`` ARE the base's (shared, not copied), so the
+  trainer's learning-rate writes reach the base and ``state[p]`` exposes
+  ``exp_avg`` / ``exp_avg_sq`` to the state pruner and to memory accounting.
+- ``step()`` is the base's own step, untouched. With no masks (pruning off)
+  AdamWPrune is therefore bit-identical to its base optimizer.
+- The masks live in ``self.masks`` (param -> bit-packed uint8, 1 bit per
+  weight; lib/pruning/bitmask.py): the optimizer-owned mask store, in the
+  spirit of JaxPruner's masks kept inside the optimizer state. They are kept
+  apart from ``self.state`` on purpose: they are pruning buffers, reported by
+  the state pruner's ``buffer_bytes()``, and lib/memory.state_bytes (which sums
+  ``optimizer.state``) must not count them a second time.
+
+Between mask updates the only pruning work is ``mask_gradients()``: once
+``set_masks`` has zeroed a pruned weight and its exp_avg / exp_avg_sq (and
+max_exp_avg_sq), a zero gradient keeps all of them exactly zero under AdamW
+(``m = b1*0 + (1-b1)*0``, ``0 / (sqrt(0) + eps) = 0``, decay of 0 is 0) and
+under AdamWSPAM (a zero gradient is never a spike; resets zero moments anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lib.errors import ConfigError
+from lib.optim.groups import adam_kwargs
+from lib.pruning import bitmask
+from lib.registry import lookup
+from lib.spec import OptimSettings
+
+
+class AdamWPrune(torch.optim.Optimizer):
+    """``base``'s update rule plus an optimizer-owned, bit-packed pruning mask (module docstring)."""
+
+    def __init__(self, base: torch.optim.Optimizer, base_name: str = "adamw"):
+        self.base = base
+        self.base_name = base_name
+        state = base.state
+        # Optimizer.__init__ sets up hooks and re-validates the base's group dicts (the same objects,
+        # already complete); the ``state`` / ``param_groups`` properties below forward its writes to
+        # the base, so afterwards restore the base's state object.
+        super().__init__(base.param_groups, base.defaults)
+        base.state = state
+        self.masks: dict[Tensor, Tensor] = {}  # param -> packed keep-mask; the optimizer-owned mask store
+
+    # The base's containers, never copies (see the module docstring).
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.base.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.base.state = value
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base.param_groups = value
+
+    # -- the update: the base's own step --------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """The base optimizer's step, unchanged (call ``mask_gradients()`` first when masks are set)."""
+        return self.base.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
+    # -- the mask -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_masks(self, masks: Mapping[Tensor, Tensor]) -> None:
+        """Install keep-masks and zero what they prune: the mask-update entry point.
+
+        ``masks`` maps a parameter to its keep-mask, bool shaped like the
+        parameter or already packed (uint8, ``bitmask.packed_size`` bytes).
+        Pruned entries of the weight and of every state tensor shaped like it
+        (exp_avg, exp_avg_sq, max_exp_avg_sq) become exactly zero.
+        """
+        for param, mask in masks.items():
+            if mask.dtype == torch.bool:
+                if mask.shape != param.shape:
+                    raise ValueError(f"mask of shape {tuple(mask.shape)} for a weight of shape {tuple(param.shape)}")
+                packed = bitmask.pack(mask.to(param.device))
+            else:
+                packed = mask.to(device=param.device, dtype=torch.uint8)
+            bitmask.apply_(param.data, packed)
+            for value in self.state.get(param, {}).values():
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    bitmask.apply_(value, packed)
+            self.masks[param] = packed
+
+    def clear_masks(self) -> None:
+        """Drop every mask (pruned weights stay zero until the optimizer moves them)."""
+        self.masks.clear()
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned weights: the only per-step pruning work (after backward, before step)."""
+        for param, packed in self.masks.items():
+            if param.grad is not None:
+                bitmask.apply_(param.grad, packed)
+
+    def mask_bytes(self) -> int:
+        """Bytes of the packed masks (1 bit per masked weight, rounded up per tensor)."""
+        return sum(packed.numel() for packed in self.masks.values())
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state dict plus ``"masks"``: {index of the param in group order: packed mask}."""
+        state = self.base.state_dict()
+        index = {id(p): i for i, p in enumerate(self._params())}
+        state["masks"] = {index[id(p)]: packed for p, packed in self.masks.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Inverse of ``state_dict``: restores the base, then re-installs (and applies) the masks."""
+        state_dict = dict(state_dict)
+        masks = state_dict.pop("masks", {})
+        self.base.load_state_dict(state_dict)
+        params = self._params()
+        self.masks = {}
+        self.set_masks({params[int(i)]: packed for i, packed in masks.items()})
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+
+# -- factories ----------------------------------------------------------------------------------
+
+
+def _fused_supported(params: list[Tensor]) -> bool:
+    """True when torch's fused AdamW kernel runs on every parameter (floating point, supported device)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # an older or newer torch without the helper: assume CUDA only
+        devices = {"cuda"}
+    return bool(params) and all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+
+
+def _build_adamw(model: nn.Module, settings: OptimSettings, **options: Any) -> torch.optim.Optimizer:
+    """torch AdamW; fused unless the caller picks an implementation (``fused`` / ``foreach``)."""
+    if "fused" not in options and "foreach" not in options:
+        options["fused"] = _fused_supported(list(model.parameters()))
+    return torch.optim.AdamW(
+        **adam_kwargs(model, settings),
+        amsgrad=settings.amsgrad,
+        **options,
+    )
+
+
+def _build_adamwspam(model: nn.Module, settings: OptimSettings, **options: Any) -> torch.optim.Optimizer:
+    """AdamWSPAM with the SPAM settings of ``settings`` (imported here: only this base needs it)."""
+    from lib.optim import adamwspam
+
+    return adamwspam.build(model, settings, **options)
+
+
+BASES: dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": _build_adamw, "adamwspam": _build_adamwspam}
+
+
+def build(model: nn.Module, settings: OptimSettings, **options: Any) -> AdamWPrune:
+    """AdamWPrune over ``model`` on the base ``settings.base`` (empty = ``adamw``)."""
+    base_name = settings.base or "adamw"
+    factory = lookup(BASES, base_name, "AdamWPrune base optimizer (ADAMWPRUNE_BASE)", "lib/optim/adamwprune.py")
+    if settings.amsgrad and base_name != "adamw":
+        raise ConfigError(f"ADAMWPRUNE_AMSGRAD needs the adamw base; AdamWSPAM has no AMSGrad (base {base_name!r})")
+    return AdamWPrune(factory(model, settings, **options), base_name)

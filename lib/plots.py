@@ -1,0 +1,255 @@
+"""Graphs of a results folder, written to <folder>/graphs/ (matplotlib Agg), from the runs' JSON only.
+
+One set of graphs per model (so accuracy and perplexity never share an axis):
+metric vs sparsity, training curves (here) and peak memory, memory timeline,
+memory vs metric (lib/plots_memory.py). A graph whose data is absent is skipped;
+graphs/graphs.json lists what was written and why anything was skipped, and the
+report reads it. Rendering never raises: a failure becomes a skip reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from lib.results import Folder, Metric, Run, groups, load, metric_of, test_stat  # noqa: E402
+
+MANIFEST = "graphs.json"
+LINESTYLES = ("-", "--", ":", "-.")
+DPI = 110
+
+
+@dataclass
+class Context:
+    """What every graph function gets: one model's runs, its metric and the folder-wide colours."""
+
+    model: str
+    runs: list[Run]
+    metric: Metric | None
+    colors: dict[str, Any]
+
+
+GraphFn = Callable[[Context], "Figure | str"]  # a figure, or the reason it was skipped
+
+
+def write_graphs(folder: Path) -> dict[str, Any]:
+    """Render every graph of ``folder`` into folder/graphs/; return (and save) the manifest."""
+    from lib import plots_memory
+
+    folder = Path(folder)
+    data = load(folder)
+    out = folder / "graphs"
+    manifest: dict[str, Any] = {"graphs": [], "skipped": []}
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as exc:
+        manifest["skipped"].append({"model": "-", "graph": "all graphs", "reason": f"cannot write {out}: {exc}"})
+        return manifest
+    colors = method_colors(data)
+    graphs = graph_functions(plots_memory)
+    for model, runs in data.models().items():
+        ctx = Context(model, runs, metric_of(runs), colors)
+        for slug, title, fn in graphs:
+            entry = {"model": model, "graph": title}
+            name = f"{slug}_{_safe(model)}.png"
+            result = _render(fn, ctx, out / name)
+            if result:
+                manifest["skipped"].append({**entry, "reason": result})
+            else:
+                manifest["graphs"].append({**entry, "file": f"graphs/{name}"})
+    if not data.runs:
+        manifest["skipped"].append({"model": "-", "graph": "all graphs", "reason": "no runs in this folder"})
+    written = {Path(g["file"]).name for g in manifest["graphs"]}
+    try:
+        for stale in out.glob("*.png"):  # graphs of an earlier pass whose data is gone
+            if stale.name not in written:
+                stale.unlink()
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except OSError:
+        pass  # the PNGs that were written stand; the report then says the graphs were not listed
+    return manifest
+
+
+def graph_functions(memory_module: Any = None) -> list[tuple[str, str, GraphFn]]:
+    """(file slug, title, function) of every graph, in report order."""
+    if memory_module is None:
+        from lib import plots_memory as memory_module
+    return [
+        ("metric_vs_sparsity", "Test metric vs sparsity", metric_vs_sparsity),
+        ("peak_memory", "Peak memory and state bytes per run", memory_module.peak_memory),
+        ("memory_timeline", "Memory during training", memory_module.memory_timeline),
+        ("memory_vs_metric", "Memory vs metric (Pareto front)", memory_module.memory_vs_metric),
+        ("training_curves", "Training curves", training_curves),
+    ]
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """graphs/graphs.json of ``folder``, or None if the graphs were never written."""
+    try:
+        data = json.loads((Path(folder) / "graphs" / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def method_colors(data: Folder) -> dict[str, Any]:
+    """One stable colour per optimizer[/variant]/method across every graph of the folder."""
+    import matplotlib as mpl
+
+    methods = sorted({r.method for r in data.runs})
+    cmap = mpl.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+
+
+def metric_label(metric: Metric) -> str:
+    unit = f" ({metric.unit})" if metric.unit else ""
+    return f"{metric.name}{unit}"
+
+
+def legend_outside(fig: Figure, handles: list[Any], title: str = "") -> None:
+    """A legend to the right of the axes, so it never covers data."""
+    if handles:
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title=title,
+                   title_fontsize=8, frameon=False)
+
+
+def method_handles(ctx: Context, methods: list[str]) -> list[Line2D]:
+    return [Line2D([], [], color=ctx.colors.get(m), marker="o", label=m) for m in methods]
+
+
+def seed_style(run: Run, runs: list[Run]) -> str:
+    """Line style for a run's seed (the same seed looks the same in every method)."""
+    seeds = sorted({str(r.seed) for r in runs})
+    return LINESTYLES[seeds.index(str(run.seed)) % len(LINESTYLES)]
+
+
+def metric_vs_sparsity(ctx: Context) -> Figure | str:
+    """Test metric (at the best-by-validation checkpoint) vs target sparsity; error bars over seeds."""
+    if ctx.metric is None:
+        return "no run recorded its metric"
+    series: dict[str, list[tuple[float, float, float, int]]] = {}
+    for (_, method, target), runs in groups(ctx.runs).items():
+        s = test_stat(runs)
+        if s is not None:
+            series.setdefault(method, []).append((target * 100, s.mean, s.std or 0.0, s.n))
+    if not series:
+        return "no finished run has a test metric at its best checkpoint"
+    fig = Figure(figsize=(8, 4.8))
+    ax = fig.subplots()
+    for method, points in sorted(series.items()):
+        points.sort()
+        xs, ys, es = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+        color = ctx.colors.get(method)
+        dense = method.endswith("/none")
+        if dense:
+            ax.axhline(ys[0], color=color, linestyle=":", linewidth=1, alpha=0.6)
+        ax.errorbar(xs, ys, yerr=es, color=color, marker="*" if dense else "o", markersize=11 if dense else 6,
+                    capsize=4, linewidth=1.6, label=f"{method} (dense)" if dense else method)
+    ticks = sorted({p[0] for pts in series.values() for p in pts})
+    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+    ax.set_xlabel("target sparsity (dense runs at 0%)")
+    ax.set_ylabel(f"test {metric_label(ctx.metric)} at best-val checkpoint")
+    seeds = max(p[3] for pts in series.values() for p in pts)
+    ax.set_title(f"{ctx.model}: test {ctx.metric.name} vs sparsity ({ctx.metric.direction})\n"
+                 f"mean ± std over up to {seeds} seed(s)", fontsize=10)
+    ax.grid(alpha=0.3)
+    _log_if_wide(ax, [p[1] for pts in series.values() for p in pts])
+    handles, _ = ax.get_legend_handles_labels()
+    legend_outside(fig, handles, "optimizer/method")
+    return fig
+
+
+def training_curves(ctx: Context) -> Figure | str:
+    """Train loss, val metric, sparsity and LR vs step; one line per run, colour = method, style = seed."""
+    data = [(r, r.curve(), r.metrics()) for r in ctx.runs]
+    data = [d for d in data if d[1] or d[2]]
+    if not data:
+        return "no run has train.jsonl or metrics.jsonl"
+    fig = Figure(figsize=(11, 7))
+    axes = fig.subplots(2, 2, sharex=True).flatten()
+    name = ctx.metric.name if ctx.metric else "metric"
+    panels = [
+        ("train loss", lambda c, m: _xy(c, "loss") or _xy(m, "train_loss")),
+        (f"val {metric_label(ctx.metric) if ctx.metric else name}", lambda c, m: _xy(m, ("val", name))),
+        ("sparsity (%)", lambda c, m: _scale(_xy(c, "sparsity") or _xy(m, "sparsity"), 100)),
+        ("learning rate", lambda c, m: _xy(c, "lr") or _xy(m, "lr")),
+    ]
+    for ax, (label, pick) in zip(axes, panels, strict=True):
+        drawn = []
+        for run, curve, metrics in data:
+            xs_ys = pick(curve, metrics)
+            if xs_ys:
+                ax.plot(*xs_ys, color=ctx.colors.get(run.method), linestyle=seed_style(run, ctx.runs), linewidth=1.3,
+                        marker="." if len(xs_ys[0]) <= 30 else None)
+                drawn += xs_ys[1]
+        if not drawn:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="gray")
+        elif label.startswith("val"):
+            _log_if_wide(ax, drawn)
+        ax.set_title(label, fontsize=10)
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[2:]:
+        ax.set_xlabel("optimizer step")
+    fig.suptitle(f"{ctx.model}: training curves (colour = optimizer/method, line style = seed)", fontsize=11)
+    seeds = sorted({str(r.seed) for r, _, _ in data})
+    handles = method_handles(ctx, sorted({r.method for r, _, _ in data}))
+    handles += [Line2D([], [], color="gray", linestyle=seed_style(r, ctx.runs), label=f"seed {r.seed}")
+                for r in _one_per_seed(data, seeds)]
+    legend_outside(fig, handles)
+    fig.tight_layout()
+    return fig
+
+
+def _one_per_seed(data: list[tuple[Run, Any, Any]], seeds: list[str]) -> list[Run]:
+    chosen: dict[str, Run] = {}
+    for run, _, _ in data:
+        chosen.setdefault(str(run.seed), run)
+    return [chosen[s] for s in seeds]
+
+
+def _xy(records: list[dict[str, Any]], key: str | tuple[str, str]) -> tuple[list[float], list[float]] | None:
+    xs, ys = [], []
+    for rec in records:
+        value = rec.get(key[0], {}).get(key[1]) if isinstance(key, tuple) else rec.get(key)
+        if isinstance(rec.get("step"), (int, float)) and isinstance(value, (int, float)) and math.isfinite(value):
+            xs.append(rec["step"])
+            ys.append(value)
+    return (xs, ys) if xs else None
+
+
+def _scale(xy: tuple[list[float], list[float]] | None, factor: float) -> tuple[list[float], list[float]] | None:
+    return (xy[0], [y * factor for y in xy[1]]) if xy else None
+
+
+def _log_if_wide(ax: Any, values: list[float]) -> None:
+    """Log scale when positive values span more than two decades (early perplexity, say)."""
+    positive = [v for v in values if v > 0]
+    if positive and len(positive) == len(values) and max(positive) / min(positive) > 100:
+        ax.set_yscale("log")
+
+
+def _render(fn: GraphFn, ctx: Context, path: Path) -> str | None:
+    """Draw and save one graph; return why it was skipped, or None when written."""
+    try:
+        fig = fn(ctx)
+        if isinstance(fig, str):
+            return fig
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        return None
+    except Exception as exc:  # a graph must never stop the report; say why it is absent
+        return f"could not be drawn ({type(exc).__name__}: {exc})"
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "model"

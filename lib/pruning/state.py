@@ -1,0 +1,93 @@
+"""``state``: AdamWPrune's state-based pruning, scored by a bitter variant (lib/pruning/bitter.py).
+
+Only with the ``adamwprune`` optimizer: the scores come from its own
+``exp_avg`` / ``exp_avg_sq`` and the masks live inside it (bit-packed,
+``AdamWPrune.masks``). This pruner decides *when* (the base class schedule)
+and *what* (scores -> threshold); the optimizer stores and applies the masks.
+
+- Mask update (on schedule): scores one tensor at a time as the threshold
+  reads them; the global threshold of ``settings.threshold`` (exact by
+  default), or for bitter4 each tensor's own exact cut at its per-layer
+  target. Masks are packed and handed to ``AdamWPrune.set_masks``, which
+  zeroes pruned weights and their exp_avg / exp_avg_sq / max_exp_avg_sq.
+- Every step: ``before_step`` calls ``AdamWPrune.mask_gradients``.
+
+``self.masks`` (name -> packed mask) refers to the very tensors the optimizer
+holds, so checkpoints, ``mask(name)`` and ``buffer_bytes`` (1 bit per prunable
+weight) work as for every pruner without a second copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lib.errors import ConfigError
+from lib.optim import adamwprune  # the module, not the class: lib.optim and lib.pruning import each other
+from lib.pruning import bitter
+from lib.pruning.base import Pruner
+from lib.pruning.threshold import LazyScores, global_exact_mask
+from lib.spec import PruneSettings
+
+DEFAULT_VARIANT = "bitter7"  # the research's recommended variant, used when none is configured
+
+
+class StatePruner(Pruner):
+    """Prune by a bitter variant's score of ``w``, ``exp_avg`` and ``exp_avg_sq``; masks kept in AdamWPrune."""
+
+    name = "state"
+    pack_masks: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, settings: PruneSettings):
+        if not isinstance(optimizer, adamwprune.AdamWPrune):
+            got = type(optimizer).__name__ if optimizer is not None else "none"
+            raise ConfigError(
+                "CONFIG_PRUNING_STATE (state pruning) needs CONFIG_OPTIMIZER_ADAMWPRUNE: it prunes from "
+                f"AdamWPrune's own Adam state and keeps its masks there; got optimizer {got}"
+            )
+        super().__init__(model, optimizer, settings)
+        self.optimizer: adamwprune.AdamWPrune = optimizer
+        self.variant = settings.variant or DEFAULT_VARIANT
+        self.score = bitter.score_fn(self.variant, settings.bitter8_form)
+        # beta1 of each weight's group, for bitter8's bias correction.
+        self.beta1 = {id(p): group.get("betas", (0.9, 0.999))[0] for group in optimizer.param_groups
+                      for p in group["params"]}
+
+    def importance(self, name: str, param: nn.Parameter) -> torch.Tensor:
+        return bitter.importance(self.score, param, self.optimizer.state.get(param), self.beta1[id(param)])
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Zero pruned weights' gradients, through the optimizer that owns the masks."""
+        self.optimizer.mask_gradients()
+
+    @torch.no_grad()
+    def prune_to(self, sparsity: float) -> None:
+        """Score, threshold and install new masks in the optimizer (which zeroes the pruned entries)."""
+        if self.variant in bitter.PER_LAYER:
+            count = len(self.params)
+            for index, (_, param) in enumerate(self.params):
+                target = bitter.layer_sparsity(sparsity, index, count)
+                self.optimizer.set_masks({param: global_exact_mask([self.ranked(index)], target)[0]})
+        else:
+            scores = LazyScores(self.ranked, [p.numel() for _, p in self.params])
+            masks = list(self.threshold(scores, sparsity, seed=self.step))
+            for _, param in self.params:
+                self.optimizer.set_masks({param: masks.pop(0)})  # packed there; each bool mask freed in turn
+        self.applied = sparsity
+        self._sync_masks()
+
+    def _sync_masks(self) -> None:
+        """Point ``self.masks`` (by name) at the optimizer's packed masks (same tensors, no copy)."""
+        store = self.optimizer.masks
+        self.masks = {name: store[param] for name, param in self.params if param in store}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore masks and progress, install the masks in the optimizer and re-apply them."""
+        super().load_state_dict(state)
+        params = dict(self.params)
+        self.optimizer.set_masks({params[name]: packed for name, packed in self.masks.items()})
+        self._sync_masks()
+

@@ -1,0 +1,69 @@
+"""scripts/bench_pruning.py at a tiny scale: the table and JSON structure (never the timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_pruning", ROOT / "scripts" / "bench_pruning.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_writes_table_and_json(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sub" / "bench.json"
+    argv = ["--scale", "0.0003", "--repeats", "1", "--draws", "3", "--no-parts", "--out", str(out)]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["scale"] == 0.0003 and 0 < data["weights"] < 100_000
+    names = [r["name"] for r in data["rows"]]
+    for prefix in ("P3 exact / sampled", "P3 sampled mean", "P3 sampled worst", "P3b", "P4 movement", "P4 magnitude",
+                   "p1", "p2", "p4_adamwprune"):
+        assert any(n.startswith(prefix) for n in names), prefix
+    for r in data["rows"]:
+        assert set(r) >= {"name", "value", "target", "met", "detail"}
+        assert r["met"] in ("yes", "no", "?")
+        assert isinstance(r["detail"], str)
+    printed = capsys.readouterr().out
+    assert "name" in printed and "target" in printed and "met" in printed
+    assert all(r["name"][:52] in printed for r in data["rows"])
+
+
+def test_memory_ratios_are_exact_byte_counts(bench) -> None:
+    model = bench.gpt2_like(0.0003)
+    opt = bench.adamw_with_grads(model)
+    # AdamW keeps two float32 moments per weight; movement adds a float32 score, both a 1-bit mask.
+    assert bench.p4(model, opt, "movement", "<= 4.04")["value"] == pytest.approx(4 + 1 / 32, abs=0.002)
+    assert bench.p4(model, opt, "magnitude", "<= 3.04")["value"] == pytest.approx(3 + 1 / 32, abs=0.002)
+
+
+def test_adamwprune_parts_are_included_or_reported_missing(bench, tmp_path: Path) -> None:
+    parts = tmp_path / "parts.py"
+    parts.write_text(
+        "def p1(n):\n    return {'name': 'P1 x', 'value': 1.0, 'target': 1.05, 'detail': {'ms': 3}}\n"
+        "def p2(n):\n    return {'name': 'P2 x', 'value': 2.0, 'target': 1.3, 'detail': 'slow'}\n"
+        "def p4_adamwprune(n):\n    raise RuntimeError('boom')\n"
+    )
+    rows = bench.adamwprune_rows(1000, parts)
+    assert [(r["name"], r["met"]) for r in rows] == [("P1 x", "yes"), ("P2 x", "no"), ("p4_adamwprune (failed)", "?")]
+    assert json.loads(rows[0]["detail"]) == {"ms": 3} and "boom" in rows[2]["detail"]
+    missing = bench.adamwprune_rows(1000, tmp_path / "absent.py")
+    assert [r["name"] for r in missing] == ["p1 (missing)", "p2 (missing)", "p4_adamwprune (missing)"]
+
+
+@pytest.mark.parametrize(
+    "value, target, expected",
+    [(41, ">= 40", "yes"), (3.5, "<= 3", "no"), (0.01, "≤ 0.02", "yes"), (1.0, 1.05, "yes"), (None, "<= 1", "?")],
+)
+def test_met(bench, value, target, expected: str) -> None:
+    assert bench.met(value, target) == expected
