@@ -106,21 +106,25 @@ class LeNet5Task:
         if split not in ("val", "test"):
             raise ValueError(f"evaluate: split must be 'val' or 'test', got {split!r}")
         data = self._data(spec).split(split)
+        count = len(data)
+        if spec.train.eval_batches:  # the first EVAL_BATCHES batches: the split's order is fixed, so runs agree
+            count = min(count, spec.train.eval_batches * EVAL_BATCH)
         param = next(model.parameters())
         was_training = model.training
         model.eval()
         total_loss, correct = 0.0, 0
         try:
             with torch.no_grad():
-                for start in range(0, len(data), EVAL_BATCH):
-                    images = data.images[start : start + EVAL_BATCH].to(param.device, param.dtype)
-                    labels = data.labels[start : start + EVAL_BATCH].to(param.device)
+                for start in range(0, count, EVAL_BATCH):
+                    end = min(start + EVAL_BATCH, count)
+                    images = data.images[start:end].to(param.device, param.dtype)
+                    labels = data.labels[start:end].to(param.device)
                     logits = model(images)
                     total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
                     correct += (logits.argmax(dim=1) == labels).sum().item()
         finally:
             model.train(was_training)
-        return {"loss": total_loss / len(data), "accuracy": 100.0 * correct / len(data)}
+        return {"loss": total_loss / count, "accuracy": 100.0 * correct / count}
 
 
 TASK = LeNet5Task()

@@ -26,6 +26,7 @@ from lib.kconf import (
     raise_on_load_warnings,
 )
 from lib.spec import OptimSettings, PruneSettings, TrainSettings
+from lib.task import model_folder
 
 SPARSITY_CHOICES = (50, 70, 90, 95, 99)
 
@@ -46,6 +47,8 @@ class Config:
     train: TrainSettings
     model_options: Mapping[str, dict[str, Any]]
     device: str
+    compile: str
+    dtype: str
     cpu_threads: int
     jobs: int
     tracker: str
@@ -123,6 +126,8 @@ def _build(r: Reader, path: Path, overrides: dict[str, str]) -> Config:
         train=train,
         model_options={m: _model_options(r, m) for m in models},
         device=r.choice("DEVICE"),
+        compile=r.choice("COMPILE"),
+        dtype=r.choice("DTYPE"),
         cpu_threads=r.int("CPU_THREADS"),
         jobs=r.int("MATRIX_JOBS"),
         tracker=tracker,
@@ -238,6 +243,7 @@ def _train(r: Reader) -> TrainSettings:
         warmup_steps=r.int("WARMUP_STEPS"),
         grad_clip=r.float("GRAD_CLIP", 0.0),
         eval_interval=r.int("EVAL_INTERVAL"),
+        eval_batches=r.int("EVAL_BATCHES"),
         log_interval=r.int("LOG_INTERVAL"),
         deterministic=r.bool("DETERMINISTIC"),
         keep_checkpoints=r.bool("KEEP_CHECKPOINTS"),
@@ -249,10 +255,11 @@ def _train(r: Reader) -> TrainSettings:
 
 
 def _model_options(r: Reader, model: str) -> dict[str, Any]:
-    """Every symbol defined in <model>/Kconfig, keyed by name minus the model prefix, lowercased."""
-    prefix = model.upper() + "_"
+    """Every symbol defined in <folder>/Kconfig, keyed by name minus the folder prefix, lowercased."""
+    folder = model_folder(model)
+    prefix = folder.upper() + "_"
     options: dict[str, Any] = {}
-    own_file = f"{model}/Kconfig"
+    own_file = f"{folder}/Kconfig"
     for choice in r.kconf.unique_choices:
         if choice.name and choice.name.startswith(prefix) and choice.nodes[0].filename == own_file:
             options[choice.name[len(prefix):].lower()] = r.choice(choice.name)

@@ -67,7 +67,8 @@ def combinations(config: Config) -> list[tuple[str, str, str, str, float, int]]:
 def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunSpec]:
     """One RunSpec per valid combination of the matrix's axes, with its hardware plan."""
     devices = devices or hardware.detect()
-    plans = {m: hardware.plan(m, config.train.batch_size, config.device, config.cpu_threads, config.jobs, devices)
+    plans = {m: hardware.plan(m, config.train.batch_size, config.device, config.cpu_threads, config.jobs, devices,
+                              compile=config.compile, dtype=config.dtype)
              for m in config.models}
     specs = []
     for model, optimizer, variant, pruning, sparsity, seed in combinations(config):

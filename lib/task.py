@@ -23,10 +23,15 @@ if TYPE_CHECKING:
 
 Batch = tuple["torch.Tensor", ...]
 
-# model name -> module exposing TASK; the Kconfig prefix of a model's own
-# symbols is its name in capitals (LENET5_...).
+# model name -> "module:ATTR" of its task object (ATTR defaults to TASK). The
+# module's top folder is the model family (one folder may hold several models,
+# e.g. resnet/ for resnet18 and resnet50); the family's own Kconfig symbols are
+# prefixed with the folder's name in capitals (LENET5_..., RESNET_..., GPT2_...).
 TASKS: dict[str, str] = {
     "lenet5": "lenet5.task",
+    "gpt2": "gpt2.task",
+    "resnet18": "resnet.task:RESNET18",
+    "resnet50": "resnet.task:RESNET50",
 }
 
 
@@ -77,4 +82,10 @@ class Task(Protocol):
 
 def get_task(model: str) -> Task:
     """The task object of model ``model``; a clear error if there is no such model."""
-    return importlib.import_module(lookup(TASKS, model, "model", "lib/task.py")).TASK
+    module, _, attr = lookup(TASKS, model, "model", "lib/task.py").partition(":")
+    return getattr(importlib.import_module(module), attr or "TASK")
+
+
+def model_folder(model: str) -> str:
+    """The folder (model family) that holds ``model``: its Kconfig is <folder>/Kconfig."""
+    return lookup(TASKS, model, "model", "lib/task.py").split(".", 1)[0]

@@ -9,6 +9,7 @@ the summary dict that lib/run.py writes as summary.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -81,7 +82,9 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
 
     model = task.build_model(spec).to(device)
     optimizer = build_optimizer(model, spec.optim)
-    pruner = build_pruner(model, optimizer, spec.prune)
+    pruner = build_pruner(model, optimizer, spec.prune)  # the raw model: names match checkpoints
+    forward_model = torch.compile(model) if hw.compile else model  # compiled forward; same parameters
+    autocast, scaler = _precision(device, hw.dtype)
     total, per_epoch = planned_steps(cfg, task.examples_per_epoch(spec), cfg.batch_size)
     provisional = total or 10**9  # with only a time budget the step count is fixed after probing
     pruner.set_total_steps(provisional)
@@ -109,14 +112,17 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         loss_sum = 0.0
         for _ in range(hw.grad_accum):
             batch = tuple(t.to(device, non_blocking=True) for t in next(stream))
-            loss = task.loss(model, batch) / hw.grad_accum
-            loss.backward()
+            with autocast():
+                loss = task.loss(forward_model, batch) / hw.grad_accum
+            scaler.scale(loss).backward()
             loss_sum += loss.detach()
             samples += task.samples_in(batch)
+        scaler.unscale_(optimizer)  # fp16 only; a no-op otherwise
         pruner.before_step()  # pruned weights get no gradient
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         pruner.after_step(step)  # mask updates happen here, on schedule
         train_time += time.perf_counter() - t0
@@ -188,6 +194,14 @@ def _device(kind: str) -> torch.device:
 
         raise HarnessError("the plan says CUDA but torch sees no GPU now; re-plan with `make dry-run`")
     return torch.device(kind)
+
+
+def _precision(device: torch.device, dtype: str) -> tuple[Any, torch.amp.GradScaler]:
+    """An autocast context factory for the plan's dtype, and a grad scaler (active for fp16 only)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    if dtype == "float32":
+        return contextlib.nullcontext, scaler
+    return (lambda: torch.autocast(device.type, dtype=getattr(torch, dtype))), scaler
 
 
 def _steps_within_budget(step: int, elapsed: float, budget: float, cap: int) -> int:

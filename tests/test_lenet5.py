@@ -343,3 +343,20 @@ def test_kconfig_parses_with_help_and_default(tmp_path: Path, monkeypatch: pytes
     assert choice.selection.name.removeprefix(choice.name + "_").lower() == "mnist5k"
     kconf.syms["LENET5_DATASET_MNIST"].set_value(2)
     assert choice.selection.name.removeprefix(choice.name + "_").lower() == "mnist"
+
+
+
+def test_eval_batches_limits_the_evaluated_images(monkeypatch):
+    import lenet5.task as task_mod
+
+    monkeypatch.setattr(task_mod, "EVAL_BATCH", 100)
+    spec = make_spec()
+    limited = RunSpec.from_dict({**spec.to_dict(), "train": {**spec.to_dict()["train"], "eval_batches": 2}})
+    torch.manual_seed(0)
+    model = TASK.build_model(spec)
+    full, part = TASK.evaluate(model, spec, "val"), TASK.evaluate(model, limited, "val")
+    data = TASK._data(spec).val
+    with torch.no_grad():  # the first 2 x 100 images, by hand
+        logits = model(data.images[:200])
+    expected = 100.0 * (logits.argmax(1) == data.labels[:200]).float().mean().item()
+    assert part["accuracy"] == pytest.approx(expected) and full != part

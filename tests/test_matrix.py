@@ -118,3 +118,18 @@ def test_state_and_variants_expand_only_for_adamwprune(make_config):
         "lenet5_adamwprune_none_0",
         "lenet5_adamwprune_bitter0_state_70", "lenet5_adamwprune_bitter7_state_70",
     ]
+
+
+def test_plan_compile_and_precision_choices():
+    gpu = hardware.Devices("cuda", "NVIDIA H100 80GB HBM3", 1, 80 << 30, 79 << 30, 16, bf16=True)
+    amd = hardware.Devices("cuda", "AMD Radeon PRO W7900", 1, 48 << 30, 47 << 30, 16, bf16=True)
+    old = hardware.Devices("cuda", "Tesla V100", 1, 16 << 30, 15 << 30, 8, bf16=False)
+    auto = hardware.plan("lenet5", 512, "auto", 0, 1, gpu)
+    assert auto.compile and auto.dtype == "bfloat16" and "compile on" in auto.rationale
+    assert not hardware.plan("lenet5", 512, "auto", 0, 1, amd).compile
+    assert hardware.plan("lenet5", 512, "auto", 0, 1, old).dtype == "float16"
+    cpu = hardware.plan("lenet5", 512, "auto", 0, 1, CPU)
+    assert not cpu.compile and cpu.dtype == "float32" and "fp32 (auto: CPU)" in cpu.rationale
+    assert hardware.plan("lenet5", 512, "auto", 0, 1, CPU, compile="on", dtype="bf16").compile
+    with pytest.raises(HarnessError, match="CONFIG_DTYPE_FP16 needs a GPU"):
+        hardware.plan("lenet5", 512, "auto", 0, 1, CPU, dtype="fp16")

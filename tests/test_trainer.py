@@ -129,3 +129,10 @@ def test_missing_dataset_fails_with_the_prepare_data_command(tmp_path):
 def test_summary_numbers_are_finite(tmp_path):
     summary, _ = _run(tiny_spec("finite", max_iters=10), tmp_path)
     assert math.isfinite(summary["best"]["val"]["loss"]) and summary["wall_time_s"] > 0
+
+
+def test_bf16_autocast_run_on_cpu(tmp_path):
+    spec = tiny_spec("bf16", max_iters=10)
+    spec = RunSpec.from_dict({**spec.to_dict(), "hardware": {**spec.to_dict()["hardware"], "dtype": "bfloat16"}})
+    summary, _ = _run(spec, tmp_path)
+    assert summary["status"] == "ok" and math.isfinite(summary["best"]["val"]["loss"])
