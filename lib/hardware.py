@@ -16,7 +16,7 @@ from lib.spec import HardwarePlan
 
 # Largest micro-batch worth using on a CPU per model family: beyond it a step
 # only gets slower per example (measured on 2 cores, ENVIRONMENT.md).
-CPU_MICRO_BATCH_CAP = {"lenet5": 512, "resnet18": 64, "resnet50": 32}
+CPU_MICRO_BATCH_CAP = {"lenet5": 512, "resnet18": 64, "resnet50": 32, "gpt2": 8}
 DEFAULT_CPU_CAP = 64
 
 

@@ -289,3 +289,22 @@ def test_bench_parts_run_tiny() -> None:
         result = fn(20_000, repeats=2)
         assert set(result) == {"name", "value", "target", "detail"} and result["value"] > 0
     assert parts.p4_adamwprune(20_000)["value"] <= 3.04
+
+
+def test_pruning_off_equals_the_registrys_adamw_bit_for_bit():
+    """The matrix compares `adamw` with `adamwprune`: with pruning off they must be one code path."""
+    from lib.optim import build_optimizer
+    from lib.spec import OptimSettings
+
+    models = [net(3), net(3)]
+    opts = [build_optimizer(m, OptimSettings(name, 3e-3, 0.01)) for m, name in zip(models, ("adamw", "adamwprune"),
+                                                                                     strict=True)]
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(30)]
+    for model, opt in zip(models, opts, strict=True):
+        for x, y in batches:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -90,7 +90,9 @@ def test_options_reach_torch() -> None:
     opt = build_optimizer(TinyLM(), settings("adamw"), fused=True)
     assert opt.param_groups[0]["fused"] is True
     default = build_optimizer(TinyLM(), settings("adamw"))
-    assert default.param_groups[0]["fused"] is None  # torch picks its own default
+    assert default.param_groups[0]["fused"] is True  # fused wherever torch supports it (here: the CPU)
+    foreach = build_optimizer(TinyLM(), settings("adamw"), foreach=True)
+    assert not foreach.param_groups[0]["fused"] and foreach.param_groups[0]["foreach"] is True
 
 
 def test_unknown_optimizer_lists_valid_names() -> None:

@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from lib.errors import ConfigError
-from lib.optim.groups import adam_kwargs
 from lib.pruning import bitmask
 from lib.registry import lookup
 from lib.spec import OptimSettings
@@ -142,26 +141,11 @@ class AdamWPrune(torch.optim.Optimizer):
 # -- factories ----------------------------------------------------------------------------------
 
 
-def _fused_supported(params: list[Tensor]) -> bool:
-    """True when torch's fused AdamW kernel runs on every parameter (floating point, supported device)."""
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:  # an older or newer torch without the helper: assume CUDA only
-        devices = {"cuda"}
-    return bool(params) and all(p.device.type in devices and torch.is_floating_point(p) for p in params)
-
-
 def _build_adamw(model: nn.Module, settings: OptimSettings, **options: Any) -> torch.optim.Optimizer:
-    """torch AdamW; fused unless the caller picks an implementation (``fused`` / ``foreach``)."""
-    if "fused" not in options and "foreach" not in options:
-        options["fused"] = _fused_supported(list(model.parameters()))
-    return torch.optim.AdamW(
-        **adam_kwargs(model, settings),
-        amsgrad=settings.amsgrad,
-        **options,
-    )
+    """The registry's own AdamW (fused where supported), so pruning off is exactly `adamw`."""
+    from lib.optim import adamw
+
+    return adamw.build(model, settings, **options)
 
 
 def _build_adamwspam(model: nn.Module, settings: OptimSettings, **options: Any) -> torch.optim.Optimizer:

@@ -1,0 +1,123 @@
+"""ResNet-18 and ResNet-50 (He et al. 2016) adapted to 32x32 CIFAR images.
+
+The CIFAR adaptation is the usual one: a 3x3 stride-1 stem convolution and no
+max-pool, so the four stages see 32, 16, 8 and 4 pixels; then global average
+pooling and one Linear head. ResNet-18 with 10 classes has 11,173,962 parameters,
+ResNet-50 with 100 classes 23,705,252.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STAGE_WIDTHS = (64, 128, 256, 512)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (x4) with a residual connection (ResNet-50 and up).
+
+    The stride sits on the 3x3 convolution (the "ResNet v1.5" placement), which is
+    what torchvision and most CIFAR ports use; the parameter count is the same either way.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.shortcut = _shortcut(in_planes, out_planes, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    """Identity when shapes match, else a strided 1x1 projection with BatchNorm (option B)."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Identity()
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_planes),
+    )
+
+
+class ResNet(nn.Module):
+    """A CIFAR ResNet: stem, four stages of residual blocks, average pool, Linear head.
+
+    Layers are named attributes (conv1, bn1, layer1..layer4, fc) so pruning and
+    surgery code can address them by name.
+    """
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], blocks: tuple[int, int, int, int],
+                 num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        in_planes = 64
+        stages = []
+        for i, (width, count) in enumerate(zip(STAGE_WIDTHS, blocks, strict=True)):
+            stride = 1 if i == 0 else 2  # the first stage keeps 32x32: there is no max-pool
+            layers = []
+            for j in range(count):
+                layers.append(block(in_planes, width, stride if j == 0 else 1))
+                in_planes = width * block.expansion
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(in_planes, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # He initialisation for ReLU networks (as torchvision does); BatchNorm starts as identity.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (N, num_classes) for images of shape (N, C, 32, 32)."""
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        # global average pool as a mean: adaptive_avg_pool2d's CUDA backward is not deterministic
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def resnet18(num_classes: int = 10) -> ResNet:
+    """ResNet-18: BasicBlocks [2, 2, 2, 2]; 11,173,962 parameters for 10 classes."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes)
+
+
+def resnet50(num_classes: int = 100) -> ResNet:
+    """ResNet-50: Bottlenecks [3, 4, 6, 3]; 23,705,252 parameters for 100 classes."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes)

@@ -1,0 +1,136 @@
+"""The ResNet task plug-ins: ResNet-18 on CIFAR-10 and ResNet-50 on CIFAR-100.
+
+Model options (from resnet/Kconfig, via lib/config.py): ``augment`` (bool, random
+crop + flip of training images) and ``val_images`` (int, training images held out
+for validation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib.errors import ConfigError
+from lib.spec import RunSpec
+from lib.task import Batch, Metric
+from resnet.data import VAL_IMAGES, CifarData, augment, layout_of, load_cifar, normalize
+from resnet.download import download_cifar
+from resnet.model import resnet18, resnet50
+
+BUILDERS: dict[str, Callable[[int], nn.Module]] = {"resnet18": resnet18, "resnet50": resnet50}
+# Offset between the shuffling and the augmentation generators: turning augmentation
+# on or off then leaves the order of the training images unchanged.
+AUGMENT_SEED_OFFSET = 7919
+
+
+class ResNetTask:
+    """A CIFAR ResNet; the dataset is loaded once per (data_dir, val_images) and kept in memory."""
+
+    metric = Metric("accuracy", higher_is_better=True, unit="%")
+    sample_unit = "images"
+    eval_batch = 500  # images per evaluation batch; EVAL_BATCHES counts these
+
+    def __init__(self, name: str, dataset: str, classes: int) -> None:
+        if name not in BUILDERS:
+            raise ValueError(f"unknown ResNet {name!r}; expected one of {', '.join(BUILDERS)}")
+        if layout_of(dataset).classes != classes:
+            raise ValueError(f"{dataset} has {layout_of(dataset).classes} classes, not {classes}")
+        self.name, self.dataset, self.classes = name, dataset, classes
+        self.layout = layout_of(dataset)
+        self._cache: dict[tuple[str, int], CifarData] = {}
+
+    def _options(self, spec: RunSpec) -> tuple[bool, int]:
+        """(augment, val_images) from the spec's model options; ConfigError if mistyped."""
+        options = spec.model_options
+        augment_on, val_images = options.get("augment", True), options.get("val_images", VAL_IMAGES)
+        if not isinstance(augment_on, bool):
+            raise ConfigError(f"ResNet option augment must be true or false, got {augment_on!r}")
+        if type(val_images) is not int:
+            raise ConfigError(f"ResNet option val_images must be a whole number, got {val_images!r}")
+        return augment_on, val_images
+
+    def _data(self, spec: RunSpec) -> CifarData:
+        val_images = self._options(spec)[1]
+        key = (str(Path(spec.data_dir).resolve()), val_images)
+        if key not in self._cache:
+            self._cache[key] = load_cifar(Path(spec.data_dir) / self.dataset, self.dataset, val_images)
+        return self._cache[key]
+
+    def prepare(self, spec: RunSpec) -> None:
+        self._data(spec)
+
+    def fetch_data(self, spec: RunSpec) -> str:
+        """Download the dataset (for `make prepare-data`); returns a line saying what was done."""
+        dest = Path(spec.data_dir) / self.dataset
+        fetched = download_cifar(self.dataset, dest)
+        return f"{self.dataset} {'downloaded to' if fetched else 'already present in'} {dest}"
+
+    def build_model(self, spec: RunSpec) -> nn.Module:
+        return BUILDERS[self.name](self.classes)
+
+    def examples_per_epoch(self, spec: RunSpec) -> int:
+        return len(self._data(spec).train)
+
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int) -> Iterator[Batch]:
+        """Endless equal-sized batches cut from back-to-back epoch permutations, augmented per batch.
+
+        As for LeNet-5, nothing is dropped: an epoch's leftover images open the next
+        batch, so every ``examples_per_epoch`` consecutive samples are one pass.
+        """
+        if micro_batch < 1:
+            raise ConfigError(f"micro batch must be at least 1, got {micro_batch}")
+        augment_on = self._options(spec)[0]
+        train = self._data(spec).train
+        order_gen = torch.Generator().manual_seed(seed)
+        augment_gen = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
+        pending = torch.empty(0, dtype=torch.int64)
+        while True:
+            while len(pending) < micro_batch:
+                pending = torch.cat([pending, torch.randperm(len(train), generator=order_gen)])
+            index, pending = pending[:micro_batch], pending[micro_batch:]
+            images = train.images[index]
+            if augment_on:
+                images = augment(images, augment_gen)
+            yield normalize(images, self.layout), train.labels[index]
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(model(images), labels)
+
+    def samples_in(self, batch: Batch) -> int:
+        return len(batch[0])
+
+    def evaluate(self, model: nn.Module, spec: RunSpec, split: str) -> dict[str, float]:
+        """Mean cross-entropy and accuracy (%) on "val" or "test", in eval mode (BatchNorm running
+        statistics); the model's train/eval mode is restored afterwards."""
+        if split not in ("val", "test"):
+            raise ValueError(f"evaluate: split must be 'val' or 'test', got {split!r}")
+        data = self._data(spec).split(split)
+        count = len(data)
+        if spec.train.eval_batches:  # the first EVAL_BATCHES batches: the split's order is fixed, so runs agree
+            count = min(count, spec.train.eval_batches * self.eval_batch)
+        param = next(model.parameters())
+        was_training = model.training
+        model.eval()
+        total_loss, correct = 0.0, 0
+        try:
+            with torch.no_grad():
+                for start in range(0, count, self.eval_batch):
+                    end = min(start + self.eval_batch, count)
+                    # uint8 crosses to the device (4x less traffic), normalised there
+                    images = normalize(data.images[start:end].to(param.device), self.layout).to(param.dtype)
+                    labels = data.labels[start:end].to(param.device)
+                    logits = model(images)
+                    total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+                    correct += (logits.argmax(dim=1) == labels).sum().item()
+        finally:
+            model.train(was_training)
+        return {"loss": total_loss / count, "accuracy": 100.0 * correct / count}
+
+
+RESNET18 = ResNetTask("resnet18", dataset="cifar10", classes=10)
+RESNET50 = ResNetTask("resnet50", dataset="cifar100", classes=100)
