@@ -103,8 +103,9 @@ test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes
 	@$(VENV)/bin/ruff check .
 	@$(PY) -m pytest -q tests
 
-bench: $(STAMP) ## Pruning benchmarks on the CPU over GPT-2 124M-shaped weights (a few minutes)
+bench: $(STAMP) ## Pruning and trainer benchmarks (ratios measured side by side; JSON in results/)
 	@$(PY) scripts/bench_pruning.py
+	@$(PY) scripts/bench_trainer.py
 
 lint: $(STAMP) ## ruff over the project
 	@$(VENV)/bin/ruff check .

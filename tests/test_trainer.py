@@ -136,3 +136,12 @@ def test_bf16_autocast_run_on_cpu(tmp_path):
     spec = RunSpec.from_dict({**spec.to_dict(), "hardware": {**spec.to_dict()["hardware"], "dtype": "bfloat16"}})
     summary, _ = _run(spec, tmp_path)
     assert summary["status"] == "ok" and math.isfinite(summary["best"]["val"]["loss"])
+
+
+def test_time_budget_with_fractional_schedule_still_prunes(tmp_path):
+    """The step count is fixed after probing; a fractional schedule must be re-sized to it, not to 10**9."""
+    spec = tiny_spec("timed_pruned", pruning="magnitude", sparsity=0.5, max_iters=0, epochs=0, time_budget_s=3.0,
+                     prune={"start": 0.1, "end": 0.6})
+    summary, _ = _run(spec, tmp_path)
+    assert summary["status"] == "ok", summary
+    assert abs(summary["sparsity"]["reached"] - 0.5) <= 0.005 and "sparsity_missed" not in summary["flags"]

@@ -41,7 +41,8 @@ class Pruner:
         self.optimizer = optimizer
         self.settings = settings
         self.params = prunable_parameters(model)
-        self.schedule = self.make_schedule(settings)
+        self.unresolved = self.make_schedule(settings)  # kept: a time budget re-sizes the run later
+        self.schedule = self.unresolved
         self.threshold = get_threshold(settings.threshold, settings.sample_fraction)
         self.masks: dict[str, Tensor] = {}  # name -> keep-mask (bool, or packed uint8); empty until the first update
         self.step = 0  # optimizer steps completed at the last after_step()
@@ -93,9 +94,14 @@ class Pruner:
     # -- the trainer's interface --------------------------------------------------------------
 
     def set_total_steps(self, total: int) -> None:
-        """Tell the pruner how long the run is, turning fractional start/end into steps."""
+        """Tell the pruner how long the run is, turning fractional start/end into steps.
+
+        May be called again (a time budget fixes the step count after a few measured
+        steps): fractions are always resolved from the configured schedule, never
+        from an earlier resolution.
+        """
         self.total_steps = total
-        self.schedule = self.schedule.resolve(total)
+        self.schedule = self.unresolved.resolve(total)
 
     @torch.no_grad()
     def before_step(self) -> None:

@@ -1,0 +1,147 @@
+"""The GPT-2 task plug-in: what lib/ needs to train and evaluate GPT-2 on token shards.
+
+model_options (from gpt2/Kconfig): size, dataset, block_size, vocab_size,
+token_budget, text_dir. Shards are prepared by `make prepare-data` (fetch_data)
+and only read here; a run whose data is missing, stale or corrupt stops with one
+line naming the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2 import prepare
+from gpt2.data import Shards, eval_windows, load_shards, train_batches
+from gpt2.model import GPT, PADDED_VOCAB, config_for
+from gpt2.sources import DATASETS, source_of
+from lib.errors import ConfigError
+from lib.spec import RunSpec
+from lib.task import Batch, Metric
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_EVAL_WINDOWS = 50  # with EVAL_BATCHES = 0: a fixed sample, since a corpus split can be huge
+EVAL_CHUNK = 16  # windows per evaluation forward pass, at most
+
+
+@dataclass(frozen=True)
+class Options:
+    """spec.model_options, typed and checked (defaults are the Kconfig defaults)."""
+
+    size: str
+    dataset: str
+    block_size: int
+    vocab_size: int
+    token_budget: int
+    text_dir: Path | None
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> Options:
+        o = spec.model_options
+        dataset = o.get("dataset", "finewebedu")
+        if dataset not in DATASETS:
+            raise ConfigError(f"unknown GPT-2 dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+        text_dir = None
+        if dataset == "text":
+            if not o.get("text_dir"):
+                raise ConfigError("CONFIG_GPT2_TEXT_DIR is empty; name the folder of .txt files to train on")
+            text_dir = Path(o["text_dir"]) if os.path.isabs(o["text_dir"]) else ROOT / o["text_dir"]
+        opts = cls(o.get("size", "124m"), dataset, int(o.get("block_size", 1024)),
+                   int(o.get("vocab_size", PADDED_VOCAB)), int(o.get("token_budget", 100_000_000)), text_dir)
+        config_for(opts.size)  # an unknown size fails here, before any data is read
+        return opts
+
+    @property
+    def source(self) -> str:
+        return source_of(self.dataset, self.text_dir)
+
+
+class GPT2Task:
+    """GPT-2 language modelling; shards are checked once per (folder, settings) and read lazily."""
+
+    name = "gpt2"
+    metric = Metric("perplexity", higher_is_better=False)
+    sample_unit = "tokens"
+
+    def __init__(self) -> None:
+        self._shards: dict[tuple, Shards] = {}
+        self._eval: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _data(self, spec: RunSpec) -> Shards:
+        o = Options.of(spec)
+        root = prepare.shard_dir(spec.data_dir, o.dataset)
+        key = (str(root.resolve()), o)
+        if key not in self._shards:
+            self._shards[key] = load_shards(root, dataset=o.dataset, source=o.source, token_budget=o.token_budget,
+                                            vocab_size=o.vocab_size, block_size=o.block_size)
+        return self._shards[key]
+
+    def prepare(self, spec: RunSpec) -> None:
+        self._data(spec)
+
+    def fetch_data(self, spec: RunSpec, workers: int | None = None) -> str:
+        """Tokenize the configured dataset into shards (`make prepare-data`); resumes an interrupted run."""
+        o = Options.of(spec)
+        out = prepare.shard_dir(spec.data_dir, o.dataset)
+        workers = min(os.cpu_count() or 1, 16) if workers is None else workers
+        meta = prepare.prepare_dataset(o.dataset, out, source=o.source, token_budget=o.token_budget,
+                                       text_dir=o.text_dir, workers=workers)
+        counts = ", ".join(f"{s} {n:,}" for s, n in meta["tokens"].items())
+        return (f"{o.dataset} ready in {out} ({meta['documents']:,} documents; tokens {counts}; "
+                f"stopped by {meta['stopped_by']})")
+
+    def build_model(self, spec: RunSpec) -> nn.Module:
+        o = Options.of(spec)
+        return GPT(config_for(o.size, o.vocab_size, o.block_size))
+
+    def examples_per_epoch(self, spec: RunSpec) -> int:
+        return max(1, self._data(spec).tokens["train"] // Options.of(spec).block_size)
+
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int) -> Iterator[Batch]:
+        return train_batches(self._data(spec), Options.of(spec).block_size, micro_batch, seed)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+
+    def samples_in(self, batch: Batch) -> int:
+        return batch[0].numel()
+
+    def evaluate(self, model: nn.Module, spec: RunSpec, split: str) -> dict[str, float]:
+        """Mean next-token cross-entropy and its exp (perplexity) on a fixed set of windows of "val" or "test"."""
+        if split not in ("val", "test"):
+            raise ValueError(f"evaluate: split must be 'val' or 'test', got {split!r}")
+        shards, block = self._data(spec), Options.of(spec).block_size
+        n_windows = spec.train.eval_batches or DEFAULT_EVAL_WINDOWS
+        key = (str(shards.root), tuple(shards.tokens.values()), split, block, n_windows)
+        if key not in self._eval:
+            self._eval[key] = eval_windows(shards, split, block, n_windows)
+        x_all, y_all = self._eval[key]
+        device = next(model.parameters()).device
+        # training fits micro_batch windows; the cap bounds the fp32 logits (16 x 1024 x 50304 x 4 B = 3.3 GB)
+        step = max(1, min(spec.hardware.micro_batch, EVAL_CHUNK))
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        try:
+            with torch.no_grad():
+                for i in range(0, len(x_all), step):
+                    x, y = x_all[i:i + step].to(device), y_all[i:i + step].to(device)
+                    logits = model(x)
+                    total += F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1),
+                                             reduction="sum").item()
+        finally:
+            model.train(was_training)
+        loss = total / y_all.numel()
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}  # exp(>709) overflows a float
+
+
+TASK = GPT2Task()
