@@ -83,7 +83,15 @@ class GPT2Task:
                                             vocab_size=o.vocab_size, block_size=o.block_size)
         return self._shards[key]
 
+    # Sources that need no network and take seconds: prepared on first use, so
+    # `make defconfig-gpt2-tiny-cpu && make` works; the others need `make prepare-data`.
+    OFFLINE_SOURCES = ("pydoc",)
+
     def prepare(self, spec: RunSpec) -> None:
+        if Options.of(spec).dataset in self.OFFLINE_SOURCES:
+            meta = prepare.shard_dir(spec.data_dir, Options.of(spec).dataset) / "meta.json"
+            if not meta.exists():
+                print(f"gpt2: {self.fetch_data(spec, workers=1)}", flush=True)
         self._data(spec)
 
     def fetch_data(self, spec: RunSpec, workers: int | None = None) -> str:

@@ -280,3 +280,17 @@ def test_a_budget_raised_to_exactly_what_is_written_needs_no_rows(tmp_path: Path
     meta["settings"]["token_budget"] = 30  # as if an earlier run had a smaller budget and stopped on it
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     assert fineweb(iter(()), tmp_path, budget=40)["stopped_by"] == "token budget"
+
+
+def test_offline_pydoc_source_is_prepared_on_first_use(tmp_path: Path) -> None:
+    """`make defconfig-gpt2-tiny-cpu && make` must work without a separate `make prepare-data`."""
+    spec = spec_for(tmp_path, dataset="pydoc")
+    TASK.prepare(spec)
+    assert (tmp_path / "data" / "gpt2" / "pydoc" / "meta.json").exists()
+    x, _ = next(TASK.train_batches(spec, 4, seed=1))
+    assert x.shape == (4, 8)
+
+
+def test_network_sources_are_not_prepared_implicitly(tmp_path: Path) -> None:
+    with pytest.raises(DataMissingError, match="make prepare-data"):
+        TASK.prepare(spec_for(tmp_path, dataset="finewebedu"))
