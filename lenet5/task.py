@@ -19,6 +19,7 @@ from lenet5.data import (
     mnist5k_path,
 )
 from lenet5.model import LeNet5
+from lib import classification
 from lib.errors import ConfigError, DataMissingError
 from lib.spec import RunSpec
 from lib.task import Batch, Metric
@@ -105,26 +106,7 @@ class LeNet5Task:
         """Mean cross-entropy and accuracy (%) on "val" or "test"; the model's train/eval mode is kept."""
         if split not in ("val", "test"):
             raise ValueError(f"evaluate: split must be 'val' or 'test', got {split!r}")
-        data = self._data(spec).split(split)
-        count = len(data)
-        if spec.train.eval_batches:  # the first EVAL_BATCHES batches: the split's order is fixed, so runs agree
-            count = min(count, spec.train.eval_batches * EVAL_BATCH)
-        param = next(model.parameters())
-        was_training = model.training
-        model.eval()
-        total_loss, correct = 0.0, 0
-        try:
-            with torch.no_grad():
-                for start in range(0, count, EVAL_BATCH):
-                    end = min(start + EVAL_BATCH, count)
-                    images = data.images[start:end].to(param.device, param.dtype)
-                    labels = data.labels[start:end].to(param.device)
-                    logits = model(images)
-                    total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-                    correct += (logits.argmax(dim=1) == labels).sum().item()
-        finally:
-            model.train(was_training)
-        return {"loss": total_loss / count, "accuracy": 100.0 * correct / count}
+        return classification.evaluate(model, self._data(spec).split(split), EVAL_BATCH, spec.train.eval_batches)
 
 
 TASK = LeNet5Task()

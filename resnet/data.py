@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.classification import Split, SplitData
 from lib.errors import DataMissingError, HarnessError
 
 # Fixed and independent of the run seed: every run holds out the same validation images.
@@ -68,29 +69,7 @@ def layout_of(name: str) -> CifarLayout:
     return CIFAR[name]
 
 
-@dataclass(frozen=True)
-class Split:
-    """One split held in memory: images (N, 3, 32, 32) uint8 and labels (N,) int64."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass(frozen=True)
-class CifarData:
-    """The train, val and test splits of one dataset."""
-
-    train: Split
-    val: Split
-    test: Split
-
-    def split(self, name: str) -> Split:
-        if name not in ("train", "val", "test"):
-            raise ValueError(f"unknown split {name!r}; expected train, val or test")
-        return getattr(self, name)
+CifarData = SplitData  # the shared container (lib/classification.py)
 
 
 def _one_line(exc: BaseException) -> str:

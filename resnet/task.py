@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib import classification
 from lib.errors import ConfigError
 from lib.spec import RunSpec
 from lib.task import Batch, Metric
@@ -109,27 +110,9 @@ class ResNetTask:
         statistics); the model's train/eval mode is restored afterwards."""
         if split not in ("val", "test"):
             raise ValueError(f"evaluate: split must be 'val' or 'test', got {split!r}")
-        data = self._data(spec).split(split)
-        count = len(data)
-        if spec.train.eval_batches:  # the first EVAL_BATCHES batches: the split's order is fixed, so runs agree
-            count = min(count, spec.train.eval_batches * self.eval_batch)
-        param = next(model.parameters())
-        was_training = model.training
-        model.eval()
-        total_loss, correct = 0.0, 0
-        try:
-            with torch.no_grad():
-                for start in range(0, count, self.eval_batch):
-                    end = min(start + self.eval_batch, count)
-                    # uint8 crosses to the device (4x less traffic), normalised there
-                    images = normalize(data.images[start:end].to(param.device), self.layout).to(param.dtype)
-                    labels = data.labels[start:end].to(param.device)
-                    logits = model(images)
-                    total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-                    correct += (logits.argmax(dim=1) == labels).sum().item()
-        finally:
-            model.train(was_training)
-        return {"loss": total_loss / count, "accuracy": 100.0 * correct / count}
+        # uint8 crosses to the device (4x less traffic) and is normalised there
+        return classification.evaluate(model, self._data(spec).split(split), self.eval_batch, spec.train.eval_batches,
+                                       lambda images, _device: normalize(images, self.layout))
 
 
 RESNET18 = ResNetTask("resnet18", dataset="cifar10", classes=10)

@@ -1,0 +1,67 @@
+"""What every image-classification task shares: in-memory splits and batched evaluation.
+
+Model folders (lenet5/, resnet/) hold their own data formats and transforms;
+the split containers and the evaluation loop live here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split held in memory: images (N, C, H, W) and labels (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """The train, val and test splits of one dataset."""
+
+    train: Split
+    val: Split
+    test: Split
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; expected train, val or test")
+        return getattr(self, name)
+
+
+def evaluate(model: nn.Module, data: Split, batch: int, max_batches: int = 0,
+             to_input: Callable[[torch.Tensor, torch.device], torch.Tensor] | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy (%) over the first ``max_batches`` batches (0 = all), in eval mode.
+
+    The split's order is fixed, so every run evaluates the same images. ``to_input``
+    turns stored images into model input on the model's device (e.g. normalise uint8
+    there, a quarter of the transfer). The model's train/eval mode is restored.
+    """
+    count = min(len(data), max_batches * batch) if max_batches else len(data)
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, count, batch):
+                end = min(start + batch, count)
+                raw = data.images[start:end].to(param.device)
+                images = (to_input(raw, param.device) if to_input else raw).to(param.dtype)
+                labels = data.labels[start:end].to(param.device)
+                logits = model(images)
+                total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+                correct += (logits.argmax(dim=1) == labels).sum().item()
+    finally:
+        model.train(was_training)
+    return {"loss": total_loss / count, "accuracy": 100.0 * correct / count}
