@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lenet5.data import (
@@ -22,7 +21,7 @@ from lenet5.model import LeNet5
 from lib import classification
 from lib.errors import ConfigError, DataMissingError
 from lib.spec import RunSpec
-from lib.task import Batch, Metric
+from lib.task import Batch
 
 DATASETS = ("mnist5k", "mnist")
 DEFAULT_DATASET = "mnist5k"  # the Kconfig default
@@ -37,12 +36,10 @@ def dataset_of(spec: RunSpec) -> str:
     return name
 
 
-class LeNet5Task:
+class LeNet5Task(classification.ClassificationTask):
     """LeNet-5 on MNIST; data is loaded once per (dataset, data_dir) and kept in memory."""
 
     name = "lenet5"
-    metric = Metric("accuracy", higher_is_better=True, unit="%")
-    sample_unit = "images"
 
     def __init__(self, mnist_val_count: int = MNIST_VAL_COUNT) -> None:
         self.mnist_val_count = mnist_val_count  # tests shrink it to use tiny IDX files
@@ -94,13 +91,6 @@ class LeNet5Task:
                 pending = torch.cat([pending, torch.randperm(len(train), generator=gen)])
             index, pending = pending[:micro_batch], pending[micro_batch:]
             yield train.images[index], train.labels[index]
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        images, labels = batch
-        return F.cross_entropy(model(images), labels)
-
-    def samples_in(self, batch: Batch) -> int:
-        return len(batch[0])
 
     def evaluate(self, model: nn.Module, spec: RunSpec, split: str) -> dict[str, float]:
         """Mean cross-entropy and accuracy (%) on "val" or "test"; the model's train/eval mode is kept."""

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.task import Metric
+
 
 @dataclass(frozen=True)
 class Split:
@@ -65,3 +67,17 @@ def evaluate(model: nn.Module, data: Split, batch: int, max_batches: int = 0,
     finally:
         model.train(was_training)
     return {"loss": total_loss / count, "accuracy": 100.0 * correct / count}
+
+
+class ClassificationTask:
+    """The parts of the task plug-in every image classifier shares: metric, loss and sample counting."""
+
+    metric = Metric("accuracy", higher_is_better=True, unit="%")
+    sample_unit = "images"
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(model(images), labels)
+
+    def samples_in(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return len(batch[0])

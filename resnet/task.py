@@ -11,13 +11,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lib import classification
 from lib.errors import ConfigError
 from lib.spec import RunSpec
-from lib.task import Batch, Metric
+from lib.task import Batch
 from resnet.data import VAL_IMAGES, CifarData, augment, layout_of, load_cifar, normalize
 from resnet.download import download_cifar
 from resnet.model import resnet18, resnet50
@@ -28,11 +27,9 @@ BUILDERS: dict[str, Callable[[int], nn.Module]] = {"resnet18": resnet18, "resnet
 AUGMENT_SEED_OFFSET = 7919
 
 
-class ResNetTask:
+class ResNetTask(classification.ClassificationTask):
     """A CIFAR ResNet; the dataset is loaded once per (data_dir, val_images) and kept in memory."""
 
-    metric = Metric("accuracy", higher_is_better=True, unit="%")
-    sample_unit = "images"
     eval_batch = 500  # images per evaluation batch; EVAL_BATCHES counts these
 
     def __init__(self, name: str, dataset: str, classes: int) -> None:
@@ -97,13 +94,6 @@ class ResNetTask:
             if augment_on:
                 images = augment(images, augment_gen)
             yield normalize(images, self.layout), train.labels[index]
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        images, labels = batch
-        return F.cross_entropy(model(images), labels)
-
-    def samples_in(self, batch: Batch) -> int:
-        return len(batch[0])
 
     def evaluate(self, model: nn.Module, spec: RunSpec, split: str) -> dict[str, float]:
         """Mean cross-entropy and accuracy (%) on "val" or "test", in eval mode (BatchNorm running
