@@ -23,7 +23,7 @@ CLI := HARNESS_COMMAND='$(RECORDED)' \
 DEFCONFIG_OUT ?= defconfig
 RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
-.PHONY: help all run dry-run continue report graphs compare publish prepare-data test bench lint quickstart venv \
+.PHONY: help all run dry-run hwinfo continue report graphs compare publish prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
 	allnoconfig randconfig clean mrproper
 
@@ -52,6 +52,9 @@ run: $(STAMP) ## Train every run of .config's matrix into a new results folder
 
 dry-run: $(STAMP) ## Print the matrix and each run's hardware plan; train nothing
 	@$(CLI) dry-run
+
+hwinfo: $(STAMP) ## Print the detected devices and each run's hardware plan with its rationale
+	@$(CLI) hwinfo
 
 continue: $(STAMP) ## Finish the newest unfinished results folder (finished runs are kept)
 	@$(CLI) continue

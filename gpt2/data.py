@@ -20,6 +20,7 @@ import torch
 from gpt2.prepare import DTYPE, FORMAT
 from gpt2.sources import SPLITS
 from gpt2.tokenizer import EOT, NAME
+from lib.distributed import SINGLE, Shard
 from lib.errors import DataMissingError
 
 EVAL_SEED = 20190214  # fixed, independent of the run seed: every run evaluates the same windows
@@ -110,13 +111,20 @@ def _windows(path: Path, count: int, starts: np.ndarray, block_size: int) -> tup
     return w[:, :-1], w[:, 1:]
 
 
-def train_batches(shards: Shards, block_size: int, micro_batch: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Endless (x, y) batches of ``micro_batch`` random windows from train.bin; the same ``seed``, the same stream."""
+def train_batches(shards: Shards, block_size: int, micro_batch: int, seed: int,
+                  shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless (x, y) batches of ``micro_batch`` random windows from train.bin; the same ``seed``, the same stream.
+
+    With several ranks the starts are drawn for the global batch (micro x world) and
+    this rank reads only its rows' windows.
+    """
     rng = np.random.default_rng(seed)
     count = shards.tokens["train"]
+    rows = shard.rows(micro_batch)
     while True:
-        starts = rng.integers(0, count - block_size, size=micro_batch)  # the window's last token must exist
-        yield _windows(shards.path("train"), count, starts, block_size)
+        # the window's last token must exist
+        starts = rng.integers(0, count - block_size, size=micro_batch * shard.world_size)
+        yield _windows(shards.path("train"), count, starts[rows], block_size)
 
 
 def eval_starts(count: int, block_size: int, n_windows: int, split: str) -> np.ndarray:

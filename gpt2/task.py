@@ -22,11 +22,23 @@ from gpt2 import prepare
 from gpt2.data import Shards, eval_windows, load_shards, train_batches
 from gpt2.model import GPT, PADDED_VOCAB, config_for
 from gpt2.sources import DATASETS, source_of
+from lib import distributed
+from lib.distributed import SINGLE, Shard
 from lib.errors import ConfigError
 from lib.spec import RunSpec
 from lib.task import Batch, Metric
 
 ROOT = Path(__file__).resolve().parent.parent
+# Micro-batch per GPU for GPT-2 124M at block 1024 (ALGORITHMS.md, "Hardware plan"). B200, W7900
+# and A10G are the published single-GPU choices (effective batch 1024: grad-accum 8, 32, 128). The
+# other rows are ours, placed by memory size between those three; no run of ours has measured them.
+GPU_MICRO_BATCH_124M = {
+    "B200": 128, "H200": 128, "MI300X": 128,
+    "H100": 64, "A100-80GB": 64,
+    "A100-40GB": 32, "L40S": 32, "L40": 32, "W7900": 32, "MI210": 32,
+    "A10G": 8, "L4": 8,
+}
+CPU_MICRO_BATCH = 8  # beyond it a CPU step only gets slower per token (2 cores, ENVIRONMENT.md)
 DEFAULT_EVAL_WINDOWS = 50  # with EVAL_BATCHES = 0: a fixed sample, since a corpus split can be huge
 EVAL_CHUNK = 16  # windows per evaluation forward pass, at most
 
@@ -109,11 +121,22 @@ class GPT2Task:
         o = Options.of(spec)
         return GPT(config_for(o.size, o.vocab_size, o.block_size))
 
+    def cpu_micro_batch(self, spec: RunSpec) -> int:
+        return CPU_MICRO_BATCH
+
+    def gpu_micro_batch(self, spec: RunSpec, gpu: str) -> int | None:
+        o = Options.of(spec)
+        return GPU_MICRO_BATCH_124M.get(gpu) if (o.size, o.block_size) == ("124m", 1024) else None
+
+    def example_batch(self, spec: RunSpec, n: int, device: torch.device) -> Batch:
+        tokens = torch.zeros(n, Options.of(spec).block_size, dtype=torch.int64, device=device)
+        return tokens, tokens
+
     def examples_per_epoch(self, spec: RunSpec) -> int:
         return max(1, self._data(spec).tokens["train"] // Options.of(spec).block_size)
 
-    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int) -> Iterator[Batch]:
-        return train_batches(self._data(spec), Options.of(spec).block_size, micro_batch, seed)
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[Batch]:
+        return train_batches(self._data(spec), Options.of(spec).block_size, micro_batch, seed, shard)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch
@@ -123,8 +146,11 @@ class GPT2Task:
     def samples_in(self, batch: Batch) -> int:
         return batch[0].numel()
 
-    def evaluate(self, model: nn.Module, spec: RunSpec, split: str) -> dict[str, float]:
-        """Mean next-token cross-entropy and its exp (perplexity) on a fixed set of windows of "val" or "test"."""
+    def evaluate(self, model: nn.Module, spec: RunSpec, split: str, shard: Shard = SINGLE) -> dict[str, float]:
+        """Mean next-token cross-entropy and its exp (perplexity) on a fixed set of windows of "val" or "test".
+
+        With several ranks each evaluates every world-th chunk of windows and the loss sums are reduced.
+        """
         if split not in ("val", "test"):
             raise ValueError(f"evaluate: split must be 'val' or 'test', got {split!r}")
         shards, block = self._data(spec), Options.of(spec).block_size
@@ -141,14 +167,14 @@ class GPT2Task:
         total = 0.0
         try:
             with torch.no_grad():
-                for i in range(0, len(x_all), step):
+                for i in shard.chunks(len(x_all), step):
                     x, y = x_all[i:i + step].to(device), y_all[i:i + step].to(device)
                     logits = model(x)
                     total += F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1),
                                              reduction="sum").item()
         finally:
             model.train(was_training)
-        loss = total / y_all.numel()
+        loss = distributed.reduce_sum(total)[0] / y_all.numel()
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}  # exp(>709) overflows a float
 
 

@@ -19,6 +19,7 @@ from lenet5.data import (
 )
 from lenet5.model import LeNet5
 from lib import classification
+from lib.distributed import SINGLE, Shard
 from lib.errors import ConfigError, DataMissingError
 from lib.spec import RunSpec
 from lib.task import Batch
@@ -40,6 +41,8 @@ class LeNet5Task(classification.ClassificationTask):
     """LeNet-5 on MNIST; data is loaded once per (dataset, data_dir) and kept in memory."""
 
     name = "lenet5"
+    image_shape = (1, 32, 32)
+    cpu_batch_cap = 512
 
     def __init__(self, mnist_val_count: int = MNIST_VAL_COUNT) -> None:
         self.mnist_val_count = mnist_val_count  # tests shrink it to use tiny IDX files
@@ -74,29 +77,32 @@ class LeNet5Task(classification.ClassificationTask):
     def examples_per_epoch(self, spec: RunSpec) -> int:
         return len(self._data(spec).train)
 
-    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int) -> Iterator[Batch]:
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[Batch]:
         """Endless equal-sized batches cut from back-to-back epoch permutations.
 
         Nothing is dropped: an epoch's leftover images open the next batch, so every
         ``examples_per_epoch`` consecutive samples are exactly one pass over the data,
         and every batch has the same shape (no recompiles, even grad-accumulation weights).
+        With several ranks, each takes its rows of the global batch of micro x world.
         """
         if micro_batch < 1:
             raise ConfigError(f"micro batch must be at least 1, got {micro_batch}")
         train = self._data(spec).train
         gen = torch.Generator().manual_seed(seed)
         pending = torch.empty(0, dtype=torch.int64)
+        size = micro_batch * shard.world_size
         while True:
-            while len(pending) < micro_batch:
+            while len(pending) < size:
                 pending = torch.cat([pending, torch.randperm(len(train), generator=gen)])
-            index, pending = pending[:micro_batch], pending[micro_batch:]
+            index, pending = pending[:size][shard.rows(micro_batch)], pending[size:]
             yield train.images[index], train.labels[index]
 
-    def evaluate(self, model: nn.Module, spec: RunSpec, split: str) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, spec: RunSpec, split: str, shard: Shard = SINGLE) -> dict[str, float]:
         """Mean cross-entropy and accuracy (%) on "val" or "test"; the model's train/eval mode is kept."""
         if split not in ("val", "test"):
             raise ValueError(f"evaluate: split must be 'val' or 'test', got {split!r}")
-        return classification.evaluate(model, self._data(spec).split(split), EVAL_BATCH, spec.train.eval_batches)
+        return classification.evaluate(model, self._data(spec).split(split), EVAL_BATCH, spec.train.eval_batches,
+                                       shard=shard)
 
 
 TASK = LeNet5Task()

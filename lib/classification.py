@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib import distributed
+from lib.distributed import SINGLE, Shard
 from lib.task import Metric
 
 
@@ -42,12 +44,14 @@ class SplitData:
 
 
 def evaluate(model: nn.Module, data: Split, batch: int, max_batches: int = 0,
-             to_input: Callable[[torch.Tensor, torch.device], torch.Tensor] | None = None) -> dict[str, float]:
+             to_input: Callable[[torch.Tensor, torch.device], torch.Tensor] | None = None,
+             shard: Shard = SINGLE) -> dict[str, float]:
     """Mean cross-entropy and accuracy (%) over the first ``max_batches`` batches (0 = all), in eval mode.
 
     The split's order is fixed, so every run evaluates the same images. ``to_input``
     turns stored images into model input on the model's device (e.g. normalise uint8
     there, a quarter of the transfer). The model's train/eval mode is restored.
+    With several ranks each takes every world-th batch and the sums are reduced.
     """
     count = min(len(data), max_batches * batch) if max_batches else len(data)
     param = next(model.parameters())
@@ -56,7 +60,7 @@ def evaluate(model: nn.Module, data: Split, batch: int, max_batches: int = 0,
     total_loss, correct = 0.0, 0
     try:
         with torch.no_grad():
-            for start in range(0, count, batch):
+            for start in shard.chunks(count, batch):
                 end = min(start + batch, count)
                 raw = data.images[start:end].to(param.device)
                 images = (to_input(raw, param.device) if to_input else raw).to(param.dtype)
@@ -66,14 +70,26 @@ def evaluate(model: nn.Module, data: Split, batch: int, max_batches: int = 0,
                 correct += (logits.argmax(dim=1) == labels).sum().item()
     finally:
         model.train(was_training)
-    return {"loss": total_loss / count, "accuracy": 100.0 * correct / count}
+    total_loss, correct = distributed.reduce_sum(total_loss, correct)
+    return {"loss": total_loss / count, "accuracy": 100.0 * int(correct) / count}
 
 
 class ClassificationTask:
-    """The parts of the task plug-in every image classifier shares: metric, loss and sample counting."""
+    """The parts of the task plug-in every image classifier shares: metric, loss, sample counting, sizing."""
 
     metric = Metric("accuracy", higher_is_better=True, unit="%")
     sample_unit = "images"
+    image_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) the model takes
+    cpu_batch_cap = 64  # the largest useful CPU micro-batch (measured on 2 cores, ENVIRONMENT.md)
+
+    def cpu_micro_batch(self, spec: object) -> int:
+        return self.cpu_batch_cap
+
+    def gpu_micro_batch(self, spec: object, gpu: str) -> int | None:
+        return None  # no published table: sized from free memory
+
+    def example_batch(self, spec: object, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        return torch.zeros(n, *self.image_shape, device=device), torch.zeros(n, dtype=torch.int64, device=device)
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         images, labels = batch

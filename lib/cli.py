@@ -1,6 +1,7 @@
 """The command line behind the Makefile: ``python -m lib.cli COMMAND [--set SYMBOL=VALUE ...]``.
 
-Commands: check (validate .config), dry-run (print the matrix and plans), run
+Commands: check (validate .config), dry-run (print the matrix and plans), hwinfo
+(what devices were detected, and each run's plan with its rationale), run
 (train the matrix), continue (finish the newest unfinished results folder),
 report (rewrite summary.json, graphs/ and report.md of a results folder), graphs
 (redraw graphs/ only), compare (Markdown ranking of methods, or two folders side
@@ -21,8 +22,8 @@ from lib.errors import HarnessError
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lib.cli", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["check", "dry-run", "run", "continue", "report", "graphs", "compare",
-                                            "publish", "prepare-data"])
+    parser.add_argument("command", choices=["check", "dry-run", "hwinfo", "run", "continue", "report", "graphs",
+                                            "compare", "publish", "prepare-data"])
     parser.add_argument("--config", default=".config", help="the .config to read (default: .config)")
     parser.add_argument("--set", action="append", default=[], metavar="SYMBOL=VALUE",
                         help="override a symbol for this invocation only (make MAX_ITERS=... etc.)")
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> int:
 
 def _dispatch(args: argparse.Namespace, command: str) -> int:
     from lib import config as config_mod
-    from lib import matrix
+    from lib import hardware, matrix
 
     if args.command in ("graphs", "compare", "publish"):
         return _results_command(args)
@@ -74,13 +75,14 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         folder = matrix.newest_unfinished(config.results_dir)
         runs = matrix.run_folder(folder, config.jobs, only_unfinished=True)
         return _finish(folder, runs)
-    specs = matrix.expand(config)
-    if args.command == "dry-run":
+    devices = hardware.detect()
+    specs = matrix.expand(config, devices)
+    if args.command in ("dry-run", "hwinfo"):
+        if args.command == "hwinfo":
+            print(f"detected:\n{devices.describe()}\n")
         print(matrix.dry_run_table(specs))
-        plans = {s.model: s.hardware.rationale for s in specs}
-        for model, why in plans.items():
-            print(f"plan for {model}: {why}")
-        print(f"{len(specs)} run(s); nothing trained (dry run)")
+        print("\n".join(matrix.plan_lines(specs)))
+        print(f"{len(specs)} run(s); nothing trained ({args.command})")
         return 0
     folder = matrix.create_results_folder(config, specs, command)
     runs = matrix.run_folder(folder, config.jobs)

@@ -18,6 +18,7 @@ from typing import Any
 import kconfiglib
 
 from lib.errors import ConfigError
+from lib.hardware import HardwareSettings
 from lib.kconf import (
     Reader,
     apply_overrides,
@@ -46,10 +47,7 @@ class Config:
     prune: PruneSettings
     train: TrainSettings
     model_options: Mapping[str, dict[str, Any]]
-    device: str
-    compile: str
-    dtype: str
-    cpu_threads: int
+    hardware: HardwareSettings
     jobs: int
     tracker: str
     tracker_project: str
@@ -125,10 +123,7 @@ def _build(r: Reader, path: Path, overrides: dict[str, str]) -> Config:
         prune=_prune(r, prunings),
         train=train,
         model_options={m: _model_options(r, m) for m in models},
-        device=r.choice("DEVICE"),
-        compile=r.choice("COMPILE"),
-        dtype=r.choice("DTYPE"),
-        cpu_threads=r.int("CPU_THREADS"),
+        hardware=_hardware(r),
         jobs=r.int("MATRIX_JOBS"),
         tracker=tracker,
         tracker_project=r.str("TRACKER_PROJECT") if tracker != "none" else "",
@@ -231,6 +226,39 @@ def _step_or_fraction(r: Reader, name: str) -> int | float:
         return float(text)
     raise ConfigError(f"CONFIG_{name}={text!r}: give a step (e.g. 1000) or a fraction of the run "
                       f"with a decimal point (e.g. 0.25)")
+
+
+def _hardware(r: Reader) -> HardwareSettings:
+    manual = r.choice("BATCH_PLAN") == "manual"
+    multinode = r.bool("DIST_MULTINODE")
+    settings = HardwareSettings(
+        device=r.choice("DEVICE"),
+        compile=r.choice("COMPILE"),
+        dtype=r.choice("DTYPE"),
+        cpu_threads=r.int("CPU_THREADS"),
+        batch_plan="manual" if manual else "auto",
+        micro_batch=r.int("MICRO_BATCH") if manual else 0,
+        grad_accum=r.int("GRAD_ACCUM") if manual else 0,
+        probe=r.bool("PROBE_BATCH"),
+        memory_margin=r.int("GPU_MEMORY_MARGIN") / 100,
+        ranks_per_node=r.int("RANKS_PER_NODE"),
+        tf32=r.bool("TF32"),
+        nnodes=r.int("DIST_NNODES") if multinode else 1,
+        node_rank=r.int("DIST_NODE_RANK") if multinode else 0,
+        rdzv_endpoint=r.str("DIST_RDZV_ENDPOINT").strip() if multinode else "",
+        rdzv_id=r.str("DIST_RDZV_ID").strip() if multinode else "",
+    )
+    # a manual micro-batch or grad-accum below 1 is refused by the plan (lib/hardware.py)
+    if multinode:
+        if not re.fullmatch(r"[^\s:]+:\d{1,5}", settings.rdzv_endpoint):
+            raise ConfigError(f"CONFIG_DIST_RDZV_ENDPOINT={settings.rdzv_endpoint!r}: give node 0's host:port, "
+                              f"e.g. 10.0.0.1:29500")
+        if settings.node_rank >= settings.nnodes:
+            raise ConfigError(f"CONFIG_DIST_NODE_RANK={settings.node_rank} must be below CONFIG_DIST_NNODES="
+                              f"{settings.nnodes}")
+        if not settings.rdzv_id:
+            raise ConfigError("CONFIG_DIST_RDZV_ID is empty; give the machines of one job a shared name")
+    return settings
 
 
 def _train(r: Reader) -> TrainSettings:

@@ -1,36 +1,71 @@
-"""Device discovery and the batch / gradient-accumulation decision.
+"""Device discovery and the hardware plan: micro-batch, grad-accum, ranks, compile, precision.
 
 ``detect()`` is the one place that asks torch about devices; tests replace it
-with made-up devices. ``plan()`` turns (model, effective batch, device choice)
-into a HardwarePlan whose micro-batch x grad-accum x world size equals the
-effective batch exactly, with a one-line rationale.
+with made-up devices. ``plan()`` turns a run and the hardware settings into a
+HardwarePlan whose micro-batch x grad-accum x world size is the effective batch
+(exactly, or the plan says by how much it is not), with a one-line rationale.
+The rules (ALGORITHMS.md, "Hardware plan"), in order: manual settings; on a GPU
+the task's table by GPU model, checked against free memory; else the
+free-memory rule; on a CPU the task's CPU cap.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 
-from lib.errors import HarnessError
-from lib.spec import HardwarePlan
+from lib import memory
+from lib.errors import ConfigError, HarnessError
+from lib.gpus import gib, identify
+from lib.spec import HardwarePlan, RunSpec
+from lib.task import get_task
 
-# Largest micro-batch worth using on a CPU per model family: beyond it a step
-# only gets slower per example (measured on 2 cores, ENVIRONMENT.md).
-CPU_MICRO_BATCH_CAP = {"lenet5": 512, "resnet18": 64, "resnet50": 32, "gpt2": 8}
-DEFAULT_CPU_CAP = 64
+
+@dataclass(frozen=True)
+class Gpu:
+    """One visible GPU."""
+
+    name: str
+    total_bytes: int
+    free_bytes: int
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability; (8, 0) is Ampere
+    vendor: str = "nvidia"  # or "amd" (ROCm builds of torch also say "cuda")
 
 
 @dataclass(frozen=True)
 class Devices:
-    """What the machine offers."""
+    """What the machine offers this process."""
 
     kind: str  # "cpu" or "cuda"
-    name: str
-    count: int
-    total_bytes: int = 0
-    free_bytes: int = 0
+    gpus: tuple[Gpu, ...] = ()
     cpu_cores: int = 1
-    bf16: bool = False  # the GPU computes in bfloat16 (NVIDIA Ampere and newer)
+    bf16: bool = False  # every GPU computes in bfloat16
+    compile_works: bool = True  # torch.compile can run (triton for GPUs, a C++ compiler for the CPU)
+
+    @property
+    def count(self) -> int:
+        return len(self.gpus)
+
+    @property
+    def homogeneous(self) -> bool:
+        return len({(g.name, g.total_bytes) for g in self.gpus}) <= 1
+
+    def describe(self) -> str:
+        """What was detected, one line per device (make hwinfo)."""
+        lines = [f"CPU: {self.cpu_cores} core(s) usable; torch.compile {'can' if self.compile_works else 'cannot'} run"]
+        for i, g in enumerate(self.gpus):
+            known = identify(g.name, g.total_bytes)
+            lines.append(f"GPU {i}: {g.name} ({known.key if known else 'not in the GPU table'}), "
+                         f"{gib(g.free_bytes)} free of {gib(g.total_bytes)}, compute capability "
+                         f"{g.capability[0]}.{g.capability[1]}, {g.vendor}")
+        if self.kind == "cuda":
+            lines.append(f"{self.count} GPU(s), {'one type' if self.homogeneous else 'MIXED types'}; "
+                         f"bf16 {'yes' if self.bf16 else 'no'}")
+        else:
+            lines.append("no GPU visible to torch")
+        return "\n".join(lines)
 
 
 def detect() -> Devices:
@@ -38,49 +73,190 @@ def detect() -> Devices:
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info(0)
-        name = torch.cuda.get_device_name(0)
-        return Devices("cuda", name, torch.cuda.device_count(), total, free, cores, torch.cuda.is_bf16_supported())
-    return Devices("cpu", "cpu", 1, cpu_cores=cores)
+    if not torch.cuda.is_available():
+        return Devices("cpu", cpu_cores=cores, compile_works=bool(shutil.which("g++") or shutil.which("c++")))
+    vendor = "amd" if torch.version.hip else "nvidia"
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        gpus.append(Gpu(torch.cuda.get_device_name(i), total, free, torch.cuda.get_device_capability(i), vendor))
+    return Devices("cuda", tuple(gpus), cores, torch.cuda.is_bf16_supported(),
+                   importlib.util.find_spec("triton") is not None)
 
 
-# GPUs where torch.compile is known to break (ALGORITHMS.md, "Hardware plan").
-COMPILE_BROKEN = ("W7900", "MI210")
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+@dataclass(frozen=True)
+class HardwareSettings:
+    """The hardware symbols of .config (lib/Kconfig.hardware); "auto" lets the plan decide."""
+
+    device: str = "auto"  # auto, cpu, cuda
+    compile: str = "auto"  # auto, on, off
+    dtype: str = "auto"  # auto, bf16, fp16, fp32
+    cpu_threads: int = 0
+    batch_plan: str = "auto"  # auto or manual
+    micro_batch: int = 0  # manual only
+    grad_accum: int = 0  # manual only
+    probe: bool = False
+    memory_margin: float = 0.10  # fraction of free GPU memory left unused
+    ranks_per_node: int = 0  # 0: one per GPU (1 on a CPU)
+    tf32: bool = True
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    rdzv_id: str = ""
 
 
-def plan(model: str, batch_size: int, device: str, cpu_threads: int, jobs: int,
-         devices: Devices | None = None, compile: str = "auto", dtype: str = "auto") -> HardwarePlan:
-    """The plan for one run; ``device``, ``compile`` and ``dtype`` are the Kconfig choices (auto, ...)."""
+def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = None, jobs: int = 1) -> HardwarePlan:
+    """The plan for ``spec`` (its model, model options and effective batch) on ``devices``."""
     devices = devices or detect()
-    if device == "cuda" and devices.kind != "cuda":
+    if settings.device == "cuda" and devices.kind != "cuda":
         raise HarnessError("CONFIG_DEVICE_CUDA is set but torch sees no CUDA GPU; choose DEVICE_AUTO or DEVICE_CPU")
-    on_gpu = devices.kind == "cuda" and device != "cpu"
-    use_compile, compile_why = _compile_choice(compile, on_gpu, devices.name)
-    precision, dtype_why = _dtype_choice(dtype, on_gpu, devices.bf16)
-    if on_gpu:
-        micro, accum, threads = batch_size, 1, 0
-        where = f"{devices.name}: whole batch {batch_size} in one micro-batch on 1 GPU"
+    on_gpu = devices.kind == "cuda" and settings.device != "cpu"
+    ranks = _ranks_per_node(settings.ranks_per_node, devices, on_gpu)
+    world = ranks * settings.nnodes
+    target = spec.train.batch_size
+    per_rank = _per_rank(target, world)
+    use_compile, compile_why = _compile_choice(settings.compile, on_gpu, devices)
+    precision, dtype_why = _dtype_choice(settings.dtype, on_gpu, devices.bf16)
+    tf32, tf32_why = _tf32_choice(settings.tf32, on_gpu, devices)
+    task = get_task(spec.model)
+    if settings.batch_plan == "manual":
+        micro, accum, sizing = _manual(settings, world, target)
+        if on_gpu:
+            sizing += _manual_memory_note(task, spec, devices, micro, precision, settings.memory_margin)
+    elif on_gpu:
+        micro, accum, sizing = _gpu_rule(task, spec, devices, per_rank, precision, settings.memory_margin)
     else:
-        threads = cpu_threads or max(1, devices.cpu_cores // max(1, jobs))
-        micro = largest_divisor_at_most(batch_size, CPU_MICRO_BATCH_CAP.get(model, DEFAULT_CPU_CAP))
-        accum = batch_size // micro
-        where = (f"CPU, {threads} thread(s) per run x {jobs} run(s) side by side; "
-                 f"micro-batch {micro} x {accum} = {batch_size}")
-    return HardwarePlan(device="cuda" if on_gpu else "cpu", micro_batch=micro, grad_accum=accum, world_size=1,
-                        compile=use_compile, dtype=precision, threads=threads,
-                        rationale=f"{where}; {compile_why}; {dtype_why}")
+        micro, accum = _closest(per_rank, task.cpu_micro_batch(spec))
+        sizing = f"CPU rule: micro-batch at most {task.cpu_micro_batch(spec)} for {spec.model}"
+    threads = 0 if on_gpu else settings.cpu_threads or max(1, devices.cpu_cores // max(1, jobs * ranks))
+    where = (f"{ranks}x {devices.gpus[0].name if devices.homogeneous else 'mixed GPUs'}" if on_gpu
+             else f"CPU, {threads} thread(s) per rank x {ranks} rank(s) x {jobs} run(s) side by side")
+    if settings.nnodes > 1:
+        where += f" per node x {settings.nnodes} nodes"
+    batch = f"{micro} x {accum} accum x {world} rank(s) = {micro * accum * world}" + _shortfall(micro * accum * world,
+                                                                                            target)
+    parts = [where, sizing, batch, compile_why, dtype_why, tf32_why]
+    if settings.probe:
+        parts.append("probe on: halve the micro-batch on out-of-memory before training")
+    if world > 1:
+        parts.append(f"DDP over {'nccl' if on_gpu else 'gloo'}")
+    return HardwarePlan(
+        device="cuda" if on_gpu else "cpu", micro_batch=micro, grad_accum=accum, world_size=world,
+        compile=use_compile, dtype=precision, threads=threads, rationale="; ".join(parts), target_batch=target,
+        tf32=tf32, probe=settings.probe, backend=("nccl" if on_gpu else "gloo") if world > 1 else "",
+        nnodes=settings.nnodes, node_rank=settings.node_rank, rdzv_endpoint=settings.rdzv_endpoint,
+        rdzv_id=settings.rdzv_id,
+    )
 
 
-def _compile_choice(choice: str, on_gpu: bool, name: str) -> tuple[bool, str]:
+def _ranks_per_node(asked: int, devices: Devices, on_gpu: bool) -> int:
+    if on_gpu:
+        if asked > devices.count:
+            raise HarnessError(f"CONFIG_RANKS_PER_NODE={asked} asks for more ranks than the {devices.count} GPU(s) "
+                               f"torch sees; set it to 0 (one rank per GPU) or at most {devices.count}")
+        return asked or devices.count
+    if asked > devices.cpu_cores:
+        raise HarnessError(f"CONFIG_RANKS_PER_NODE={asked} asks for more CPU ranks than the {devices.cpu_cores} "
+                           f"core(s) here; set it to at most {devices.cpu_cores} (0 = one rank)")
+    return asked or 1
+
+
+def _per_rank(target: int, world: int) -> int:
+    """Examples per rank per step. Ranks take equal shares, so a target not divisible by the
+    world size is rounded down in auto mode (the rationale says by how much)."""
+    if target < world:
+        raise HarnessError(f"effective batch CONFIG_BATCH_SIZE={target} is smaller than the {world} ranks; "
+                           f"every rank needs at least one example: raise it to a multiple of {world}")
+    return target // world
+
+
+def _manual(settings: HardwareSettings, world: int, target: int) -> tuple[int, int, str]:
+    micro, accum = settings.micro_batch, settings.grad_accum
+    for symbol, value in (("MICRO_BATCH", micro), ("GRAD_ACCUM", accum)):
+        if value < 1:
+            raise ConfigError(f"CONFIG_{symbol}={value}: a manual {symbol.lower().replace('_', ' ')} must be "
+                              f"at least 1; set it, or choose CONFIG_BATCH_PLAN_AUTO")
+    if micro * accum * world != target:
+        fix = (f"set CONFIG_GRAD_ACCUM={target // (micro * world)}" if target % (micro * world) == 0
+               else f"choose a micro-batch that divides {target // world}" if target % world == 0
+               else f"make CONFIG_BATCH_SIZE a multiple of the {world} ranks")
+        raise ConfigError(f"CONFIG_MICRO_BATCH={micro} x CONFIG_GRAD_ACCUM={accum} x {world} rank(s) = "
+                          f"{micro * accum * world}, not the effective batch CONFIG_BATCH_SIZE={target}; {fix}")
+    return micro, accum, "manual (CONFIG_BATCH_PLAN_MANUAL)"
+
+
+def _gpu_rule(task: object, spec: RunSpec, devices: Devices, per_rank: int, precision: str,
+              margin: float) -> tuple[int, int, str]:
+    """The task's table for this GPU model if it fits in free memory, else the free-memory rule."""
+    gpu = min(devices.gpus, key=lambda g: g.free_bytes)  # mixed or busy GPUs: size for the tightest
+    usable = int(gpu.free_bytes * (1 - margin))
+    footprint = memory.estimate_footprint(task, spec, precision)
+    fits = footprint.fits(usable)
+    known = identify(gpu.name, gpu.total_bytes) if devices.homogeneous else None
+    table = task.gpu_micro_batch(spec, known.key) if known else None
+    room = f"{gib(usable)} usable of {gib(gpu.free_bytes)} free"
+    estimate = f"estimated {gib(footprint.fixed)} + {gib(footprint.per_sample)}/sample"
+    if table and footprint.at(table) <= usable:
+        cap, why = table, f"GPU table: {known.key} -> micro-batch {table} ({estimate} fits {room})"
+    else:
+        if fits < 1:
+            raise HarnessError(f"{spec.model} does not fit on {gpu.name}: about {gib(footprint.at(1))} at "
+                               f"micro-batch 1 but {room}; free GPU memory, lower CONFIG_GPU_MEMORY_MARGIN "
+                               f"or choose a smaller model")
+        cap = fits
+        why = (f"GPU table says {table} for {known.key} but {room}: " if table else
+               "mixed GPUs: " if not devices.homogeneous else "")
+        why += f"memory rule ({estimate}, {room}) -> at most {fits}"
+    micro, accum = _closest(per_rank, cap)
+    return micro, accum, why
+
+
+def _manual_memory_note(task: object, spec: RunSpec, devices: Devices, micro: int, precision: str,
+                        margin: float) -> str:
+    gpu = min(devices.gpus, key=lambda g: g.free_bytes)
+    need, usable = memory.estimate_footprint(task, spec, precision).at(micro), int(gpu.free_bytes * (1 - margin))
+    if need <= usable:
+        return ""
+    return (f"; WARNING: micro-batch {micro} is estimated at {gib(need)} > {gib(usable)} usable: "
+            f"expect out-of-memory unless CONFIG_PROBE_BATCH is on")
+
+
+def _closest(per_rank: int, cap: int) -> tuple[int, int]:
+    """(micro, accum) with micro <= cap and micro x accum == per_rank exactly when a divisor of
+    per_rank lies in (cap/2, cap]; otherwise micro = cap and accum rounded, so a prime batch does
+    not force micro-batch 1 (the rationale reports the difference)."""
+    cap = max(1, min(cap, per_rank))
+    exact = largest_divisor_at_most(per_rank, cap)
+    if 2 * exact > cap:
+        return exact, per_rank // exact
+    return cap, max(1, round(per_rank / cap))
+
+
+def _shortfall(effective: int, target: int) -> str:
+    if effective == target:
+        return " = target"
+    return (f", NOT the target {target} ({effective - target:+d}, {100 * (effective - target) / target:+.1f} %): "
+            f"no exact split across ranks and micro-batches")
+
+
+def _compile_choice(choice: str, on_gpu: bool, devices: Devices) -> tuple[bool, str]:
+    if choice == "on" and not devices.compile_works:
+        raise HarnessError("CONFIG_COMPILE_ON but torch.compile cannot run here (no triton for the GPU, or no "
+                           "C++ compiler for the CPU); choose COMPILE_AUTO or COMPILE_OFF")
     if choice in ("on", "off"):
         return choice == "on", f"compile {choice} (COMPILE_{choice.upper()})"
     if not on_gpu:
         return False, "compile off (auto: on a CPU the first compiled step costs more than a short run gains)"
-    if any(tag in name for tag in COMPILE_BROKEN):
-        return False, f"compile off (auto: known to break on {name})"
-    return True, "compile on (auto: NVIDIA GPU)"
+    broken = [g.name for g in devices.gpus if (m := identify(g.name, g.total_bytes)) and not m.compile_ok]
+    if broken:
+        return False, f"compile off (auto: known to break on {broken[0]})"
+    if not devices.compile_works:
+        return False, "compile off (auto: torch.compile cannot run here, no triton)"
+    return True, "compile on (auto: NVIDIA GPU)" if all(g.vendor == "nvidia" for g in devices.gpus) else \
+        "compile on (auto)"
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _dtype_choice(choice: str, on_gpu: bool, bf16: bool) -> tuple[str, str]:
@@ -92,6 +268,15 @@ def _dtype_choice(choice: str, on_gpu: bool, bf16: bool) -> tuple[str, str]:
     if not on_gpu:
         return "float32", "fp32 (auto: CPU)"
     return ("bfloat16", "bf16 (auto: supported)") if bf16 else ("float16", "fp16 + grad scaler (auto: no bf16)")
+
+
+def _tf32_choice(allowed: bool, on_gpu: bool, devices: Devices) -> tuple[bool, str]:
+    if not on_gpu:
+        return False, "TF32 n/a (CPU)"
+    capable = all(g.vendor == "nvidia" and g.capability >= (8, 0) for g in devices.gpus)
+    if not capable:
+        return False, "TF32 off (needs NVIDIA Ampere or newer)"
+    return (True, "TF32 on (Ampere or newer)") if allowed else (False, "TF32 off (CONFIG_TF32=n)")
 
 
 def largest_divisor_at_most(n: int, cap: int) -> int:

@@ -8,6 +8,7 @@ of the newest folder that have no ok or diverged summary.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -19,12 +20,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lib import hardware
+from lib import distributed, hardware
 from lib.config import Config
 from lib.errors import HarnessError
 from lib.kconf import ROOT
 from lib.run import failed_summary
-from lib.spec import PruneSettings, RunSpec, write_json_atomic
+from lib.spec import HardwarePlan, PruneSettings, RunSpec, write_json_atomic
 
 FINISHED = ("ok", "diverged")
 
@@ -65,42 +66,59 @@ def combinations(config: Config) -> list[tuple[str, str, str, str, float, int]]:
 
 
 def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunSpec]:
-    """One RunSpec per valid combination of the matrix's axes, with its hardware plan."""
+    """One RunSpec per valid combination of the matrix's axes, with its hardware plan (one per model)."""
     devices = devices or hardware.detect()
-    plans = {m: hardware.plan(m, config.train.batch_size, config.device, config.cpu_threads, config.jobs, devices,
-                              compile=config.compile, dtype=config.dtype)
-             for m in config.models}
+    plans: dict[str, HardwarePlan] = {}
     specs = []
     for model, optimizer, variant, pruning, sparsity, seed in combinations(config):
         tag = seed if len(config.seeds) > 1 else None
         prune = {**config.prune.__dict__, "method": pruning, "target": sparsity, "variant": variant}
-        specs.append(RunSpec(
+        draft = RunSpec(
             name=run_name(model, optimizer, pruning, sparsity, tag, variant),
             model=model,
             seed=seed,
             optim=config.optim[optimizer],
             prune=PruneSettings(**prune),
             train=config.train,
-            hardware=plans[model],
+            hardware=UNPLANNED,
             model_options=dict(config.model_options[model]),
             data_dir=_absolute(config.data_dir),
             tracker=config.tracker,
             tracker_project=config.tracker_project,
             wandb_mode=config.wandb_mode,
-        ))
+        )
+        if model not in plans:  # the plan depends on the model, its options and the batch only
+            plans[model] = hardware.plan(draft, config.hardware, devices, config.jobs)
+        specs.append(dataclasses.replace(draft, hardware=plans[model]))
     return specs
+
+
+UNPLANNED = HardwarePlan(device="cpu", micro_batch=1, grad_accum=1)
 
 
 def dry_run_table(specs: list[RunSpec]) -> str:
     """The matrix as a text table, with each run's hardware plan."""
     rows = [("#", "run", "optimizer", "pruning", "sparsity", "seed", "plan")]
     for i, s in enumerate(specs, 1):
-        plan = f"{s.hardware.device} {s.hardware.micro_batch}x{s.hardware.grad_accum}"
+        plan = short_plan(s.hardware)
         rows.append((str(i), s.name, s.optimizer, s.pruning, f"{s.sparsity:.0%}", str(s.seed), plan))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def short_plan(hw: HardwarePlan) -> str:
+    """e.g. "cuda 128x8x1=1024 bf16 compile": micro x accum x ranks = effective batch."""
+    extras = [hw.dtype.replace("bfloat", "bf").replace("float", "fp")] + [
+        word for word, on in (("compile", hw.compile), ("tf32", hw.tf32), ("probe", hw.probe)) if on]
+    return f"{hw.device} {hw.micro_batch}x{hw.grad_accum}x{hw.world_size}={hw.effective_batch} {' '.join(extras)}"
+
+
+def plan_lines(specs: list[RunSpec]) -> list[str]:
+    """Each distinct plan of the matrix with its rationale (one per model)."""
+    plans = {s.model: s.hardware for s in specs}
+    return [f"plan for {model}: {short_plan(hw)}\n  why: {hw.rationale}" for model, hw in plans.items()]
 
 
 def create_results_folder(config: Config, specs: list[RunSpec], command: str) -> Path:
@@ -140,12 +158,13 @@ def run_folder(folder: Path, jobs: int, only_unfinished: bool = False) -> list[d
     running: list[tuple[str, subprocess.Popen, float]] = []
     bar = tqdm(total=len(todo), unit="run", disable=None, leave=False)
     queue = list(todo)
+    node = _node_rank(folder, matrix["runs"])  # several machines: node 0 records, the others only train
     try:
         while queue or running:
             while queue and len(running) < jobs:
                 name = queue.pop(0)
                 running.append((name, _launch(folder / name), time.time()))
-            running = _reap(folder, running, bar)
+            running = _reap(folder, running, bar, record=node == 0)
             time.sleep(0.05)
     except KeyboardInterrupt:
         for _, proc, _ in running:
@@ -153,7 +172,17 @@ def run_folder(folder: Path, jobs: int, only_unfinished: bool = False) -> list[d
         raise HarnessError(f"interrupted; `make continue` finishes {folder}") from None
     finally:
         bar.close()
+    if node:
+        print(f"node {node}: trained as a worker; node 0 writes the results and the report", flush=True)
+        return []
     return write_summary(folder)
+
+
+def _node_rank(folder: Path, names: list[str]) -> int:
+    try:
+        return RunSpec.read(folder / names[0] / "spec.json").hardware.node_rank if names else 0
+    except HarnessError:
+        return 0
 
 
 def write_summary(folder: Path) -> list[dict[str, Any]]:
@@ -181,18 +210,27 @@ def newest_unfinished(results_dir: str) -> Path:
 
 
 def _launch(run_dir: Path) -> subprocess.Popen:
+    """Start one run: lib.run itself, or under torchrun when its plan has several processes."""
+    try:
+        command = distributed.launch_command(RunSpec.read(run_dir / "spec.json").hardware, run_dir)
+    except HarnessError:  # an unreadable spec.json: lib.run says so in the run's log and record
+        command = [sys.executable, "-m", "lib.run", str(run_dir)]
     log = (run_dir / "log.txt").open("w")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     (run_dir / "summary.json").unlink(missing_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "lib.run", str(run_dir)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
 
 
-def _reap(folder: Path, running: list, bar: tqdm) -> list:
+def _reap(folder: Path, running: list, bar: tqdm, record: bool = True) -> list:
     still = []
     for name, proc, started in running:
         if proc.poll() is None:
             still.append((name, proc, started))
+            continue
+        if not record:  # a worker node: rank 0, on node 0, writes the run's summary
+            bar.update(1)
+            tqdm.write(f"{name}: exited with status {proc.returncode} (worker node)")
             continue
         summary = _read_summary(folder / name, exit_code=proc.returncode)
         bar.update(1)

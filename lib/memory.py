@@ -7,13 +7,19 @@ GPU: torch's own allocator peaks.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import torch
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from lib.spec import RunSpec
+    from lib.task import Task
 
 
 def reset_peak(device: torch.device) -> None:
@@ -77,3 +83,90 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, pruning_buff
         "optimizer_state": tensor_bytes(list(optimizer.state.values())),
         "pruning_buffers": pruning_buffers,
     }
+
+
+# -- estimates for the hardware plan (no memory is allocated: shapes only, on the meta device) ----
+
+SAVED_SAFETY = 1.25  # backward's transient activation gradients on top of what autograd saves
+HALF_KEEPS = 0.7  # 16-bit autocast keeps ~0.68 of fp32's saved bytes (GPT-2 124M, block 256, CPU bf16)
+STATE_BYTES_PER_WEIGHT = 4 + 4 + 8  # fp32 weight, gradient, two Adam moments (the largest optimizer state)
+WORKSPACE_BYTES = 1 << 30  # CUDA context, cuBLAS workspace and allocator slack
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Estimated device bytes of one training step: ``fixed`` + ``per_sample`` x micro-batch."""
+
+    fixed: int
+    per_sample: int
+
+    def at(self, micro_batch: int) -> int:
+        return self.fixed + self.per_sample * micro_batch
+
+    def fits(self, usable: int) -> int:
+        """The largest micro-batch whose estimate fits in ``usable`` bytes (0 if none)."""
+        return max(0, (usable - self.fixed) // max(1, self.per_sample))
+
+
+def estimate_footprint(task: Task, spec: RunSpec, dtype: str) -> Footprint:
+    """What one step of ``spec``'s model needs, from the tensors autograd saves in an eager fp32 step.
+
+    Measured on the meta device at micro-batch 1 and 2: the difference is the
+    per-sample part. Eager fp32 with the math attention kernel saves more than a
+    compiled 16-bit step with flash attention, so the estimate errs high; probe
+    mode (CONFIG_PROBE_BATCH) measures the real thing.
+    """
+    key = (spec.model, json.dumps(spec.model_options, sort_keys=True, default=str), dtype)
+    if key not in _FOOTPRINTS:
+        with torch.device("meta"):
+            model = task.build_model(spec)
+        one, two = (_saved_bytes(task, model, spec, n) for n in (1, 2))
+        half = dtype != "float32"
+        weights = sum(p.numel() for p in model.parameters())
+        per_sample = max(1, two - one)
+        _FOOTPRINTS[key] = Footprint(
+            fixed=weights * (STATE_BYTES_PER_WEIGHT + (2 if half else 0)) + max(0, one - per_sample)
+            + WORKSPACE_BYTES,
+            per_sample=int(per_sample * (HALF_KEEPS if half else 1.0) * SAVED_SAFETY),
+        )
+    return _FOOTPRINTS[key]
+
+
+_FOOTPRINTS: dict[tuple, Footprint] = {}
+
+
+def _saved_bytes(task: Task, model: nn.Module, spec: RunSpec, n: int) -> int:
+    """Bytes of the non-parameter tensors autograd saves for backward in one loss computation."""
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention):
+        task.loss(model, task.example_batch(spec, n, torch.device("meta")))
+    return sum(saved.values())
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return _FusedAttention.apply(q, k, v)
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention in estimates: on the meta device torch runs the
+    math kernel, which saves the T x T attention matrix; a GPU runs a fused kernel (flash or
+    memory-efficient) that saves q, k, v, the output and one log-sum-exp per query."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # never called: estimates run forward only
+        raise NotImplementedError

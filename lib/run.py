@@ -3,6 +3,10 @@
 Reads RUN_DIR/spec.json (nothing else), trains, and always leaves
 RUN_DIR/summary.json: status ok, diverged, or failed with the error text.
 Exit status: 0 for ok or diverged (a recorded outcome), 1 for failed.
+
+Under torchrun (a plan of several processes, see lib/distributed.py) every rank
+runs this; each joins the process group, only rank 0 writes summary.json and
+prints, and every rank exits with the same status.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
+from lib import distributed
 from lib.errors import HarnessError
 from lib.spec import RunSpec, write_json_atomic
 
@@ -19,15 +24,21 @@ from lib.spec import RunSpec, write_json_atomic
 def run(run_dir: Path) -> int:
     spec = RunSpec.read(run_dir / "spec.json")
     started = time.time()
+    shard = distributed.from_env()
     try:
+        shard = distributed.setup(spec.hardware)  # joins the process group when torchrun started several ranks
         from lib.trainer import train
 
-        summary = train(spec, run_dir)
+        summary = train(spec, run_dir, shard)
     except HarnessError as exc:
         summary = failed_summary(spec.name, str(exc))
     except Exception as exc:  # a crash in one run must not lose its record
         traceback.print_exc()
         summary = failed_summary(spec.name, f"{type(exc).__name__}: {exc}")
+    finally:
+        distributed.teardown()
+    if not shard.main:  # the same outcome on every rank (losses and metrics are reduced); rank 0 records it
+        return 1 if summary["status"] == "failed" else 0
     summary["spec"] = spec.to_dict()
     summary["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
     write_json_atomic(run_dir / "summary.json", summary)

@@ -82,8 +82,25 @@ class HardwarePlan:
     world_size: int = 1
     compile: bool = False
     dtype: str = "float32"
-    threads: int = 0
+    threads: int = 0  # torch CPU threads per process (0 = torch's default)
     rationale: str = ""
+    target_batch: int = 0  # the configured effective batch (BATCH_SIZE); see effective_batch
+    tf32: bool = False  # TF32 matmuls (NVIDIA Ampere and newer)
+    probe: bool = False  # try the micro-batch before training and halve it on out-of-memory
+    backend: str = ""  # torch.distributed backend when world_size > 1: "nccl" or "gloo"
+    nnodes: int = 1  # machines taking part; world_size = nnodes x processes per node
+    node_rank: int = 0
+    rdzv_endpoint: str = ""  # host:port of the torchrun rendezvous (multi-node only)
+    rdzv_id: str = ""
+
+    @property
+    def effective_batch(self) -> int:
+        """Examples per optimizer step over every micro-batch and rank."""
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def nproc_per_node(self) -> int:
+        return self.world_size // self.nnodes
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from lib.distributed import SINGLE, Shard
 from lib.registry import lookup
 
 if TYPE_CHECKING:
@@ -64,8 +65,13 @@ class Task(Protocol):
     def examples_per_epoch(self, spec: RunSpec) -> int:
         """Training examples in one epoch, used to turn EPOCHS into steps."""
 
-    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int) -> Iterator[Batch]:
-        """An endless stream of training micro-batches, reshuffled every epoch from ``seed``."""
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[Batch]:
+        """An endless stream of training micro-batches, reshuffled every epoch from ``seed``.
+
+        With several ranks the stream of global batches is exactly the single-process
+        stream at ``micro_batch * shard.world_size``, and this rank gets its rows
+        ``shard.rows(micro_batch)`` of each: one rank is unchanged, epochs stay exact.
+        """
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean training loss of ``model`` on ``batch`` (already on the model's device)."""
@@ -73,11 +79,26 @@ class Task(Protocol):
     def samples_in(self, batch: Batch) -> int:
         """How many ``sample_unit`` a batch holds (images, or tokens)."""
 
-    def evaluate(self, model: nn.Module, spec: RunSpec, split: str) -> dict[str, float]:
-        """Metrics on split "val" or "test": {"loss": ..., metric.name: ...}. Runs under no_grad."""
+    def evaluate(self, model: nn.Module, spec: RunSpec, split: str, shard: Shard = SINGLE) -> dict[str, float]:
+        """Metrics on split "val" or "test": {"loss": ..., metric.name: ...}. Runs under no_grad.
+
+        With several ranks each evaluates its chunks ``shard.chunks(...)`` and the sums are
+        reduced (lib.distributed.reduce_sum), so every rank returns the whole split's metrics.
+        """
 
     def fetch_data(self, spec: RunSpec) -> str:
         """Download what this task needs into spec.data_dir (`make prepare-data`); say what was done."""
+
+    # -- sizing, for the hardware plan (lib/hardware.py) ----------------------------------------
+
+    def cpu_micro_batch(self, spec: RunSpec) -> int:
+        """The largest micro-batch worth using on a CPU (beyond it a step only gets slower per example)."""
+
+    def gpu_micro_batch(self, spec: RunSpec, gpu: str) -> int | None:
+        """The task's own micro-batch for GPU model ``gpu`` (a lib/gpus.py key), or None to size from memory."""
+
+    def example_batch(self, spec: RunSpec, n: int, device: torch.device) -> Batch:
+        """An all-zeros batch of ``n`` examples, shaped like training batches (memory estimates, probing)."""
 
 
 def get_task(model: str) -> Task:

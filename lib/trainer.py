@@ -5,6 +5,11 @@ setting from the RunSpec; it never reads .config. Outputs in the run folder:
 metrics.jsonl (one line per evaluation), checkpoints/best.pt (the best
 checkpoint by validation metric among evaluations at the target sparsity) and
 the summary dict that lib/run.py writes as summary.json.
+
+With several ranks (torchrun, lib/distributed.py) the model runs under
+DistributedDataParallel; every rank reads its rows of each global batch, sees
+the same reduced losses and metrics (so takes the same decisions), gets rank 0's
+pruning masks after each update, and only rank 0 writes anything.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,12 +28,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib import memory
+from lib import distributed, memory, probe
+from lib.distributed import SINGLE, Shard
 from lib.optim import build_optimizer
 from lib.pruning import build_pruner
 from lib.spec import RunSpec, TrainSettings
 from lib.task import Task, get_task
-from lib.tracking import open_tracker
+from lib.tracking import NullTracker, open_tracker
 
 SPARSITY_TOLERANCE = 0.005  # reached sparsity must be within 0.5 points of target
 TIME_PROBE_STEPS = 5  # steps measured before a time budget fixes the step count
@@ -70,37 +77,45 @@ def lr_at(step: int, peak: float, total: int, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
-    """Train one run; return its summary (status ok or diverged). Exceptions mean failed."""
+def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]:
+    """Train one run as rank ``shard``; return its summary (status ok or diverged). Exceptions mean failed."""
     hw, cfg = spec.hardware, spec.train
     if hw.threads:
         torch.set_num_threads(hw.threads)
     seed_everything(spec.seed, cfg.deterministic)
-    device = _device(hw.device)
+    device = distributed.device(hw.device, shard)
     task = get_task(spec.model)
-    task.prepare(spec)
+    with distributed.main_first(shard):  # rank 0 alone writes data files a task prepares on first use
+        task.prepare(spec)
 
     model = task.build_model(spec).to(device)
     optimizer = build_optimizer(model, spec.optim)
     pruner = build_pruner(model, optimizer, spec.prune)  # the raw model: names match checkpoints
-    forward_model = torch.compile(model) if hw.compile else model  # compiled forward; same parameters
+    ddp = distributed.wrap(model, shard, device)  # DistributedDataParallel with several ranks, else the model
+    forward_model = torch.compile(ddp) if hw.compile else ddp  # compiled forward; same parameters
     autocast, scaler = _precision(device, hw.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = hw.tf32  # the plan: Ampere+ only
+    probe_tries: list[dict[str, Any]] = []
+    if hw.probe:  # CONFIG_PROBE_BATCH: halve the micro-batch on out-of-memory, before any real step
+        hw, probe_tries = probe.fit_micro_batch(task, model, spec, device, autocast)
     total, per_epoch = planned_steps(cfg, task.examples_per_epoch(spec), cfg.batch_size)
     provisional = total or 10**9  # with only a time budget the step count is fixed after probing
     pruner.set_total_steps(provisional)
     eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
-    stream = task.train_batches(spec, hw.micro_batch, spec.seed)
+    stream = task.train_batches(spec, hw.micro_batch, spec.seed, shard=shard)  # this rank's rows
 
-    tracker = open_tracker(spec, run_dir)  # rank 0 only; a tracker failure never stops the run
+    tracker = open_tracker(spec, run_dir) if shard.main else NullTracker()  # a tracker failure never stops the run
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = (run_dir / "metrics.jsonl").open("w")
-    curve_file = (run_dir / "train.jsonl").open("w")  # loss, lr, sparsity and memory per log interval
+    if shard.main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = _output(run_dir / "metrics.jsonl", shard)
+    curve_file = _output(run_dir / "train.jsonl", shard)  # loss, lr, sparsity and memory per log interval
     best, status, error = Best(), "ok", None
     samples, train_time, step, evals = 0, 0.0, 0, 0
     memory.reset_peak(device)
     start = time.perf_counter()
-    bar = tqdm(total=provisional if total else None, desc=spec.name, unit="step", leave=False, disable=None)
+    bar = tqdm(total=provisional if total else None, desc=spec.name, unit="step", leave=False,
+               disable=None if shard.main else True)
 
     model.train()
     while step < provisional:
@@ -110,11 +125,12 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for _ in range(hw.grad_accum):
+        for micro in range(hw.grad_accum):
             batch = tuple(t.to(device, non_blocking=True) for t in next(stream))
-            with autocast():
-                loss = task.loss(forward_model, batch) / hw.grad_accum
-            scaler.scale(loss).backward()
+            with distributed.no_sync_unless(ddp, last=micro == hw.grad_accum - 1):  # all-reduce once per step
+                with autocast():
+                    loss = task.loss(forward_model, batch) / hw.grad_accum
+                scaler.scale(loss).backward()
             loss_sum += loss.detach()
             samples += task.samples_in(batch)
         scaler.unscale_(optimizer)  # fp16 only; a no-op otherwise
@@ -124,17 +140,21 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        pruner.after_step(step)  # mask updates happen here, on schedule
+        if pruner.after_step(step):  # mask updates happen here, on schedule
+            distributed.broadcast_masks(pruner)  # decided once: rank 0's masks on every rank
         train_time += time.perf_counter() - t0
         bar.update(1)
 
         if cfg.time_budget_s and step == TIME_PROBE_STEPS:
-            provisional = _steps_within_budget(step, train_time, cfg.time_budget_s, total)
+            # the slowest rank's time, so that every rank fixes the same step count
+            provisional = _steps_within_budget(step, distributed.reduce_max(train_time), cfg.time_budget_s, total)
             pruner.set_total_steps(provisional)
             bar.total = provisional
             eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
-        if step % cfg.log_interval == 0 or step == provisional:
-            train_loss = float(loss_sum)
+        log_now = step % cfg.log_interval == 0 or step == provisional
+        if log_now or step % eval_every == 0:  # the mean over ranks: every rank takes the same decisions
+            train_loss = distributed.reduce_sum(float(loss_sum))[0] / shard.world_size
+        if log_now:
             if not math.isfinite(train_loss):
                 status, error = "diverged", f"training loss became {train_loss} at step {step}"
                 break
@@ -142,9 +162,9 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
             curve_file.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "sparsity": sparsity,
                                          "elapsed_s": time.perf_counter() - start, **memory.current(device)}) + "\n")
             bar.set_postfix(loss=f"{train_loss:.4f}", sparsity=f"{sparsity:.3f}")
-            _log(f"step {step}/{provisional} loss {train_loss:.4f} lr {lr:.2e} sparsity {sparsity:.4f}")
+            _log(f"step {step}/{provisional} loss {train_loss:.4f} lr {lr:.2e} sparsity {sparsity:.4f}", shard)
         if step % eval_every == 0 or step == provisional:
-            record = _evaluate(task, model, spec, step, per_epoch, lr, pruner, float(loss_sum), start)
+            record = _evaluate(task, model, spec, step, per_epoch, lr, pruner, train_loss, start, shard)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             tracker.log(record)
@@ -153,8 +173,9 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
                 status, error = "diverged", f"validation loss became {record['val']['loss']} at step {step}"
                 break
             if _eligible(record, spec) and _improves(task, record, best):
-                best = Best(step, record["val"])
-                _save_checkpoint(ckpt_dir / "best.pt", model, pruner, step)
+                best = Best(step, record["val"])  # the same on every rank: the metrics are reduced
+                if shard.main:
+                    _save_checkpoint(ckpt_dir / "best.pt", model, pruner, step)
     bar.close()
     metrics_file.close()
     curve_file.close()
@@ -162,14 +183,16 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     wall = time.perf_counter() - start
 
     reached = pruner.sparsity()  # of the final weights, before the best checkpoint is loaded back
-    test = _test_at_best(task, model, spec, ckpt_dir / "best.pt", best) if status == "ok" else None
-    if not cfg.keep_checkpoints:
+    test = _test_at_best(task, model, spec, ckpt_dir / "best.pt", best, shard) if status == "ok" else None
+    if not cfg.keep_checkpoints and shard.main:
         (ckpt_dir / "best.pt").unlink(missing_ok=True)
     flags = []
     if spec.pruning != "none" and abs(reached - spec.sparsity) > SPARSITY_TOLERANCE:
         flags.append("sparsity_missed")
     if status == "ok" and best.step == 0:
         flags.append("no_eligible_checkpoint")
+    ranks = _ranks_record(pruner, flags) if shard.world_size > 1 else {}
+    samples, train_time = distributed.reduce_sum(samples)[0], distributed.reduce_max(train_time)  # all ranks
     return {
         "name": spec.name,
         "status": status,
@@ -184,16 +207,16 @@ def train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         "steps": {"planned": provisional, "done": step, "evaluations": evals},
         "memory": {**memory.peak(device), "state_bytes": memory.state_bytes(model, optimizer, pruner.buffer_bytes())},
         "throughput": {"unit": f"{task.sample_unit}/s", "value": samples / train_time if train_time else 0.0},
+        "hardware": {"micro_batch": hw.micro_batch, "grad_accum": hw.grad_accum, "world_size": hw.world_size,
+                     "planned_micro_batch": spec.hardware.micro_batch, "probe": probe_tries},
         "wall_time_s": wall,
+        **ranks,
     }
 
 
-def _device(kind: str) -> torch.device:
-    if kind == "cuda" and not torch.cuda.is_available():
-        from lib.errors import HarnessError
-
-        raise HarnessError("the plan says CUDA but torch sees no GPU now; re-plan with `make dry-run`")
-    return torch.device(kind)
+def _output(path: Path, shard: Shard) -> Any:
+    """A log file of the run folder, opened by rank 0 only; the other ranks write to nowhere."""
+    return path.open("w") if shard.main else open(os.devnull, "w")
 
 
 def _precision(device: torch.device, dtype: str) -> tuple[Any, torch.amp.GradScaler]:
@@ -210,18 +233,20 @@ def _steps_within_budget(step: int, elapsed: float, budget: float, cap: int) -> 
     return min(reachable, cap) if cap else reachable
 
 
-def _log(line: str) -> None:
-    tqdm.write(line)
+def _log(line: str, shard: Shard) -> None:
+    if shard.main:
+        tqdm.write(line)
 
 
 def _evaluate(task: Task, model: torch.nn.Module, spec: RunSpec, step: int, per_epoch: int, lr: float,
-              pruner: Any, train_loss: float, start: float) -> dict[str, Any]:
+              pruner: Any, train_loss: float, start: float, shard: Shard) -> dict[str, Any]:
     model.eval()
     with torch.no_grad():
-        val = task.evaluate(model, spec, "val")
+        val = task.evaluate(model, spec, "val", shard=shard)  # each rank its share; the sums reduced
     model.train()
     name = task.metric.name
-    _log(f"eval step {step}: val {name} {val[name]:.4f} val loss {val['loss']:.4f} sparsity {pruner.sparsity():.4f}")
+    _log(f"eval step {step}: val {name} {val[name]:.4f} val loss {val['loss']:.4f} sparsity {pruner.sparsity():.4f}",
+         shard)
     return {"step": step, "epoch": step / per_epoch, "lr": lr, "train_loss": train_loss, "val": val,
             "sparsity": pruner.sparsity(), "target_sparsity_now": pruner.scheduled_sparsity(step),
             "elapsed_s": time.perf_counter() - start}
@@ -243,13 +268,28 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, pruner: Any, step: int)
     tmp.replace(path)
 
 
-def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, path: Path, best: Best) -> dict | None:
-    """Evaluate the test split once, on the best checkpoint as saved on disk."""
+def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, path: Path, best: Best,
+                  shard: Shard) -> dict | None:
+    """Evaluate the test split once, on the best checkpoint as saved on disk (read by rank 0, sent to all)."""
     if not best.step:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    step = best.step
+    if shard.main:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        step = state["step"]
+    distributed.broadcast_module(model)
     model.eval()
     with torch.no_grad():
-        result = task.evaluate(model, spec, "test")
-    return {"step": state["step"], **result}
+        result = task.evaluate(model, spec, "test", shard=shard)
+    return {"step": step, **result}
+
+
+def _ranks_record(pruner: Any, flags: list[str]) -> dict[str, Any]:
+    """Every rank's mask digest, and whether they agree (flag "masks_differ" if not); a collective call."""
+    digests = distributed.gather(distributed.mask_digest(pruner))
+    identical = len(set(digests)) == 1
+    if not identical:
+        flags.append("masks_differ")
+    return {"distributed": {"world_size": len(digests), "backend": distributed.backend(), "mask_digests": digests,
+                            "masks_identical": identical}}

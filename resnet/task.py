@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lib import classification
+from lib.distributed import SINGLE, Shard
 from lib.errors import ConfigError
 from lib.spec import RunSpec
 from lib.task import Batch
@@ -32,12 +33,13 @@ class ResNetTask(classification.ClassificationTask):
 
     eval_batch = 500  # images per evaluation batch; EVAL_BATCHES counts these
 
-    def __init__(self, name: str, dataset: str, classes: int) -> None:
+    def __init__(self, name: str, dataset: str, classes: int, cpu_batch_cap: int = 64) -> None:
         if name not in BUILDERS:
             raise ValueError(f"unknown ResNet {name!r}; expected one of {', '.join(BUILDERS)}")
         if layout_of(dataset).classes != classes:
             raise ValueError(f"{dataset} has {layout_of(dataset).classes} classes, not {classes}")
         self.name, self.dataset, self.classes = name, dataset, classes
+        self.cpu_batch_cap = cpu_batch_cap  # the largest useful CPU micro-batch (2 cores, ENVIRONMENT.md)
         self.layout = layout_of(dataset)
         self._cache: dict[tuple[str, int], CifarData] = {}
 
@@ -73,11 +75,14 @@ class ResNetTask(classification.ClassificationTask):
     def examples_per_epoch(self, spec: RunSpec) -> int:
         return len(self._data(spec).train)
 
-    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int) -> Iterator[Batch]:
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[Batch]:
         """Endless equal-sized batches cut from back-to-back epoch permutations, augmented per batch.
 
         As for LeNet-5, nothing is dropped: an epoch's leftover images open the next
         batch, so every ``examples_per_epoch`` consecutive samples are one pass.
+        With several ranks every rank augments the whole global batch of micro x world
+        (uint8, cheap next to a training step) and keeps its rows: each image gets the
+        same crop and flip as in a single-process run, whatever the number of ranks.
         """
         if micro_batch < 1:
             raise ConfigError(f"micro batch must be at least 1, got {micro_batch}")
@@ -86,24 +91,25 @@ class ResNetTask(classification.ClassificationTask):
         order_gen = torch.Generator().manual_seed(seed)
         augment_gen = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
         pending = torch.empty(0, dtype=torch.int64)
+        size, rows = micro_batch * shard.world_size, shard.rows(micro_batch)
         while True:
-            while len(pending) < micro_batch:
+            while len(pending) < size:
                 pending = torch.cat([pending, torch.randperm(len(train), generator=order_gen)])
-            index, pending = pending[:micro_batch], pending[micro_batch:]
+            index, pending = pending[:size], pending[size:]
             images = train.images[index]
             if augment_on:
                 images = augment(images, augment_gen)
-            yield normalize(images, self.layout), train.labels[index]
+            yield normalize(images[rows], self.layout), train.labels[index[rows]]
 
-    def evaluate(self, model: nn.Module, spec: RunSpec, split: str) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, spec: RunSpec, split: str, shard: Shard = SINGLE) -> dict[str, float]:
         """Mean cross-entropy and accuracy (%) on "val" or "test", in eval mode (BatchNorm running
         statistics); the model's train/eval mode is restored afterwards."""
         if split not in ("val", "test"):
             raise ValueError(f"evaluate: split must be 'val' or 'test', got {split!r}")
         # uint8 crosses to the device (4x less traffic) and is normalised there
         return classification.evaluate(model, self._data(spec).split(split), self.eval_batch, spec.train.eval_batches,
-                                       lambda images, _device: normalize(images, self.layout))
+                                       lambda images, _device: normalize(images, self.layout), shard=shard)
 
 
-RESNET18 = ResNetTask("resnet18", dataset="cifar10", classes=10)
-RESNET50 = ResNetTask("resnet50", dataset="cifar100", classes=100)
+RESNET18 = ResNetTask("resnet18", dataset="cifar10", classes=10, cpu_batch_cap=64)
+RESNET50 = ResNetTask("resnet50", dataset="cifar100", classes=100, cpu_batch_cap=32)

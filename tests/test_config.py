@@ -29,7 +29,7 @@ def test_quick_defconfig_types(make_config):
     assert cfg.prune.schedule == "cubic" and cfg.prune.start == 0.1 and cfg.prune.frequency == 10
     assert cfg.train.epochs == 15 and cfg.train.grad_clip == 1.0
     assert cfg.model_options == {"lenet5": {"dataset": "mnist5k"}}
-    assert cfg.device == "cpu" and cfg.jobs == 2 and cfg.tracker == "none"
+    assert cfg.hardware.device == "cpu" and cfg.jobs == 2 and cfg.tracker == "none"
 
 
 def test_single_axes_and_steps(make_config):
@@ -120,6 +120,7 @@ def _allyes(tmp_path: Path, choose: kconfiglib.Symbol | None = None) -> Path:
             sym.set_value(2)
     if choose is not None:
         kconf.syms[choose.name].set_value(2)
+    kconf.syms["DIST_RDZV_ENDPOINT"].set_value("127.0.0.1:29500")  # multi-node on needs one (no default)
     path = tmp_path / f"allyes-{choose.name if choose else 'plain'}"
     kconf.write_config(str(path), save_old=False)
     return path

@@ -6,7 +6,7 @@ The trainer drives a pruner with four calls per run::
     loss.backward()
     pruner.before_step()                   # zero pruned weights' gradients
     clip gradients; optimizer.step()
-    pruner.after_step(step)                # on schedule: score -> threshold -> masks
+    pruner.after_step(step)                # on schedule: score -> threshold -> masks (True if changed)
 
 A method only overrides ``importance`` (score high = keep); methods that need
 per-step work (movement pruning's score accumulation) also extend
@@ -116,11 +116,16 @@ class Pruner:
             if mask is not None and param.grad is not None:
                 _apply_mask(param.grad, mask)
 
-    def after_step(self, step: int) -> None:
-        """Record that ``step`` optimizer steps (1-based) are done; update masks when the schedule says so."""
+    def after_step(self, step: int) -> bool:
+        """Record that ``step`` optimizer steps (1-based) are done; update masks when the schedule says so.
+
+        Returns True when the masks changed (the trainer then broadcasts rank 0's masks).
+        """
         self.step = step
-        if self._due(step):
-            self.prune_to(self.scheduled_sparsity(step))
+        if not self._due(step):
+            return False
+        self.prune_to(self.scheduled_sparsity(step))
+        return True
 
     def _due(self, step: int) -> bool:
         if self.schedule.should_update(step):

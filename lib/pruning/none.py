@@ -19,5 +19,6 @@ class NonePruner(Pruner):
     def before_step(self) -> None:
         pass
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int) -> bool:
         self.step = step
+        return False
