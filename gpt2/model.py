@@ -57,6 +57,13 @@ def parameter_count(cfg: GPTConfig) -> int:
     return cfg.vocab_size * d + cfg.block_size * d + cfg.n_layer * per_block + 2 * d
 
 
+def flops_per_token(cfg: GPTConfig) -> int:
+    """Training FLOPs per token (forward + backward): 6N + 12 L d T, N without position embeddings
+    (PaLM, appendix B; the estimate nanoGPT's MFU uses)."""
+    weights = parameter_count(cfg) - cfg.block_size * cfg.n_embd
+    return 6 * weights + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where position t sees positions <= t only."""
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from gpt2 import prepare
 from gpt2.data import Shards, eval_windows, load_shards, train_batches
-from gpt2.model import GPT, PADDED_VOCAB, config_for
+from gpt2.model import GPT, PADDED_VOCAB, config_for, flops_per_token
 from gpt2.sources import DATASETS, source_of
 from lib import distributed
 from lib.distributed import SINGLE, Shard
@@ -127,6 +127,10 @@ class GPT2Task:
     def gpu_micro_batch(self, spec: RunSpec, gpu: str) -> int | None:
         o = Options.of(spec)
         return GPU_MICRO_BATCH_124M.get(gpu) if (o.size, o.block_size) == ("124m", 1024) else None
+
+    def flops_per_sample(self, spec: RunSpec) -> float | None:
+        o = Options.of(spec)
+        return float(flops_per_token(config_for(o.size, o.vocab_size, o.block_size)))
 
     def example_batch(self, spec: RunSpec, n: int, device: torch.device) -> Batch:
         tokens = torch.zeros(n, Options.of(spec).block_size, dtype=torch.int64, device=device)

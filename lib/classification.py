@@ -88,6 +88,9 @@ class ClassificationTask:
     def gpu_micro_batch(self, spec: object, gpu: str) -> int | None:
         return None  # no published table: sized from free memory
 
+    def flops_per_sample(self, spec: object) -> float | None:
+        return None  # not counted: MFU is reported for GPT-2 only
+
     def example_batch(self, spec: object, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         return torch.zeros(n, *self.image_shape, device=device), torch.zeros(n, dtype=torch.int64, device=device)
 

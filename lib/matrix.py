@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from lib import distributed, hardware
 from lib.config import Config
 from lib.errors import HarnessError
 from lib.kconf import ROOT
-from lib.run import failed_summary
+from lib.run import RANK_FAILED, failed_summary
 from lib.spec import HardwarePlan, PruneSettings, RunSpec, write_json_atomic
 
 FINISHED = ("ok", "diverged")
@@ -244,13 +245,19 @@ def _read_summary(run_dir: Path, exit_code: int | None = None) -> dict[str, Any]
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        log = run_dir / "log.txt"
-        tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
         reason = f"exited with status {exit_code}" if exit_code is not None else "did not finish"
-        summary = failed_summary(run_dir.name, f"{reason}: {tail[0] if tail else 'no output'}")
+        summary = failed_summary(run_dir.name, f"{reason}: {_failure_line(run_dir / 'log.txt')}")
         if exit_code is not None:
             write_json_atomic(path, summary)
         return summary
+
+
+def _failure_line(log: Path) -> str:
+    """Why a run left no summary: the first rank's own failure line (torchrun's report follows it), else
+    the log's last line."""
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    ranks = [line for line in lines if re.match(RANK_FAILED.format(rank=r"\d+"), line)]
+    return (ranks or lines[-1:] or ["no output"])[0]
 
 
 def _one_line(s: dict[str, Any]) -> str:

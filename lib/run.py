@@ -38,12 +38,17 @@ def run(run_dir: Path) -> int:
     finally:
         distributed.teardown()
     if not shard.main:  # the same outcome on every rank (losses and metrics are reduced); rank 0 records it
+        if summary["status"] == "failed":  # a failure of this rank alone: torchrun may stop rank 0 first
+            print(f"{RANK_FAILED.format(rank=shard.rank)}{summary['error']}", flush=True)
         return 1 if summary["status"] == "failed" else 0
     summary["spec"] = spec.to_dict()
     summary["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
     write_json_atomic(run_dir / "summary.json", summary)
     print(f"{spec.name}: {summary['status']}" + (f" ({summary['error']})" if summary.get("error") else ""))
     return 1 if summary["status"] == "failed" else 0
+
+
+RANK_FAILED = "rank {rank} failed: "  # the line lib/matrix.py looks for in a log that has no summary
 
 
 def failed_summary(name: str, error: str) -> dict:

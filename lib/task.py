@@ -97,6 +97,9 @@ class Task(Protocol):
     def gpu_micro_batch(self, spec: RunSpec, gpu: str) -> int | None:
         """The task's own micro-batch for GPU model ``gpu`` (a lib/gpus.py key), or None to size from memory."""
 
+    def flops_per_sample(self, spec: RunSpec) -> float | None:
+        """Training FLOPs (forward + backward) per ``sample_unit``, for MFU; None if the task does not count them."""
+
     def example_batch(self, spec: RunSpec, n: int, device: torch.device) -> Batch:
         """An all-zeros batch of ``n`` examples, shaped like training batches (memory estimates, probing)."""
 

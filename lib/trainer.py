@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib import distributed, memory, probe
+from lib import distributed, gpus, memory, probe
 from lib.distributed import SINGLE, Shard
 from lib.optim import build_optimizer
 from lib.pruning import build_pruner
-from lib.spec import RunSpec, TrainSettings
+from lib.spec import HardwarePlan, RunSpec, TrainSettings
 from lib.task import Task, get_task
 from lib.tracking import NullTracker, open_tracker
 
@@ -164,7 +164,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
             bar.set_postfix(loss=f"{train_loss:.4f}", sparsity=f"{sparsity:.3f}")
             _log(f"step {step}/{provisional} loss {train_loss:.4f} lr {lr:.2e} sparsity {sparsity:.4f}", shard)
         if step % eval_every == 0 or step == provisional:
-            record = _evaluate(task, model, spec, step, per_epoch, lr, pruner, train_loss, start, shard)
+            with autocast():  # evaluate in the training precision, as the model is trained in it
+                record = _evaluate(task, model, spec, step, per_epoch, lr, pruner, train_loss, start, shard)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             tracker.log(record)
@@ -183,7 +184,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
     wall = time.perf_counter() - start
 
     reached = pruner.sparsity()  # of the final weights, before the best checkpoint is loaded back
-    test = _test_at_best(task, model, spec, ckpt_dir / "best.pt", best, shard) if status == "ok" else None
+    with autocast():
+        test = _test_at_best(task, model, spec, ckpt_dir / "best.pt", best, shard) if status == "ok" else None
     if not cfg.keep_checkpoints and shard.main:
         (ckpt_dir / "best.pt").unlink(missing_ok=True)
     flags = []
@@ -193,6 +195,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
         flags.append("no_eligible_checkpoint")
     ranks = _ranks_record(pruner, flags) if shard.world_size > 1 else {}
     samples, train_time = distributed.reduce_sum(samples)[0], distributed.reduce_max(train_time)  # all ranks
+    throughput = samples / train_time if train_time else 0.0
     return {
         "name": spec.name,
         "status": status,
@@ -206,12 +209,22 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
                      "total_params": sum(p.numel() for p in model.parameters())},
         "steps": {"planned": provisional, "done": step, "evaluations": evals},
         "memory": {**memory.peak(device), "state_bytes": memory.state_bytes(model, optimizer, pruner.buffer_bytes())},
-        "throughput": {"unit": f"{task.sample_unit}/s", "value": samples / train_time if train_time else 0.0},
+        "throughput": {"unit": f"{task.sample_unit}/s", "value": throughput},
+        "mfu": _mfu(task, spec, hw, device, throughput),
         "hardware": {"micro_batch": hw.micro_batch, "grad_accum": hw.grad_accum, "world_size": hw.world_size,
                      "planned_micro_batch": spec.hardware.micro_batch, "probe": probe_tries},
         "wall_time_s": wall,
         **ranks,
     }
+
+
+def _mfu(task: Task, spec: RunSpec, hw: HardwarePlan, device: torch.device, throughput: float) -> dict | None:
+    """Model FLOPs utilisation on a known GPU in 16-bit (lib/gpus.py); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    return gpus.mfu(task.flops_per_sample(spec), throughput, torch.cuda.get_device_name(device), total, hw.dtype,
+                    hw.world_size)
 
 
 def _output(path: Path, shard: Shard) -> Any:

@@ -57,6 +57,7 @@ def write_run(folder: Path, key: tuple, seed: int, test: float) -> dict:
         "sparsity": {"target": target, "reached": target, "prunable_params": 1000, "total_params": 1100},
         "steps": {"planned": 30, "done": 30, "evaluations": 3}, "memory": memory,
         "throughput": {"unit": "images/s" if accuracy else "tokens/s", "value": 1234.5},
+        "mfu": None if accuracy else {"value": 0.412, "gpu": "H100"},  # the GPU runs: MFU measured
         "wall_time_s": 12.5, "spec": spec, "started_at": "2025-01-01T00:00:00",
     }
     run_dir = folder / name

@@ -192,3 +192,18 @@ def test_a_gpu_plan_launched_without_gpus_fails_with_one_line(tmp_path: Path) ->
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "torch sees no GPU now" in summary["error"]
     assert "\n" not in summary["error"] and proc.stdout.count("gone: failed") == 1
+
+
+def test_a_failure_of_one_rank_names_that_rank(tmp_path: Path) -> None:
+    """torchrun may kill rank 0 before it records a failure of rank 1: the run's record then quotes
+    rank 1's own line, not the last line of torchrun's report."""
+    from lib.matrix import _failure_line
+
+    log = tmp_path / "log.txt"
+    log.write_text("step 10/40 loss 3.2\nrank 1 failed: OutOfMemoryError: CUDA out of memory\n"
+                   "E1121 torch.distributed.elastic.multiprocessing.api: failed (exitcode: 1)\n"
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
+    assert _failure_line(log) == "rank 1 failed: OutOfMemoryError: CUDA out of memory"
+    log.write_text("Traceback ...\nValueError: boom\n")
+    assert _failure_line(log) == "ValueError: boom"
+    assert _failure_line(tmp_path / "missing.txt") == "no output"

@@ -252,3 +252,17 @@ def test_hwinfo_prints_devices_and_each_plan_with_its_reason(make_config, capsys
     assert "lenet5_adamw_magnitude_90" in out  # every run is listed with its plan
     assert cli.main(["dry-run", "--config", str(path)]) == 0
     assert "plan for lenet5: cpu 128x1x1=128 fp32" in capsys.readouterr().out  # dry-run shows the same
+
+
+def test_mfu_uses_the_datasheet_peak_and_only_16_bit_known_gpus():
+    from gpt2.model import config_for, flops_per_token
+    from lib.gpus import mfu
+
+    per_token = flops_per_token(config_for("124m", 50257, 1024))
+    assert per_token == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 768 * 1024  # 6N + 12 L d T
+    result = mfu(per_token, 100_000.0, "NVIDIA H100 80GB HBM3", 80 * GIB, "bfloat16", 1)
+    assert result["gpu"] == "H100" and result["value"] == pytest.approx(100_000 * per_token / 989e12)
+    assert mfu(per_token, 400_000.0, "NVIDIA B200", 180 * GIB, "bfloat16", 4)["peak_flops"] == 4 * 2250e12
+    assert mfu(per_token, 1.0, "NVIDIA H100 80GB HBM3", 80 * GIB, "float32", 1) is None  # not vs a 16-bit peak
+    assert mfu(per_token, 1.0, "Some Future GPU", 80 * GIB, "bfloat16", 1) is None
+    assert mfu(None, 1.0, "NVIDIA B200", 180 * GIB, "bfloat16", 1) is None  # a task that counts no FLOPs

@@ -106,6 +106,7 @@ def test_perplexity_report_picks_the_lowest_as_best(ppl):
     row = next(line for line in report.splitlines() if line.startswith("| gpt2_adamwprune_bitter7_state_50_s1 |"))
     assert "| 37.50 (20) | 37.00 |" in row  # best val is the lowest perplexity, at step 20
     assert "1000.0 MiB alloc / 1200.0 MiB reserved (GPU)" in row
+    assert "| 1,234 tokens/s (MFU 41.2% of H100) |" in row
 
 
 def test_mixed_models_get_a_section_and_graphs_each(tmp_path, low_dpi):
