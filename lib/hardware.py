@@ -119,12 +119,13 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
     precision, dtype_why = _dtype_choice(settings.dtype, on_gpu, devices.bf16)
     tf32, tf32_why = _tf32_choice(settings.tf32, on_gpu, devices)
     task = get_task(spec.model)
+    room = _Room.of(devices, settings.memory_margin, jobs * ranks) if on_gpu else None
     if settings.batch_plan == "manual":
         micro, accum, sizing = _manual(settings, world, target)
-        if on_gpu:
-            sizing += _manual_memory_note(task, spec, devices, micro, precision, settings.memory_margin)
-    elif on_gpu:
-        micro, accum, sizing = _gpu_rule(task, spec, devices, per_rank, precision, settings.memory_margin)
+        if room:
+            sizing += _manual_memory_note(task, spec, room, micro, precision)
+    elif room:
+        micro, accum, sizing = _gpu_rule(task, spec, devices, room, per_rank, precision)
     else:
         micro, accum = _closest(per_rank, task.cpu_micro_batch(spec))
         sizing = f"CPU rule: micro-batch at most {task.cpu_micro_batch(spec)} for {spec.model}"
@@ -185,39 +186,52 @@ def _manual(settings: HardwareSettings, world: int, target: int) -> tuple[int, i
     return micro, accum, "manual (CONFIG_BATCH_PLAN_MANUAL)"
 
 
-def _gpu_rule(task: object, spec: RunSpec, devices: Devices, per_rank: int, precision: str,
-              margin: float) -> tuple[int, int, str]:
+@dataclass(frozen=True)
+class _Room:
+    """The memory one run's rank may use on the tightest GPU: free memory less the margin, shared
+    with the other runs' ranks that MATRIX_JOBS puts on the same GPU."""
+
+    gpu: Gpu
+    usable: int
+    text: str
+
+    @classmethod
+    def of(cls, devices: Devices, margin: float, processes: int) -> _Room:
+        gpu = min(devices.gpus, key=lambda g: g.free_bytes)  # mixed or busy GPUs: size for the tightest
+        share = max(1, -(-processes // devices.count))  # processes per GPU, rounded up
+        usable = int(gpu.free_bytes * (1 - margin) / share)
+        shared = f", shared by {share} runs side by side" if share > 1 else ""
+        return cls(gpu, usable, f"{gib(usable)} usable of {gib(gpu.free_bytes)} free{shared}")
+
+
+def _gpu_rule(task: object, spec: RunSpec, devices: Devices, room: _Room, per_rank: int,
+              precision: str) -> tuple[int, int, str]:
     """The task's table for this GPU model if it fits in free memory, else the free-memory rule."""
-    gpu = min(devices.gpus, key=lambda g: g.free_bytes)  # mixed or busy GPUs: size for the tightest
-    usable = int(gpu.free_bytes * (1 - margin))
     footprint = memory.estimate_footprint(task, spec, precision)
-    fits = footprint.fits(usable)
-    known = identify(gpu.name, gpu.total_bytes) if devices.homogeneous else None
+    fits = footprint.fits(room.usable)
+    known = identify(room.gpu.name, room.gpu.total_bytes) if devices.homogeneous else None
     table = task.gpu_micro_batch(spec, known.key) if known else None
-    room = f"{gib(usable)} usable of {gib(gpu.free_bytes)} free"
     estimate = f"estimated {gib(footprint.fixed)} + {gib(footprint.per_sample)}/sample"
-    if table and footprint.at(table) <= usable:
-        cap, why = table, f"GPU table: {known.key} -> micro-batch {table} ({estimate} fits {room})"
+    if table and footprint.at(table) <= room.usable:
+        cap, why = table, f"GPU table: {known.key} -> micro-batch {table} ({estimate} fits {room.text})"
     else:
         if fits < 1:
-            raise HarnessError(f"{spec.model} does not fit on {gpu.name}: about {gib(footprint.at(1))} at "
-                               f"micro-batch 1 but {room}; free GPU memory, lower CONFIG_GPU_MEMORY_MARGIN "
-                               f"or choose a smaller model")
+            raise HarnessError(f"{spec.model} does not fit on {room.gpu.name}: about {gib(footprint.at(1))} at "
+                               f"micro-batch 1 but {room.text}; free GPU memory, lower CONFIG_GPU_MEMORY_MARGIN "
+                               f"or CONFIG_MATRIX_JOBS, or choose a smaller model")
         cap = fits
-        why = (f"GPU table says {table} for {known.key} but {room}: " if table else
+        why = (f"GPU table says {table} for {known.key} but {room.text}: " if table else
                "mixed GPUs: " if not devices.homogeneous else "")
-        why += f"memory rule ({estimate}, {room}) -> at most {fits}"
+        why += f"memory rule ({estimate}, {room.text}) -> at most {fits}"
     micro, accum = _closest(per_rank, cap)
     return micro, accum, why
 
 
-def _manual_memory_note(task: object, spec: RunSpec, devices: Devices, micro: int, precision: str,
-                        margin: float) -> str:
-    gpu = min(devices.gpus, key=lambda g: g.free_bytes)
-    need, usable = memory.estimate_footprint(task, spec, precision).at(micro), int(gpu.free_bytes * (1 - margin))
-    if need <= usable:
+def _manual_memory_note(task: object, spec: RunSpec, room: _Room, micro: int, precision: str) -> str:
+    need = memory.estimate_footprint(task, spec, precision).at(micro)
+    if need <= room.usable:
         return ""
-    return (f"; WARNING: micro-batch {micro} is estimated at {gib(need)} > {gib(usable)} usable: "
+    return (f"; WARNING: micro-batch {micro} is estimated at {gib(need)} > {room.text}: "
             f"expect out-of-memory unless CONFIG_PROBE_BATCH is on")
 
 

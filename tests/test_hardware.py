@@ -266,3 +266,12 @@ def test_mfu_uses_the_datasheet_peak_and_only_16_bit_known_gpus():
     assert mfu(per_token, 1.0, "NVIDIA H100 80GB HBM3", 80 * GIB, "float32", 1) is None  # not vs a 16-bit peak
     assert mfu(per_token, 1.0, "Some Future GPU", 80 * GIB, "bfloat16", 1) is None
     assert mfu(None, 1.0, "NVIDIA B200", 180 * GIB, "bfloat16", 1) is None  # a task that counts no FLOPs
+
+
+def test_runs_side_by_side_share_a_gpu():
+    alone = hardware.plan(gpt2(), AUTO, B200, jobs=1)
+    shared = hardware.plan(gpt2(), AUTO, B200, jobs=2)  # MATRIX_JOBS=2 on one GPU: half the memory each
+    assert alone.micro_batch == 128 and shared.micro_batch < 128
+    assert "shared by 2 runs side by side" in shared.rationale
+    assert_at_target(shared, 1024)
+    assert hardware.plan(gpt2(), AUTO, B200X4, jobs=1).micro_batch == 128  # 4 ranks on 4 GPUs: no sharing
