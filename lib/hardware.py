@@ -12,13 +12,17 @@ free-memory rule; on a CPU the task's CPU cap.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 
 from lib import memory
 from lib.errors import ConfigError, HarnessError
 from lib.gpus import gib, identify
+from lib.kconf import ROOT
 from lib.spec import HardwarePlan, RunSpec
 from lib.task import get_task
 
@@ -75,13 +79,38 @@ def detect() -> Devices:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if not torch.cuda.is_available():
         return Devices("cpu", cpu_cores=cores, compile_works=bool(shutil.which("g++") or shutil.which("c++")))
-    vendor = "amd" if torch.version.hip else "nvidia"
+    report = _query_gpus()
+    gpus = tuple(Gpu(g["name"], g["total"], g["free"], tuple(g["capability"]), report["vendor"])
+                 for g in report["gpus"])
+    return Devices("cuda", gpus, cores, report["bf16"], importlib.util.find_spec("triton") is not None)
+
+
+def _query_gpus() -> dict:
+    """The GPUs' names, memory and capability, asked in a child process: free-memory queries create a
+    CUDA context on every GPU, which would otherwise stay in this (the matrix's) process for the whole
+    matrix and take its memory from the runs."""
+    child = subprocess.run([sys.executable, "-c", "from lib.hardware import gpu_report; gpu_report()"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        return json.loads(child.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        why = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HarnessError(f"could not query the GPUs ({why}); check `nvidia-smi` / `rocm-smi`, or set "
+                           f"CONFIG_DEVICE_CPU") from None
+
+
+def gpu_report() -> None:
+    """Print what torch sees of the GPUs as one JSON line (run by ``_query_gpus`` in a child process)."""
+    import torch
+
     gpus = []
     for i in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(i)
-        gpus.append(Gpu(torch.cuda.get_device_name(i), total, free, torch.cuda.get_device_capability(i), vendor))
-    return Devices("cuda", tuple(gpus), cores, torch.cuda.is_bf16_supported(),
-                   importlib.util.find_spec("triton") is not None)
+        gpus.append({"name": torch.cuda.get_device_name(i), "total": total, "free": free,
+                     "capability": list(torch.cuda.get_device_capability(i))})
+    print(json.dumps({"gpus": gpus, "vendor": "amd" if torch.version.hip else "nvidia",
+                      "bf16": torch.cuda.is_bf16_supported()}))
 
 
 @dataclass(frozen=True)

@@ -275,3 +275,26 @@ def test_runs_side_by_side_share_a_gpu():
     assert "shared by 2 runs side by side" in shared.rationale
     assert_at_target(shared, 1024)
     assert hardware.plan(gpt2(), AUTO, B200X4, jobs=1).micro_batch == 128  # 4 ranks on 4 GPUs: no sharing
+
+
+def test_detect_reads_the_gpus_from_a_child_process(monkeypatch):
+    """No GPU here: torch is told it has one, and the child's report is made up."""
+    import torch
+
+    report = {"gpus": [{"name": "NVIDIA A10G", "total": 23 * GIB, "free": 22 * GIB, "capability": [8, 6]}] * 2,
+              "vendor": "nvidia", "bf16": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hardware, "_query_gpus", lambda: report)
+    devices = hardware.detect()
+    assert devices.kind == "cuda" and devices.count == 2 and devices.homogeneous and devices.bf16
+    assert devices.gpus[0] == Gpu("NVIDIA A10G", 23 * GIB, 22 * GIB, (8, 6), "nvidia")
+    assert "GPU 1: NVIDIA A10G (A10G), 22.0 GiB free of 23.0 GiB" in devices.describe()
+
+
+def test_a_failing_gpu_query_is_one_line(monkeypatch):
+    import subprocess
+
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback ...\nRuntimeError: CUDA driver gone\n")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(HarnessError, match=r"could not query the GPUs \(RuntimeError: CUDA driver gone\)"):
+        hardware._query_gpus()
