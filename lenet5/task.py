@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lenet5.data import (
@@ -78,24 +77,12 @@ class LeNet5Task(classification.ClassificationTask):
         return len(self._data(spec).train)
 
     def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[Batch]:
-        """Endless equal-sized batches cut from back-to-back epoch permutations.
-
-        Nothing is dropped: an epoch's leftover images open the next batch, so every
-        ``examples_per_epoch`` consecutive samples are exactly one pass over the data,
-        and every batch has the same shape (no recompiles, even grad-accumulation weights).
-        With several ranks, each takes its rows of the global batch of micro x world.
-        """
-        if micro_batch < 1:
-            raise ConfigError(f"micro batch must be at least 1, got {micro_batch}")
+        """Endless equal-sized batches of this rank's rows (classification.global_batches: every
+        ``examples_per_epoch`` consecutive samples are exactly one pass over the data)."""
         train = self._data(spec).train
-        gen = torch.Generator().manual_seed(seed)
-        pending = torch.empty(0, dtype=torch.int64)
-        size = micro_batch * shard.world_size
-        while True:
-            while len(pending) < size:
-                pending = torch.cat([pending, torch.randperm(len(train), generator=gen)])
-            index, pending = pending[:size][shard.rows(micro_batch)], pending[size:]
-            yield train.images[index], train.labels[index]
+        for index in classification.global_batches(len(train), micro_batch, seed, shard):
+            mine = index[shard.rows(micro_batch)]
+            yield train.images[mine], train.labels[mine]
 
     def evaluate(self, model: nn.Module, spec: RunSpec, split: str, shard: Shard = SINGLE) -> dict[str, float]:
         """Mean cross-entropy and accuracy (%) on "val" or "test"; the model's train/eval mode is kept."""

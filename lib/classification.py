@@ -6,7 +6,7 @@ the split containers and the evaluation loop live here once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 
 from lib import distributed
 from lib.distributed import SINGLE, Shard
+from lib.errors import ConfigError
 from lib.task import Metric
 
 
@@ -41,6 +42,26 @@ class SplitData:
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}; expected train, val or test")
         return getattr(self, name)
+
+
+def global_batches(count: int, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[torch.Tensor]:
+    """Endless indices of global batches (micro x world) cut from back-to-back epoch permutations of ``count``.
+
+    Nothing is dropped: an epoch's leftover indices open the next batch, so every
+    ``count`` consecutive samples are exactly one pass over the data, and every batch
+    has the same shape (no recompiles, even grad-accumulation weights). Every rank
+    draws the same global batches; each takes ``shard.rows(micro_batch)`` of them.
+    """
+    if micro_batch < 1:
+        raise ConfigError(f"micro batch must be at least 1, got {micro_batch}")
+    gen = torch.Generator().manual_seed(seed)
+    pending = torch.empty(0, dtype=torch.int64)
+    size = micro_batch * shard.world_size
+    while True:
+        while len(pending) < size:
+            pending = torch.cat([pending, torch.randperm(count, generator=gen)])
+        index, pending = pending[:size], pending[size:]
+        yield index
 
 
 def evaluate(model: nn.Module, data: Split, batch: int, max_batches: int = 0,
@@ -89,7 +110,7 @@ class ClassificationTask:
         return None  # no published table: sized from free memory
 
     def flops_per_sample(self, spec: object) -> float | None:
-        return None  # not counted: MFU is reported for GPT-2 only
+        return None  # image tasks do not count their FLOPs, so their runs report no MFU
 
     def example_batch(self, spec: object, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         return torch.zeros(n, *self.image_shape, device=device), torch.zeros(n, dtype=torch.int64, device=device)

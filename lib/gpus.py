@@ -36,7 +36,9 @@ GPU_MODELS: tuple[GpuModel, ...] = (
     GpuModel("A100-40GB", "A100", "nvidia", tf32=True, peak_tflops=312),
     GpuModel("L40S", "L40S", "nvidia", tf32=True, peak_tflops=362),
     GpuModel("L40", "L40", "nvidia", tf32=True, peak_tflops=181),
-    GpuModel("A10G", "A10G", "nvidia", tf32=True, peak_tflops=125),  # the A10's datasheet figure
+    # No MFU on the A10G: AWS's variant has less tensor throughput than the A10 (whose datasheet says
+    # 125 bf16 TFLOPS) and we have no published figure for it; a wrong peak is worse than none.
+    GpuModel("A10G", "A10G", "nvidia", tf32=True),
     GpuModel("L4", "L4", "nvidia", tf32=True, peak_tflops=121),
     GpuModel("MI300X", "MI300X", "amd", peak_tflops=1307),
     GpuModel("MI210", "MI210", "amd", compile_ok=False, peak_tflops=181),

@@ -172,7 +172,7 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
         parts.append(f"DDP over {'nccl' if on_gpu else 'gloo'}")
     return HardwarePlan(
         device="cuda" if on_gpu else "cpu", micro_batch=micro, grad_accum=accum, world_size=world,
-        compile=use_compile, dtype=precision, threads=threads, rationale="; ".join(parts), target_batch=target,
+        compile=use_compile, dtype=precision, threads=threads, rationale="; ".join(parts),
         tf32=tf32, probe=settings.probe, backend=("nccl" if on_gpu else "gloo") if world > 1 else "",
         nnodes=settings.nnodes, node_rank=settings.node_rank, rdzv_endpoint=settings.rdzv_endpoint,
         rdzv_id=settings.rdzv_id,

@@ -89,7 +89,10 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, pruning_buff
 
 SAVED_SAFETY = 1.25  # backward's transient activation gradients on top of what autograd saves
 HALF_KEEPS = 0.7  # 16-bit autocast keeps ~0.68 of fp32's saved bytes (GPT-2 124M, block 256, CPU bf16)
-STATE_BYTES_PER_WEIGHT = 4 + 4 + 8  # fp32 weight, gradient, two Adam moments (the largest optimizer state)
+# Two fp32 Adam moments per weight. AMSGrad's third moment and movement pruning's scores are left to
+# the safety margins: an estimate, and probe mode the check.
+OPTIMIZER_STATE_BYTES_PER_WEIGHT = 8
+STATE_BYTES_PER_WEIGHT = 4 + 4 + OPTIMIZER_STATE_BYTES_PER_WEIGHT  # fp32 weight, gradient, optimizer state
 WORKSPACE_BYTES = 1 << 30  # CUDA context, cuBLAS workspace and allocator slack
 
 

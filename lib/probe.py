@@ -21,10 +21,9 @@ from torch import nn
 from lib import distributed
 from lib.errors import HarnessError
 from lib.hardware import largest_divisor_at_most
+from lib.memory import OPTIMIZER_STATE_BYTES_PER_WEIGHT
 from lib.spec import HardwarePlan, RunSpec
 from lib.task import Task
-
-OPTIMIZER_STATE_FLOATS = 2  # Adam's two moments per weight: the most any of our optimizers keeps
 
 
 def fit_micro_batch(task: Task, model: nn.Module, spec: RunSpec, device: torch.device,
@@ -51,8 +50,8 @@ def _fits(task: Task, model: nn.Module, spec: RunSpec, device: torch.device, aut
     """One forward/backward of ``micro`` examples; False on out-of-memory. Leaves no gradients behind."""
     reserve = None
     try:
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        reserve = torch.empty(OPTIMIZER_STATE_FLOATS * weights, dtype=torch.uint8, device=device)
+        weights = sum(p.numel() for p in model.parameters())
+        reserve = torch.empty(OPTIMIZER_STATE_BYTES_PER_WEIGHT * weights, dtype=torch.uint8, device=device)
         batch = task.example_batch(spec, micro, device)
         with autocast():
             loss = task.loss(model, batch)

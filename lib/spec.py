@@ -84,7 +84,6 @@ class HardwarePlan:
     dtype: str = "float32"
     threads: int = 0  # torch CPU threads per process (0 = torch's default)
     rationale: str = ""
-    target_batch: int = 0  # the configured effective batch (BATCH_SIZE); see effective_batch
     tf32: bool = False  # TF32 matmuls (NVIDIA Ampere and newer)
     probe: bool = False  # try the micro-batch before training and halve it on out-of-memory
     backend: str = ""  # torch.distributed backend when world_size > 1: "nccl" or "gloo"

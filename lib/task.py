@@ -1,6 +1,6 @@
 """The task plug-in: the only surface through which lib/ knows a model family.
 
-Each model folder (lenet5/, later gpt2/ and resnet/) exposes ``TASK``, an object
+Each model folder (lenet5/, gpt2/, resnet/) exposes ``TASK``, an object
 with the members of ``Task`` below. The trainer, the matrix, the reports and the
 graphs know nothing else about a model. ``TASKS`` maps a model name to the module
 holding its task; it is imported only when that model is used.

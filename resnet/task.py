@@ -76,26 +76,18 @@ class ResNetTask(classification.ClassificationTask):
         return len(self._data(spec).train)
 
     def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[Batch]:
-        """Endless equal-sized batches cut from back-to-back epoch permutations, augmented per batch.
+        """Endless equal-sized batches of this rank's rows (classification.global_batches: every
+        ``examples_per_epoch`` consecutive samples are one pass), augmented per batch.
 
-        As for LeNet-5, nothing is dropped: an epoch's leftover images open the next
-        batch, so every ``examples_per_epoch`` consecutive samples are one pass.
         With several ranks every rank augments the whole global batch of micro x world
         (uint8, cheap next to a training step) and keeps its rows: each image gets the
         same crop and flip as in a single-process run, whatever the number of ranks.
         """
-        if micro_batch < 1:
-            raise ConfigError(f"micro batch must be at least 1, got {micro_batch}")
         augment_on = self._options(spec)[0]
         train = self._data(spec).train
-        order_gen = torch.Generator().manual_seed(seed)
         augment_gen = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
-        pending = torch.empty(0, dtype=torch.int64)
-        size, rows = micro_batch * shard.world_size, shard.rows(micro_batch)
-        while True:
-            while len(pending) < size:
-                pending = torch.cat([pending, torch.randperm(len(train), generator=order_gen)])
-            index, pending = pending[:size], pending[size:]
+        rows = shard.rows(micro_batch)
+        for index in classification.global_batches(len(train), micro_batch, seed, shard):
             images = train.images[index]
             if augment_on:
                 images = augment(images, augment_gen)

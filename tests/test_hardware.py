@@ -176,6 +176,10 @@ def test_manual_mode_overrides_auto_and_is_validated():
         hardware.plan(gpt2(), settings(batch_plan="manual", micro_batch=128, grad_accum=4), B200)
     with pytest.raises(ConfigError, match="choose a micro-batch that divides 1024"):
         hardware.plan(gpt2(), settings(batch_plan="manual", micro_batch=48, grad_accum=20), B200)
+    with pytest.raises(ConfigError, match="CONFIG_GRAD_ACCUM=0"):
+        hardware.plan(gpt2(), settings(batch_plan="manual", micro_batch=8, grad_accum=0), B200)
+    with pytest.raises(ConfigError, match="make CONFIG_BATCH_SIZE a multiple of the 4 ranks"):
+        hardware.plan(gpt2(1022), settings(batch_plan="manual", micro_batch=8, grad_accum=32), B200X4)
     huge = hardware.plan(gpt2(), settings(batch_plan="manual", micro_batch=1024, grad_accum=1), A10G)
     assert "expect out-of-memory" in huge.rationale
 
@@ -224,12 +228,21 @@ def test_multinode_symbols(make_config):
         config.load(make_config(lines))
     with pytest.raises(ConfigError, match="CONFIG_DIST_NODE_RANK=2 must be below"):
         config.load(make_config(lines.replace("RANK=1", "RANK=2") + 'CONFIG_DIST_RDZV_ENDPOINT="h:1"\n'))
+    with pytest.raises(ConfigError, match="CONFIG_DIST_RDZV_ENDPOINT='10.0.0.1'"):  # no port
+        config.load(make_config(lines + 'CONFIG_DIST_RDZV_ENDPOINT="10.0.0.1"\n'))
+    with pytest.raises(ConfigError, match="CONFIG_DIST_RDZV_ID is empty"):
+        config.load(make_config(lines + 'CONFIG_DIST_RDZV_ENDPOINT="h:1"\nCONFIG_DIST_RDZV_ID=""\n'))
 
 
-def test_manual_batch_zero_in_config_is_one_line(make_config):
-    cfg = config.load(make_config("CONFIG_BATCH_PLAN_MANUAL=y\nCONFIG_MICRO_BATCH=0\n"))
+def test_manual_batch_zero_in_config_is_one_line(make_config, capsys):
+    from lib import cli
+
+    path = make_config("CONFIG_BATCH_PLAN_MANUAL=y\nCONFIG_MICRO_BATCH=0\n")
     with pytest.raises(ConfigError, match="CONFIG_MICRO_BATCH=0: a manual micro batch must be at least 1"):
-        matrix.expand(cfg, CPU)
+        matrix.expand(config.load(path), CPU)
+    assert cli.main(["dry-run", "--config", str(path)]) == 2  # what `make dry-run` / `make` exit with
+    err = capsys.readouterr().err
+    assert err.startswith("error: CONFIG_MICRO_BATCH=0") and err.count("\n") == 1
 
 
 def test_seed_gpt2_defconfigs_plan_on_every_made_up_device(tmp_path):
@@ -265,6 +278,7 @@ def test_mfu_uses_the_datasheet_peak_and_only_16_bit_known_gpus():
     assert mfu(per_token, 400_000.0, "NVIDIA B200", 180 * GIB, "bfloat16", 4)["peak_flops"] == 4 * 2250e12
     assert mfu(per_token, 1.0, "NVIDIA H100 80GB HBM3", 80 * GIB, "float32", 1) is None  # not vs a 16-bit peak
     assert mfu(per_token, 1.0, "Some Future GPU", 80 * GIB, "bfloat16", 1) is None
+    assert mfu(per_token, 1.0, "NVIDIA A10G", 23 * GIB, "bfloat16", 1) is None  # no trusted peak figure
     assert mfu(None, 1.0, "NVIDIA B200", 180 * GIB, "bfloat16", 1) is None  # a task that counts no FLOPs
 
 

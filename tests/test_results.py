@@ -23,20 +23,22 @@ PNG = b"\x89PNG\r\n\x1a\n"
 GRAPH_SLUGS = ("metric_vs_sparsity", "peak_memory", "memory_timeline", "memory_vs_metric", "training_curves")
 
 
-@pytest.fixture(scope="module")
-def acc(tmp_path_factory) -> Path:
-    folder = build(tmp_path_factory.mktemp("acc") / "lenet5_20250101_000000", ACCURACY)
+def _rendered(tmp_path_factory, name: str, table: dict) -> Path:
+    """A hand-written results folder with its graphs and report drawn."""
+    folder = build(tmp_path_factory.mktemp(name) / name, table)
     write_graphs(folder)
     write_report(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def acc(tmp_path_factory) -> Path:
+    return _rendered(tmp_path_factory, "lenet5_20250101_000000", ACCURACY)
 
 
 @pytest.fixture(scope="module")
 def ppl(tmp_path_factory) -> Path:
-    folder = build(tmp_path_factory.mktemp("ppl") / "gpt2_20250101_000000", PERPLEXITY)
-    write_graphs(folder)
-    write_report(folder)
-    return folder
+    return _rendered(tmp_path_factory, "gpt2_20250101_000000", PERPLEXITY)
 
 
 @pytest.fixture
