@@ -15,9 +15,9 @@ PYTHON ?= python3
 
 # Command-line overrides, applied for this invocation only (never written to .config).
 OVERRIDES := $(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),--set $(v)=$($(v)))) \
-	$(if $(TIME),--set TIME_BUDGET=$(TIME))
+	$(if $(TIME),--set 'TIME_BUDGET=$(TIME)')
 RECORDED := $(strip make $(MAKECMDGOALS) $(if $(filter-out .config,$(KCONFIG_CONFIG)),KCONFIG_CONFIG=$(KCONFIG_CONFIG)) \
-	$(foreach v,MAX_ITERS EPOCHS SEEDS TIME RESULTS_DIR,$(if $($(v)),$(v)=$($(v)))))
+	$(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),$(v)=$($(v)))) $(if $(TIME),TIME="$(TIME)"))
 CLI := HARNESS_COMMAND='$(RECORDED)' \
 	$(PY) -m lib.cli --config $(KCONFIG_CONFIG) $(OVERRIDES)
 DEFCONFIG_OUT ?= defconfig
@@ -33,7 +33,7 @@ help: ## List the make targets
 	@grep -hE '^[a-zA-Z%_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
 		awk -F'\t' '{printf "  %-22s %s\n", $$1, $$2}'
 	@echo
-	@echo "Overrides for this invocation: MAX_ITERS=N EPOCHS=N TIME=30m SEEDS=N RESULTS_DIR=dir YES=1"
+	@echo "Overrides for this invocation: MAX_ITERS=N EPOCHS=N TIME=30m (or TIME="1h 30m") SEEDS=N RESULTS_DIR=dir YES=1"
 	@echo "KCONFIG_CONFIG=path reads/writes another config file instead of .config."
 
 $(STAMP): requirements.txt requirements-nodeps.txt

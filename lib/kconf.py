@@ -58,28 +58,50 @@ def check_user_values(kconf: kconfiglib.Kconfig) -> None:
         if asked is None:
             continue
         if sym.orig_type in (kconfiglib.BOOL, kconfiglib.TRISTATE):
-            if asked and not sym.tri_value and not sym.choice:
-                deps = kconfiglib.expr_str(sym.direct_dep)
-                raise ConfigError(
-                    f"CONFIG_{sym.name}=y has no effect: it depends on {deps}; set that too or drop the line"
-                )
+            _check_bool(sym, asked)
             continue
         if sym.visibility == 0:
-            deps = kconfiglib.expr_str(sym.direct_dep)
-            raise ConfigError(f"CONFIG_{sym.name} has no effect: it depends on {deps}; set that too or drop it")
+            raise ConfigError(f"CONFIG_{sym.name} has no effect: it depends on {_deps(sym)}; "
+                              f"set that too or drop it")
         if sym.orig_type in (kconfiglib.INT, kconfiglib.HEX) and int(asked, 0) != int(sym.str_value, 0):
-            low, high = _int_range(sym)
+            low, high, cond = _int_range(sym)
+            where = f" while {cond}" if cond else ""
             raise ConfigError(
-                f"CONFIG_{sym.name}={asked} is outside its range [{low}, {high}]; "
+                f"CONFIG_{sym.name}={asked} is outside its range [{low}, {high}]{where}; "
                 f"pick a value in range (make menuconfig)"
             )
 
 
-def _int_range(sym: kconfiglib.Symbol) -> tuple[str, str]:
+def _check_bool(sym: kconfiglib.Symbol, asked: int) -> None:
+    """A bool the user set that Kconfig overrode: unmet dependency, or kept on to keep the matrix valid."""
+    if sym.choice:
+        if sym.choice.user_selection is sym and sym.choice.selection is not sym:
+            raise ConfigError(f"CONFIG_{sym.name}=y has no effect: it depends on {_deps(sym)}; "
+                              f"change that or choose another member")
+        return
+    if asked and not sym.tri_value:
+        raise ConfigError(f"CONFIG_{sym.name}=y has no effect: it depends on {_deps(sym)}; "
+                          f"set that too or drop the line")
+    if not asked and sym.tri_value:
+        prompt = sym.nodes[0].prompt
+        when = kconfiglib.expr_str(prompt[1]) if prompt else "never"
+        raise ConfigError(f"CONFIG_{sym.name}=n has no effect: it can be turned off only when {when} "
+                          f"(the matrix needs one); change that or drop the line")
+
+
+def _deps(sym: kconfiglib.Symbol) -> str:
+    """The symbol's dependencies as the user wrote them (a choice member's own choice left out)."""
+    text = kconfiglib.expr_str(sym.direct_dep)
+    return re.sub(r" && <choice \w+>$", "", text)
+
+
+def _int_range(sym: kconfiglib.Symbol) -> tuple[str, str, str]:
+    """The active range of ``sym`` and its condition ("" when unconditional)."""
     for low, high, cond in sym.ranges:
         if kconfiglib.expr_value(cond):
-            return low.str_value, high.str_value
-    return "?", "?"
+            own = cond in (sym.kconfig.y, sym.direct_dep)  # ranges carry the symbol's own dependencies too
+            return low.str_value, high.str_value, "" if own else kconfiglib.expr_str(cond)
+    return "?", "?", ""
 
 
 class Reader:

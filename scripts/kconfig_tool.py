@@ -3,6 +3,15 @@
 python scripts/kconfig_tool.py list | defconfig NAME | randconfig
 The target file is $KCONFIG_CONFIG (default .config). Reading and validating
 stays in lib/config.py, which every written file is checked against.
+
+randconfig randomises the experiment: every bool and choice, and each int within
+its range near its default. Strings keep their defaults (Kconfig gives their
+float/duration/path values no range to draw from; lib/config.py checks them).
+The machine settings (lib/Kconfig.hardware, and the seeds and side-by-side jobs
+of lib/Kconfig.matrix) keep their defaults too: whether 8 ranks or 4 jobs are
+valid depends on the machine, which Kconfig cannot see. The Kconfig
+dependencies make every such config valid; should one still fail to load,
+randconfig says so and tries the next seed (at most RETRIES times).
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ import kconfiglib
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib.config import load  # noqa: E402
-from lib.errors import HarnessError  # noqa: E402
-from lib.kconf import open_kconfig  # noqa: E402
+from lib.config import Config, load  # noqa: E402
+from lib.errors import ConfigError, HarnessError  # noqa: E402
+from lib.kconf import check_user_values, open_kconfig  # noqa: E402
 
 DEFCONFIGS = ROOT / "defconfigs"
+MACHINE_FILES = ("lib/Kconfig.hardware", "lib/Kconfig.matrix")
+RETRIES = 10
 
 
 def names() -> list[str]:
@@ -44,36 +55,57 @@ def defconfig(name: str) -> None:
     bad = [w for w in kconf.warnings if "undefined symbol" in w or "not a valid value" in w]
     if bad:
         raise HarnessError(f"defconfigs/{name}: {bad[0].split('warning: ', 1)[-1]}")
+    try:
+        check_user_values(kconf)  # a line Kconfig would override is refused, not silently dropped
+    except ConfigError as exc:
+        raise HarnessError(f"defconfigs/{name}: {exc}") from None
     kconf.write_config(target(), save_old=False)
     config = load(target())
     print(f"wrote {target()} from defconfigs/{name}: {_describe(config)}; now run `make` (or `make dry-run`)")
 
 
 def randconfig() -> None:
-    seed = int(os.environ.get("KCONFIG_SEED", random.randrange(2**31)))
+    first = int(os.environ.get("KCONFIG_SEED", random.randrange(2**31)))
+    for seed in range(first, first + RETRIES):
+        write_random(seed, target())
+        try:
+            config = load(target())
+        except ConfigError as exc:
+            print(f"KCONFIG_SEED={seed} gave an invalid config ({exc}); trying {seed + 1}")
+            continue
+        print(f"wrote {target()} with KCONFIG_SEED={seed}")
+        print(f"it is valid: {_describe(config)}")
+        return
+    raise HarnessError(f"{RETRIES} seeds from KCONFIG_SEED={first} on gave invalid configs (a Kconfig bug: "
+                       f"the dependencies should prevent that); try another KCONFIG_SEED")
+
+
+def write_random(seed: int, path: str | Path) -> None:
+    """Write the random config of ``seed`` to ``path`` (the same seed always gives the same file)."""
     rng = random.Random(seed)
     kconf = open_kconfig()
-    for node in kconf.node_iter():  # menu order: a parent is set before what depends on it
-        item = node.item
-        if isinstance(item, kconfiglib.Choice) and item.visibility:
-            item.syms[rng.randrange(len(item.syms))].set_value(2)
-        elif isinstance(item, kconfiglib.Symbol) and not item.choice and item.visibility:
-            _randomise(item, rng)
-    kconf.write_config(target(), save_old=False)
-    print(f"wrote {target()} with KCONFIG_SEED={seed}")
-    config = load(target())  # a random config must load or fail with one clear line
-    print(f"it is valid: {_describe(config)}")
+    for choice in kconf.unique_choices:  # user values on hidden items are harmless: Kconfig ignores them
+        if choice.nodes[0].filename not in MACHINE_FILES:
+            choice.syms[rng.randrange(len(choice.syms))].set_value(2)
+    for sym in kconf.unique_defined_syms:
+        if not sym.choice and sym.nodes[0].filename not in MACHINE_FILES:
+            _randomise(sym, rng)
+    kconf.write_config(str(path), save_old=False)
 
 
 def _randomise(sym: kconfiglib.Symbol, rng: random.Random) -> None:
+    """A bool at random; an int in its range, within 1000 of its bottom or up to twice its default."""
     if sym.orig_type == kconfiglib.BOOL:
         sym.set_value(rng.choice((0, 2)))
     elif sym.orig_type == kconfiglib.INT and sym.ranges:
-        low, high = (int(v.str_value) for v in sym.ranges[0][:2])
-        sym.set_value(str(rng.randint(low, min(high, low + 1000))))
+        bounds = [(int(lo.str_value), int(hi.str_value)) for lo, hi, _ in sym.ranges
+                  if lo.str_value.lstrip("-").isdigit() and hi.str_value.lstrip("-").isdigit()]
+        default = int(sym.str_value) if sym.str_value.lstrip("-").isdigit() else 0
+        low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
+        sym.set_value(str(rng.randint(low, min(high, max(low + 1000, 2 * default)))))
 
 
-def _describe(config: object) -> str:
+def _describe(config: Config) -> str:
     return (f"models {','.join(config.models)}; optimizers {','.join(config.optimizers)}; "
             f"pruning {','.join(config.prunings)}; sparsities {','.join(f'{s:g}' for s in config.sparsities)}; "
             f"{len(config.seeds)} seed(s)")

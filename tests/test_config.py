@@ -56,7 +56,10 @@ def test_overrides_apply_and_are_validated(make_config):
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("CONFIG_EPOCHS=0\nCONFIG_MAX_ITERS=0\n", "no training budget"),
+    ("CONFIG_EPOCHS=0\nCONFIG_MAX_ITERS=0\n",
+     r"CONFIG_EPOCHS=0 is outside its range \[1, 100000\] while MAX_ITERS = 0"),
+    ('CONFIG_EPOCHS=0\nCONFIG_MAX_ITERS=0\nCONFIG_TIME_BUDGET="0s"\n', "no training budget"),
+    ('CONFIG_TIME_BUDGET="5"\n', "CONFIG_TIME_BUDGET='5' has no unit: write 5s, 5m or 5h"),
     ("CONFIG_SEEDS=0\n", r"CONFIG_SEEDS=0 is outside its range \[1, 100\]"),
     ("CONFIG_EPOCHS=abc\n", "the value 'abc' is invalid for EPOCHS"),
     ('CONFIG_ADAMW_LR="fast"\n', "CONFIG_ADAMW_LR='fast' is not a number"),
@@ -69,9 +72,9 @@ def test_overrides_apply_and_are_validated(make_config):
     ("CONFIG_ADAM_LR=\"1e-3\"\n", "CONFIG_ADAM_LR has no effect: it depends on OPTIMIZER_ADAM"),
     ('CONFIG_TARGET_SPARSITY="0.5"\n', "CONFIG_TARGET_SPARSITY has no effect"),
     ("CONFIG_OPTIMIZER_ENABLE_SGD=n\nCONFIG_OPTIMIZER_ENABLE_ADAMW=n\nCONFIG_OPTIMIZER_ENABLE_ADAMWPRUNE=n\n",
-     "no optimizer enabled"),
+     "CONFIG_OPTIMIZER_ENABLE_ADAMW=n has no effect: it can be turned off only when"),
     ("CONFIG_SPARSITY_ENABLE_50=n\nCONFIG_SPARSITY_ENABLE_70=n\nCONFIG_SPARSITY_ENABLE_90=n\n",
-     "no target sparsity enabled"),
+     "CONFIG_SPARSITY_ENABLE_50=n has no effect: it can be turned off only when"),
     ("this line is garbage\n", "malformed"),
 ])
 def test_bad_values_give_one_clear_line(make_config, extra, message):
@@ -101,7 +104,23 @@ def test_missing_config_names_the_fix(tmp_path):
 def test_duration_parsing():
     assert config.parse_duration("90s") == 90 and config.parse_duration("30m") == 1800
     assert config.parse_duration("1.5h") == 5400 and config.parse_duration("0") == 0
-    assert config.parse_duration("45") == 45
+    assert config.parse_duration("1h 30m") == 5400 and config.parse_duration("1h30m") == 5400
+    assert config.parse_duration("2m 5s") == 125 and config.parse_duration(" 0 ") == 0
+    for bad, line in (("45", "has no unit: write 45s, 45m or 45h"), ("1.5", "write 1.5s, 1.5m or 1.5h"),
+                      ("30m 1h", "is not a duration"), ("h", "is not a duration"), ("", "is not a duration")):
+        with pytest.raises(ConfigError, match=line):
+            config.parse_duration(bad)
+
+
+def test_binary_or_empty_config_is_one_line(tmp_path):
+    binary = tmp_path / "binary.config"
+    binary.write_bytes(bytes(range(256)) * 4)
+    empty = tmp_path / "empty.config"
+    empty.write_text("\n# just a comment\n")
+    for path, line in ((binary, "is not a text .config"), (empty, "is empty (no CONFIG_ lines)")):
+        with pytest.raises(ConfigError, match=re.escape(line)) as info:
+            config.load(path)
+        assert "\n" not in str(info.value)
 
 
 def _reads(path: Path) -> set[str]:
@@ -173,13 +192,15 @@ def test_config_fields_are_used_outside_the_reader():
 
 
 def test_state_pruning_needs_adamwprune(make_config):
-    with pytest.raises(ConfigError, match="CONFIG_PRUNING_STATE needs the AdamWPrune optimizer"):
-        config.load(make_config("CONFIG_PRUNING_STATE=y\n"))
+    line = "CONFIG_PRUNING_STATE=y has no effect: it depends on (OPTIMIZER_ADAMWPRUNE || OPTIMIZER_ENABLE_ADAMWPRUNE);"
+    with pytest.raises(ConfigError, match=re.escape(line)):
+        config.load(make_config("", "CONFIG_PRUNING_STATE=y\n"))
 
 
 def test_adamwprune_alone_with_magnitude_is_refused(make_config):
-    with pytest.raises(ConfigError, match="CONFIG_OPTIMIZER_ADAMWPRUNE runs with pruning none or state only"):
-        config.load(make_config("CONFIG_OPTIMIZER_ADAMWPRUNE=y\nCONFIG_PRUNING_MAGNITUDE=y\n"))
+    line = "CONFIG_PRUNING_MAGNITUDE=y has no effect: it depends on !(OPTIMIZER_ADAMWPRUNE"
+    with pytest.raises(ConfigError, match=re.escape(line)):
+        config.load(make_config("CONFIG_OPTIMIZER_ADAMWPRUNE=y\n", "CONFIG_PRUNING_MAGNITUDE=y\n"))
 
 
 @pytest.mark.parametrize("theta", ["0", "-5"])

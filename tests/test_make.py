@@ -256,49 +256,25 @@ def test_listnewconfig_lists_a_missing_symbol(quick_copy, tmp_path):
 
 @pytest.mark.parametrize("target,multiple", [("allyesconfig", "CONFIG_OPTIMIZER_MULTIPLE=y"),
                                              ("allnoconfig", "# CONFIG_OPTIMIZER_MULTIPLE is not set")])
-def test_all_yes_no_config_is_accepted_or_rejected_in_one_line(tmp_path, target, multiple):
+def test_all_yes_no_config_is_valid(tmp_path, target, multiple):
     result = make(tmp_path, target)
     assert result.returncode == 0, output(result)
     written = tmp_path / ".config"
     assert multiple in written.read_text().splitlines()
     check = subprocess.run([PY, "-m", "lib.cli", "--config", str(written), "check"], cwd=ROOT, env=base_env(),
                            capture_output=True, text=True, timeout=TIMEOUT)
-    if check.returncode == 0:
-        assert "ok" in check.stdout, output(check)
-    else:
-        assert check.returncode == 2, output(check)
-        one_error_line(check)
+    assert check.returncode == 0 and "ok" in check.stdout, output(check)
 
 
 def test_randconfig_seed_repeats_the_same_file(tmp_path):
     files = {}
     for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
         result = make(tmp_path, "randconfig", KCONFIG_CONFIG=str(tmp_path / name), KCONFIG_SEED=seed)
-        assert result.returncode in (0, 2), output(result)  # a random config may be invalid: one clear line
-        assert f"KCONFIG_SEED={seed}" in result.stdout, output(result)
-        if result.returncode:
-            one_error_line(result)
+        assert result.returncode == 0, output(result)  # the Kconfig dependencies keep it valid
+        assert f"KCONFIG_SEED={seed}" in result.stdout and "it is valid" in result.stdout, output(result)
         files[name] = (tmp_path / name).read_bytes()
     assert files["a"] == files["b"]
     assert files["a"] != files["c"]
-
-
-def test_randconfig_many_seeds_load_or_fail_cleanly(tmp_path):
-    target = tmp_path / ".config"
-    outcomes = []
-    for seed in range(50):
-        env = base_env(KCONFIG_CONFIG=str(target), KCONFIG_SEED=str(seed))
-        result = subprocess.run([PY, "scripts/kconfig_tool.py", "randconfig"], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=TIMEOUT)
-        assert "Traceback" not in result.stdout + result.stderr, f"seed {seed}: {output(result)}"
-        assert result.returncode in (0, 2), f"seed {seed}: {output(result)}"
-        if result.returncode == 0:
-            assert "it is valid" in result.stdout, f"seed {seed}: {output(result)}"
-        else:
-            one_error_line(result)
-        assert target.is_file()
-        outcomes.append(result.returncode)
-    assert 0 in outcomes, "no seed out of 50 gave a valid config"
 
 
 # --- menuconfig in a pseudo-terminal ---------------------------------------------------------------------------
@@ -417,6 +393,13 @@ def test_dry_run_seeds_out_of_range(quick_config):
 def test_dry_run_bad_time_budget(quick_config):
     line = one_error_line(make(quick_config.parent, "dry-run", TIME="soon"))
     assert "CONFIG_TIME_BUDGET" in line and "soon" in line
+    line = one_error_line(make(quick_config.parent, "dry-run", TIME="5"))
+    assert "CONFIG_TIME_BUDGET='5' has no unit: write 5s, 5m or 5h" in line
+
+
+def test_compound_time_survives_the_shell(quick_config):
+    result = make(quick_config.parent, "dry-run", TIME="1h 30m")  # one --set argument, not two
+    assert result.returncode == 0 and "nothing trained" in result.stdout, output(result)
 
 
 @pytest.mark.parametrize("where,goal", [("proc", []), ("under-a-file", ["run"])])
