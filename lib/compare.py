@@ -15,7 +15,25 @@ from lib.errors import HarnessError
 from lib.results import Folder, Metric, Stat, groups, load, metric_of, test_stat
 
 RULE = ("Significance: a difference is *not significant* when |Δ mean| < max(std of the two), "
-        "std being the sample std over seeds; *n/a* when either side has a single seed.")
+        "std being the sample std over seeds; *n/a* when either side has a single seed. "
+        "Methods with the same mean share a rank, marked = (1=, 1=, 3); a tie for first says *tie* in the last "
+        "column.")
+TIE = "tie (same mean)"
+
+
+def tied(a: float, b: float) -> bool:
+    """Equal means (up to float rounding): a tie, never a ranking."""
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def ranks(means: list[float]) -> list[str]:
+    """Competition ranks of already-sorted means, a tie marked "=": [98, 98, 97] -> ["1=", "1=", "3"]."""
+    result = []
+    for mean in means:
+        first = next(j for j, m in enumerate(means) if tied(m, mean))
+        shared = sum(tied(m, mean) for m in means) > 1
+        result.append(f"{first + 1}{'=' if shared else ''}")
+    return result
 
 
 def significance(a: Stat, b: Stat) -> str:
@@ -72,10 +90,10 @@ def _ranking(data: Folder) -> str:
             ranked = sorted((x for x in at if x[1]), key=lambda x: x[1].mean,
                             reverse=metric.higher_is_better if metric else True)
             leader = ranked[0][1] if ranked else None
-            for i, (method, s, n) in enumerate(ranked, 1):
-                delta = "-" if i == 1 else f"{s.mean - leader.mean:+.2f}"
-                mark = "-" if i == 1 else significance(leader, s)
-                lines.append(f"| {target:.0%} | {i} | {method} | {_fmt(s, n)} | {delta} | {mark} |")
+            for i, ((method, s, n), rank) in enumerate(zip(ranked, ranks([x[1].mean for x in ranked]), strict=True)):
+                delta = "-" if i == 0 else f"{s.mean - leader.mean:+.2f}"
+                mark = TIE if rank == "1=" else "-" if i == 0 else significance(leader, s)
+                lines.append(f"| {target:.0%} | {rank} | {method} | {_fmt(s, n)} | {delta} | {mark} |")
             for method, _, n in (x for x in at if not x[1]):
                 lines.append(f"| {target:.0%} | - | {method} | {_fmt(None, n)} | - | no finished run |")
         lines.append("")
@@ -100,8 +118,8 @@ def _side_by_side(a: Folder, b: Folder) -> str:
             (xa, na), (xb, nb) = sa.get(key, (None, 0)), sb.get(key, (None, 0))
             if xa and xb:
                 delta = xb.mean - xa.mean
-                better = "=" if delta == 0 else ("B" if (delta > 0) == (metric is None or metric.higher_is_better)
-                                                 else "A")
+                b_better = (delta > 0) == (metric is None or metric.higher_is_better)
+                better = "=" if tied(xa.mean, xb.mean) else "B" if b_better else "A"
                 row = [f"{delta:+.2f}", better, significance(xa, xb)]
             else:
                 row = ["-", "-", "only in A" if key not in sb else "only in B" if key not in sa else "no finished run"]

@@ -42,10 +42,17 @@ def peak(device: torch.device) -> dict[str, int | None]:
 
 
 def current(device: torch.device) -> dict[str, int | None]:
-    """Memory in use now (for the memory timeline): RSS, and CUDA allocated on a GPU."""
-    result: dict[str, int | None] = {"rss_bytes": _status_bytes("VmRSS:")}
+    """Memory now, for the memory timeline: in use at this moment (RSS; CUDA allocated on a GPU) and
+    the peak so far since reset_peak() (the same counters as peak(), so the timeline's last peak sample
+    and summary.json's peak measure one thing; the summary's also covers the test evaluation after it).
+
+    Sampled between optimizer steps, the in-use figures miss each step's transient activations and
+    logits; the peak-so-far figures include them.
+    """
+    result: dict[str, int | None] = {"rss_bytes": _status_bytes("VmRSS:"), "peak_rss_bytes": _vm_hwm_bytes()}
     if device.type == "cuda":
         result["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
 
 

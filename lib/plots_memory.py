@@ -1,19 +1,28 @@
-"""Memory graphs of one model's runs: peak memory per run, memory timeline, memory vs metric (Pareto).
+"""Memory graphs of one model's runs: peak memory per run and the memory timeline; memory vs
+metric (Pareto) is in lib/plots_pareto.py and re-exported here.
 
 Used by lib/plots.write_graphs; each function returns a Figure or the reason it was skipped.
 Measured peaks are GPU max allocated/reserved on a GPU run and peak RSS (whole process,
-torch runtime included) on a CPU run; state bytes are counted exactly from the tensors.
+torch runtime included) on a CPU run: high-water marks from the start of training to the end
+of the test evaluation, each step's activations included. The timeline draws the memory in
+use when each log line was written (between optimizer steps) and, where train.jsonl records
+it, the same high-water mark so far, ending at the summary's peak. State bytes are counted
+exactly from the tensors.
 """
 
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from lib.plots import Context, legend_outside, method_handles, metric_label, seed_style
-from lib.results import Run, groups, test_stat
+from lib.plots import Context, draw_notes, legend_outside, seed_style
+from lib.plots_pareto import memory_vs_metric, pareto_front
+from lib.results import Run, groups
+
+__all__ = ["memory_timeline", "memory_vs_metric", "pareto_front", "peak_memory"]
 
 MiB = 2**20
 MAX_BARS = 40  # more runs than this: one bar per group (mean over seeds) instead of per run
@@ -21,7 +30,14 @@ STATE_PARTS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer_s
                ("pruning_buffers", "pruning buffers"))
 MEASURED = (("cuda_max_allocated_bytes", "GPU max allocated", "#1f77b4"),
             ("cuda_max_reserved_bytes", "GPU max reserved", "#aec7e8"),
-            ("peak_rss_bytes", "CPU peak RSS (process)", "#7f7f7f"))
+            ("peak_rss_bytes", "CPU peak RSS (process high-water mark)", "#7f7f7f"))
+PEAK_NOTE = ("measured peak = high-water mark from the start of training to the end of the test evaluation, "
+             "each step's activations included (summary.json); the memory timeline's in-use samples are taken "
+             "between optimizer steps, so they stay below it")
+# (in-use key, high-water key, panel title) of train.jsonl; the high-water key is also summary.json's peak
+TIMELINE = (("cuda_allocated_bytes", "cuda_max_allocated_bytes", "GPU allocated"),
+            ("rss_bytes", "peak_rss_bytes", "process RSS (CPU)"))
+GAP = 1.1  # a summary peak this many times the largest in-use sample gets a note
 STATE_COLORS = ("#2ca02c", "#ff7f0e", "#d62728", "#9467bd")
 
 
@@ -82,7 +98,7 @@ def peak_memory(ctx: Context) -> Figure | str:
             right.barh(ys, values, left=base, height=0.7, color=color, label=label)
             base = [b + v for b, v in zip(base, values, strict=True)]
     left.set_yticks(ys, [label for label, _, _ in rows], fontsize=8)
-    left.set_xlabel("measured peak memory (MiB)")
+    left.set_xlabel("measured peak memory (MiB): high-water mark over training and test evaluation")
     right.set_xlabel("state bytes (MiB, counted from the tensors)")
     left.set_title("measured peak", fontsize=10)
     right.set_title("state bytes: weights + gradients + optimizer state + pruning buffers", fontsize=10)
@@ -93,87 +109,78 @@ def peak_memory(ctx: Context) -> Figure | str:
     handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     legend_outside(fig, handles)
     fig.tight_layout()
+    ctx.notes.append(PEAK_NOTE)
+    draw_notes(fig, ctx.notes)
     return fig
 
 
 def memory_timeline(ctx: Context) -> Figure | str:
-    """Memory in use vs step (train.jsonl): GPU allocated when recorded, process RSS always."""
+    """Memory vs step (train.jsonl), from zero: in use when logged, the high-water mark so far where it
+    was recorded, and summary.json's peak at the last step (the same counter, to the end of the test)."""
     curves = [(r, r.curve()) for r in ctx.runs]
-    keys = [(k, label) for k, label in (("cuda_allocated_bytes", "GPU allocated"), ("rss_bytes", "process RSS"))
-            if any(isinstance(rec.get(k), (int, float)) for _, c in curves for rec in c)]
-    if not keys:
+    panels = [p for p in TIMELINE if any(_number(rec.get(p[0])) for _, c in curves for rec in c)]
+    if not panels:
         return "no train.jsonl with memory samples (rss_bytes / cuda_allocated_bytes)"
-    fig = Figure(figsize=(11, 3.8 * len(keys)))
-    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (key, label) in zip(axes, keys, strict=True):
-        for run, curve in curves:
-            pts = [(rec["step"], rec[key] / MiB) for rec in curve
-                   if isinstance(rec.get(key), (int, float)) and isinstance(rec.get("step"), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), color=ctx.colors.get(run.method),
-                        linestyle=seed_style(run, ctx.runs), linewidth=1.2)
-        ax.set_ylabel(f"{label} (MiB)")
-        ax.set_title(label, fontsize=10)
+    methods = sorted({r.method for r, c in curves if c})
+    fig = Figure(figsize=(11, max(3.8 * len(panels), 0.2 * (len(methods) + 3) + 1.0)))  # room for the legend
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels, strict=True):
+        extremes = [_timeline_run(ax, ctx, run, curve, panel) for run, curve in curves if curve]
+        ax.set_ylim(0, max(ax.dataLim.y1, 1.0) * 1.08)  # from zero: a band of a few MiB must not read as a swing
+        ax.set_ylabel(f"{panel[2]} (MiB)")
+        ax.set_title(panel[2], fontsize=10)
         ax.grid(alpha=0.3)
+        _gap_note(ctx, panel[2], extremes)
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle(f"{ctx.model}: memory during training (colour = optimizer/method, line style = seed)", fontsize=11)
-    legend_outside(fig, method_handles(ctx, sorted({r.method for r, c in curves if c})))
+    running = any(_number(rec.get(p[1])) for p in panels for _, c in curves for rec in c)
+    handles = [Line2D([], [], color=ctx.colors.get(m), label=m) for m in methods]  # lines without markers here
+    legend_outside(fig, handles + _style_handles(running))
     fig.tight_layout()
+    draw_notes(fig, ctx.notes)
     return fig
 
 
-def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[bool]:
-    """For each (memory, metric) point: True if no other point uses no more memory and scores no worse
-    (and is strictly better in one of the two)."""
-    def better_or_equal(a: float, b: float) -> bool:
-        return a >= b if higher_is_better else a <= b
+def _timeline_run(ax: Any, ctx: Context, run: Run, curve: list[dict], panel: tuple[str, str, str]) -> tuple:
+    """Draw one run's lines; return (largest in-use sample, summary peak) in MiB (None where absent)."""
+    now_key, peak_key, _ = panel
+    color, style = ctx.colors.get(run.method), seed_style(run, ctx.runs)
+    now = _series(curve, now_key)
+    if now:
+        ax.plot(*zip(*now, strict=True), color=color, linestyle=style, linewidth=1.3)
+    running = _series(curve, peak_key)
+    if running:
+        ax.plot(*zip(*running, strict=True), color=color, linestyle=style, linewidth=0.8, alpha=0.5,
+                drawstyle="steps-post")
+    peak = run.memory().get(peak_key)
+    last = max((s for s, _ in now + running), default=None)
+    if _number(peak) and last is not None:
+        ax.plot([last], [peak / MiB], color=color, marker="D", markersize=5, linestyle="none")
+    return (max((v for _, v in now), default=None), peak / MiB if _number(peak) else None)
 
-    flags = []
-    for i, (x, y) in enumerate(points):
-        dominated = any(xj <= x and better_or_equal(yj, y) and (xj < x or yj != y)
-                        for j, (xj, yj) in enumerate(points) if j != i)
-        flags.append(not dominated)
-    return flags
+
+def _series(curve: list[dict], key: str) -> list[tuple[float, float]]:
+    return [(rec["step"], rec[key] / MiB) for rec in curve if _number(rec.get(key)) and _number(rec.get("step"))]
 
 
-def memory_vs_metric(ctx: Context) -> Figure | str:
-    """Mean test metric vs mean state bytes per optimizer/method/sparsity, the Pareto front marked."""
-    if ctx.metric is None:
-        return "no run recorded its metric"
-    points = []
-    for (_, method, target), runs in groups(ctx.runs).items():
-        s = test_stat(runs)
-        ok = [r for r in runs if r.status == "ok"]
-        state = [v for r in ok if (v := r.state_total()) is not None]
-        peak = [p[1] for r in ok if (p := r.peak_bytes()) is not None]
-        if s is not None:
-            points.append((method, target, s, state, peak))
-    use_state = any(p[3] for p in points)
-    axis = ("state bytes: weights + gradients + optimizer state + pruning buffers (MiB)" if use_state
-            else "measured peak memory (MiB; GPU allocated, or CPU peak RSS)")
-    drawn = [(m, t, s, statistics.fmean(st if use_state else pk) / MiB) for m, t, s, st, pk in points
-             if (st if use_state else pk)]
-    if not drawn:
-        return "no finished run has both a test metric and memory figures"
-    fig = Figure(figsize=(8.5, 5))
-    ax = fig.subplots()
-    front = pareto_front([(x, s.mean) for _, _, s, x in drawn], ctx.metric.higher_is_better)
-    for (method, target, s, x), on in zip(drawn, front, strict=True):
-        ax.errorbar([x], [s.mean], yerr=[s.std or 0.0], color=ctx.colors.get(method), marker="o", capsize=3)
-        ax.annotate(f"{target * 100:g}%", (x, s.mean), textcoords="offset points", xytext=(6, 4), fontsize=7)
-        if on:
-            ax.scatter([x], [s.mean], s=160, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
-    line = sorted((x, s.mean) for (_, _, s, x), on in zip(drawn, front, strict=True) if on)
-    ax.plot([p[0] for p in line], [p[1] for p in line], color="black", linestyle="--", linewidth=1, zorder=2)
-    ax.set_xlabel(axis, fontsize=9)
-    ax.set_ylabel(f"test {metric_label(ctx.metric)} (mean ± std over seeds)")
-    ax.set_title(f"{ctx.model}: memory vs test {ctx.metric.name} ({ctx.metric.direction}; "
-                 f"circled = Pareto front)\nlabels = target sparsity", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.margins(x=0.15, y=0.12)
-    handles = method_handles(ctx, sorted({d[0] for d in drawn}))
-    handles.append(Line2D([], [], color="black", linestyle="--", marker="o", markerfacecolor="none",
-                          label="Pareto front"))
-    legend_outside(fig, handles)
-    return fig
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
+
+def _gap_note(ctx: Context, title: str, extremes: list[tuple]) -> None:
+    """Say why the summary's peak stands above every in-use sample, when it does by more than GAP."""
+    gaps = [(peak, now) for now, peak in extremes if now and peak and peak > GAP * now]
+    if gaps:
+        peak, now = max(gaps, key=lambda g: g[0] / g[1])
+        ctx.notes.append(f"{title}: the peak in summary.json ({peak:.0f} MiB, diamonds) is above the in-use samples "
+                         f"(up to {now:.0f} MiB) because they are taken between optimizer steps; the peak is the "
+                         "high-water mark, each step's activations and the test evaluation included")
+
+
+def _style_handles(running: bool) -> list[Line2D]:
+    handles = [Line2D([], [], color="gray", linewidth=1.3, label="in use when logged (between steps)")]
+    if running:
+        handles.append(Line2D([], [], color="gray", linewidth=0.8, alpha=0.5, label="peak so far (high-water mark)"))
+    handles.append(Line2D([], [], color="gray", marker="D", markersize=5, linestyle="none",
+                          label="peak in summary.json (to the end of the test evaluation)"))
+    return handles

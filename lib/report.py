@@ -11,10 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lib.compare import tied
 from lib.plots import read_manifest
 from lib.results import Folder, Metric, Run, Stat, groups, load, metric_of, mib, stat, test_stat
 
-FLAGGED = ("failed", "diverged", "incomplete", "unknown")
+FLAGGED = ("failed", "diverged", "incomplete", "unknown", "unreadable")
+WALL = "wall time (training loop)"
+WALL_NOTE = ("Wall time (training loop) is the run's own `wall_time_s`: from its first training step to its last, "
+             "the validation evaluations and checkpoint saves included; process start, data loading, model "
+             "building and the test evaluation are not in it, so the console's per-run time (launch to exit) "
+             "is longer.")
 
 
 def write_report(folder: Path) -> Path:
@@ -70,13 +76,13 @@ def _model_section(model: str, runs: list[Run], metric: Metric | None) -> list[s
     name = _metric_head(metric)
     head = ["run", "status", "optimizer", "variant", "pruning", "target", "seed", f"best val {name} (step)",
             f"test {name} at best", "sparsity reached / target", "peak memory", "state bytes", "throughput",
-            "wall time"]
+            WALL]
     lines += ["### Runs", ""] + _table(*_drop_empty("variant", head, [_run_row(r) for r in runs])) + [""]
     lines += ["Best val is the best validation metric among evaluations at the target sparsity; the test "
-              "metric is measured once, on that checkpoint as saved to disk.", ""]
+              "metric is measured once, on that checkpoint as saved to disk. " + WALL_NOTE, ""]
     lines += ["### Per method (mean ± std over seeds)", ""]
     head = ["optimizer", "variant", "pruning", "target", "seeds ok / runs", f"test {name}", f"best val {name}",
-            "sparsity reached", "peak memory", "state bytes", "throughput", "wall time"]
+            "sparsity reached", "peak memory", "state bytes", "throughput", WALL]
     lines += _table(*_drop_empty("variant", head, [_group_row(members) for members in groups(runs).values()]))
     lines += [""]
     lines += ["Mean ± sample std (n-1) over the seeds that finished ok; a single seed shows no ±. "
@@ -85,21 +91,29 @@ def _model_section(model: str, runs: list[Run], metric: Metric | None) -> list[s
 
 
 def _best_per_sparsity(runs: list[Run], metric: Metric | None) -> list[str]:
-    """The best method at each target sparsity by mean test metric (`make compare` ranks them all)."""
+    """The best method at each target sparsity by mean test metric (`make compare` ranks them all);
+    methods with the same best mean are listed together as a tie, never one picked by order."""
     if metric is None:
         return []
-    best: dict[float, tuple[str, Stat]] = {}
+    at: dict[float, list[tuple[str, Stat]]] = {}
     for (_, method, target), members in groups(runs).items():
         s = test_stat(members)
-        if s is None:
-            continue
-        if target not in best or metric.best([s.mean, best[target][1].mean]) != best[target][1].mean:
-            best[target] = (method, s)
-    if not best:
+        if s is not None:
+            at.setdefault(target, []).append((method, s))
+    if not at:
         return []
-    lines = [f"Best test {metric.name} per target sparsity ({metric.direction}; mean over seeds; "
-             "`make compare` ranks every method and marks differences within the seeds' spread):", ""]
-    lines += [f"- {t:.0%}: {m} {s.text()}" for t, (m, s) in sorted(best.items())]
+    lines = [f"Best test {metric.name} per target sparsity ({metric.direction}; mean over seeds; a tie lists "
+             "every method with the same mean; `make compare` ranks every method and marks differences within "
+             "the seeds' spread):", ""]
+    for target, entries in sorted(at.items()):
+        best = metric.best([s.mean for _, s in entries])
+        leaders = [(m, s) for m, s in entries if tied(s.mean, best)]
+        if len(leaders) == 1:
+            lines.append(f"- {target:.0%}: {leaders[0][0]} {leaders[0][1].text()}")
+        else:
+            names = " = ".join(m for m, _ in leaders)
+            lines.append(f"- {target:.0%}: tie between {len(leaders)} methods, {names}: {leaders[0][1].text()} "
+                         "(the same mean)")
     return lines + [""]
 
 
@@ -172,13 +186,16 @@ def _graphs(manifest: dict[str, Any] | None, model: str) -> list[str]:
     for g in manifest.get("graphs", []):
         if g.get("model") == model:
             lines += [f"![{g.get('graph', '')}]({g.get('file', '')})", ""]
+            notes = g.get("notes") if isinstance(g.get("notes"), list) else []
+            lines += [f"- {_cell(n)}" for n in notes] + ([""] if notes else [])
     skipped = [g for g in manifest.get("skipped", []) if g.get("model") in (model, "-")]
     lines += [f"- {g.get('graph')}: not drawn, {g.get('reason')}" for g in skipped]
     if any(g.get("model") == model and "Pareto" in g.get("graph", "") for g in manifest.get("graphs", [])):
         lines += ["", "Memory vs metric: the memory axis is the runs' state bytes (weights + gradients + "
                   "optimizer state + pruning buffers, counted exactly), or the measured peak when no run "
                   "recorded state bytes; the axis label says which. A point is on the Pareto front when no "
-                  "other point uses no more memory and scores no worse."]
+                  "other point uses no more memory and scores no worse; points tied in both memory and "
+                  "metric are all kept on the front and listed as ties under the graph."]
     return lines + [""]
 
 
