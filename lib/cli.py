@@ -58,13 +58,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
     from lib import config as config_mod
     from lib import hardware, matrix
 
-    if args.command in ("graphs", "compare", "publish"):
+    if args.command in ("report", "graphs", "compare", "publish"):
         return _results_command(args)
-    if args.command == "report":
-        folder = Path(args.results) if args.results else _newest_folder(config_mod.load(args.config).results_dir)
-        matrix.write_summary(folder)
-        print(f"wrote {folder / 'summary.json'} and {folder / 'report.md'}")
-        return 0
     config = config_mod.load(args.config, _overrides(args.set))
     if args.command == "check":
         print(f"{args.config}: ok ({len(matrix.expand(config))} run(s))")
@@ -90,23 +85,29 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
 
 
 def _finish(folder: Path, runs: list[dict]) -> int:
-    counts = {s: sum(r["status"] == s for r in runs) for s in ("ok", "diverged", "failed")}
+    statuses = ("ok", "diverged", "failed", "unreadable")
+    counts = {s: sum(r["status"] == s for r in runs) for s in statuses}
     print(f"results: {folder}")
     report = folder / "report.md"
-    print(f"{counts['ok']} ok, {counts['diverged']} diverged, {counts['failed']} failed; report: {report}")
-    return 1 if counts["failed"] else 0
+    print(", ".join(f"{counts[s]} {s}" for s in statuses if counts[s] or s != "unreadable") + f"; report: {report}")
+    return 1 if counts["failed"] or counts["unreadable"] else 0
 
 
 def _results_command(args: argparse.Namespace) -> int:
-    """graphs, compare and publish: read a results folder, train nothing."""
-    from lib import compare, plots, publish
-    from lib import config as config_mod
+    """report, graphs, compare and publish: read a results folder, train nothing."""
+    from lib import compare, matrix, plots, publish
 
     if args.command == "publish" and not args.name:
         raise HarnessError("publish needs a name: `make publish NAME=<name> [RESULTS=dir]`")
-    folder = Path(args.results) if args.results else _newest_folder(config_mod.load(args.config).results_dir)
-    if not folder.is_dir():
-        raise HarnessError(f"{folder}: no such results folder; give RESULTS=<dir> of a folder made by `make`")
+    folder = _results_folder(args)
+    print(f"{args.command}: {folder}", flush=True)
+    if args.command == "report":
+        runs = matrix.write_summary(folder)
+        print(f"wrote {folder / 'summary.json'}, {folder / 'graphs'}/ and {folder / 'report.md'}")
+        unreadable = [r for r in runs if r["status"] == "unreadable"]
+        for r in unreadable:
+            print(f"error: {r['name']}: {r['error']}", file=sys.stderr)
+        return 1 if unreadable else 0
     if args.command == "compare":
         print(compare.compare(folder, Path(args.against) if args.against else None), end="")
     elif args.command == "publish":
@@ -120,14 +121,31 @@ def _results_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _newest_folder(results_dir: str) -> Path:
+def _results_folder(args: argparse.Namespace) -> Path:
+    """RESULTS=<dir> if given, else the newest folder (by creation stamp) under RESULTS_DIR (or .config's)."""
     from lib.matrix import _absolute
+    from lib.results import newest_folder
 
-    base = Path(_absolute(results_dir))
-    folders = sorted((p.parent for p in base.glob("*/matrix.json")), key=lambda p: p.stat().st_mtime)
-    if not folders:
-        raise HarnessError(f"no results folder under {base}; run `make` first")
-    return folders[-1]
+    if args.results:
+        folder = Path(args.results)
+        if not (folder / "matrix.json").is_file() and not (folder / "summary.json").is_file():
+            raise HarnessError(f"{folder}: not a results folder (no matrix.json or summary.json); "
+                               f"give RESULTS=<dir> of a folder made by `make`")
+        return folder
+    results_dir = _overrides(args.set).get("RESULTS_DIR")
+    if results_dir is None:
+        results_dir = _configured_results_dir(args.config)
+    return newest_folder(Path(_absolute(results_dir)))
+
+
+def _configured_results_dir(config_path: str) -> str:
+    """CONFIG_RESULTS_DIR of the .config; the Kconfig default ("results") when there is no .config yet."""
+    from lib import config as config_mod
+
+    if not Path(config_path).exists():
+        print(f"({config_path} not found: looking in results/)", flush=True)
+        return "results"
+    return config_mod.load(config_path).results_dir
 
 
 def _prepare_data(config: object) -> int:

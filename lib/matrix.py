@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -21,12 +22,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lib import distributed, hardware
+from lib import distributed, hardware, runlock
 from lib.config import Config
 from lib.errors import HarnessError
+from lib.files import DiskFullError, free_space, is_disk_full, write_error, write_json_atomic
 from lib.kconf import ROOT
-from lib.run import RANK_FAILED, failed_summary
-from lib.spec import HardwarePlan, PruneSettings, RunSpec, write_json_atomic
+from lib.results import read_json, record_problem, results_folders, unreadable_record
+from lib.run import DISK_FULL_EXIT, RANK_FAILED, failed_summary
+from lib.spec import HardwarePlan, PruneSettings, RunSpec
 
 FINISHED = ("ok", "diverged")
 
@@ -142,24 +145,34 @@ def create_results_folder(config: Config, specs: list[RunSpec], command: str) ->
             spec.write(folder / spec.name / "spec.json")
         write_json_atomic(folder / "matrix.json", {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "created_unix": time.time(),  # "newest" means this, never a modification time
             "command": command,
             "runs": [s.name for s in specs],
         })
     except OSError as exc:
+        if is_disk_full(exc):
+            raise write_error(base, exc) from None
         raise HarnessError(f"cannot write results under {base}: {exc.strerror}; "
                            f"set CONFIG_RESULTS_DIR to a writable folder") from None
     return folder
 
 
 def run_folder(folder: Path, jobs: int, only_unfinished: bool = False) -> list[dict[str, Any]]:
-    """Run the folder's runs (each in its own process, ``jobs`` at a time); write summary and report."""
+    """Run the folder's runs (each in its own process, ``jobs`` at a time); write summary and report.
+
+    Refuses a folder another live trainer is working in. A full disk, Ctrl-C or SIGTERM stops every run
+    (none is recorded as failed for it) and `make continue` finishes the folder later.
+    """
     matrix = _read_matrix(folder)
+    for name in matrix["runs"]:  # one driver per folder: another `make` may still be training in it
+        runlock.check_free(folder / name)
     todo = [name for name in matrix["runs"] if not (only_unfinished and _finished(folder / name))]
     print(f"{folder}: {len(todo)} of {len(matrix['runs'])} run(s) to do, {jobs} at a time", flush=True)
     running: list[tuple[str, subprocess.Popen, float]] = []
     bar = tqdm(total=len(todo), unit="run", disable=None, leave=False)
     queue = list(todo)
     node = _node_rank(folder, matrix["runs"])  # several machines: node 0 records, the others only train
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         while queue or running:
             while queue and len(running) < jobs:
@@ -168,15 +181,34 @@ def run_folder(folder: Path, jobs: int, only_unfinished: bool = False) -> list[d
             running = _reap(folder, running, bar, record=node == 0)
             time.sleep(0.05)
     except KeyboardInterrupt:
-        for _, proc, _ in running:
-            proc.terminate()
+        _stop(running)
         raise HarnessError(f"interrupted; `make continue` finishes {folder}") from None
+    except DiskFullError:
+        _stop(running)
+        raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         bar.close()
     if node:
         print(f"node {node}: trained as a worker; node 0 writes the results and the report", flush=True)
         return []
     return write_summary(folder)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the runs as Ctrl-C does
+
+
+def _stop(running: list[tuple[str, subprocess.Popen, float]]) -> None:
+    """Terminate the running runs and wait for them; they are left unfinished for `make continue`."""
+    for _, proc, _ in running:
+        proc.terminate()
+    for _, proc, _ in running:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _node_rank(folder: Path, names: list[str]) -> int:
@@ -191,19 +223,41 @@ def write_summary(folder: Path) -> list[dict[str, Any]]:
     from lib import plots, report
 
     matrix = _read_matrix(folder)
-    runs = [_read_summary(folder / name) for name in matrix["runs"]]
+    last = _last_records(folder)
+    runs = [_record_for_summary(folder / name, last.get(name)) for name in matrix["runs"]]
     write_json_atomic(folder / "summary.json", {"folder": folder.name, "command": matrix["command"],
                                                 "created": matrix["created"], "runs": runs})
     plots.write_graphs(folder)
-    report.write_report(folder)
+    try:
+        report.write_report(folder)
+    except OSError as exc:
+        raise write_error(folder / "report.md", exc) from None
     return runs
 
 
+def _last_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """The folder's summary.json as written last time, by run name (empty when unreadable)."""
+    data, _ = read_json(folder / "summary.json")
+    entries = data.get("runs") if isinstance(data, dict) else None
+    return {e["name"]: e for e in entries or [] if isinstance(e, dict) and isinstance(e.get("name"), str)}
+
+
+def _record_for_summary(run_dir: Path, last: dict[str, Any] | None) -> dict[str, Any]:
+    """A run's record for the folder's summary; a damaged summary.json never downgrades an earlier good one."""
+    data, why = read_json(run_dir / "summary.json")
+    problem = why if data is None else record_problem(data)
+    if problem is None:
+        return data
+    had_result = bool(last) and last.get("status") in (*FINISHED, "unreadable")
+    if why == "missing" and not had_result:
+        return _read_summary(run_dir)  # never finished: a failed record with its log's last line
+    return unreadable_record(run_dir.name, "is missing" if why == "missing" else problem, last)
+
+
 def newest_unfinished(results_dir: str) -> Path:
-    """The newest results folder that has runs without an ok or diverged summary."""
+    """The newest results folder (by creation stamp) that has runs without an ok or diverged summary."""
     base = Path(_absolute(results_dir))
-    folders = sorted((p.parent for p in base.glob("*/matrix.json")), key=lambda p: p.stat().st_mtime, reverse=True)
-    for folder in folders:
+    for folder in reversed(results_folders(base)):
         names = _read_matrix(folder)["runs"]
         if not all(_finished(folder / n) for n in names):
             return folder
@@ -211,45 +265,72 @@ def newest_unfinished(results_dir: str) -> Path:
 
 
 def _launch(run_dir: Path) -> subprocess.Popen:
-    """Start one run: lib.run itself, or under torchrun when its plan has several processes."""
+    """Start one run: lib.run itself, or under torchrun when its plan has several processes.
+
+    The run folder's lock is taken here and handed to the child, which holds it until it exits; the child
+    gets SIGTERM if this driver dies, so no trainer outlives the matrix that started it.
+    """
     try:
         command = distributed.launch_command(RunSpec.read(run_dir / "spec.json").hardware, run_dir)
     except HarnessError:  # an unreadable spec.json: lib.run says so in the run's log and record
         command = [sys.executable, "-m", "lib.run", str(run_dir)]
-    log = (run_dir / "log.txt").open("w")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    (run_dir / "summary.json").unlink(missing_ok=True)
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    lock = runlock.lock(run_dir)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", runlock.FD_ENV: str(lock)}
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        driver = os.getpid()
+        with (run_dir / "log.txt").open("w") as log:
+            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, pass_fds=(lock,),
+                                    preexec_fn=lambda: runlock.die_with_parent(driver))
+        runlock.record_holder(lock, proc.pid)
+    except OSError as exc:
+        raise write_error(run_dir / "log.txt", exc) from None
+    finally:
+        os.close(lock)  # the child's copy keeps the lock until the child exits
+    return proc
 
 
 def _reap(folder: Path, running: list, bar: tqdm, record: bool = True) -> list:
+    """The runs still running; each finished one is recorded and printed. DiskFullError stops the matrix."""
     still = []
     for name, proc, started in running:
         if proc.poll() is None:
             still.append((name, proc, started))
             continue
+        bar.update(1)
+        if proc.returncode == DISK_FULL_EXIT:
+            others = [entry for entry in running if entry[1] is not proc and entry[1].poll() is None]
+            _stop(others)
+            raise DiskFullError(_disk_full_line(folder / name))
         if not record:  # a worker node: rank 0, on node 0, writes the run's summary
-            bar.update(1)
             tqdm.write(f"{name}: exited with status {proc.returncode} (worker node)")
             continue
         summary = _read_summary(folder / name, exit_code=proc.returncode)
-        bar.update(1)
-        tqdm.write(f"{_one_line(summary)}  [{time.time() - started:.1f}s]")
+        tqdm.write(f"{_one_line(summary)}  [{time.time() - started:.1f} s from launch to exit]")
     return still
+
+
+def _disk_full_line(run_dir: Path) -> str:
+    """The run's own disk-full line from its log, else one made here."""
+    own = re.search(r"disk full .*? to finish", _failure_line(run_dir / "log.txt"))
+    if own:
+        return own.group(0)
+    return (f"disk full while {run_dir.name} ran ({free_space(run_dir)} free in {run_dir.parent}); "
+            f"free some space, then run `make continue` to finish")
 
 
 def _read_summary(run_dir: Path, exit_code: int | None = None) -> dict[str, Any]:
     """A run's summary.json; a crashed run that left none gets a failed record with its log's tail."""
     path = run_dir / "summary.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        reason = f"exited with status {exit_code}" if exit_code is not None else "did not finish"
-        summary = failed_summary(run_dir.name, f"{reason}: {_failure_line(run_dir / 'log.txt')}")
-        if exit_code is not None:
-            write_json_atomic(path, summary)
-        return summary
+    data, _ = read_json(path)
+    if record_problem(data) is None:
+        return data
+    reason = f"exited with status {exit_code}" if exit_code is not None else "did not finish"
+    summary = failed_summary(run_dir.name, f"{reason}: {_failure_line(run_dir / 'log.txt')}")
+    if exit_code is not None:
+        write_json_atomic(path, summary)  # DiskFullError on a full disk: the matrix stops
+    return summary
 
 
 def _failure_line(log: Path) -> str:
@@ -272,10 +353,8 @@ def _one_line(s: dict[str, Any]) -> str:
 
 
 def _finished(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") in FINISHED
-    except (OSError, json.JSONDecodeError):
-        return False
+    data, _ = read_json(run_dir / "summary.json")
+    return record_problem(data) is None and data.get("status") in FINISHED
 
 
 def _read_matrix(folder: Path) -> dict[str, Any]:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lib.errors import HarnessError
 
 
 @dataclass
@@ -178,6 +181,81 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+STATUSES = ("ok", "diverged", "failed", "unreadable", "incomplete")
+_OBJECTS = ("metric", "best", "test_at_best", "sparsity", "steps", "memory", "throughput", "mfu", "hardware", "spec")
+_NUMBERS = (("wall_time_s",), ("sparsity", "reached"), ("sparsity", "target"), ("throughput", "value"),
+            ("best", "step"), ("spec", "prune", "target"))
+
+
+def record_problem(record: Any) -> str | None:
+    """What makes ``record`` unusable as a run's summary (wrong types, unknown status), or None."""
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    if record.get("status") not in STATUSES:
+        return f"has status {record.get('status')!r}, not one of {', '.join(STATUSES)}"
+    for key in _OBJECTS:
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"field {key!r} is a {type(record[key]).__name__}, expected an object"
+    if not isinstance(record.get("flags") or [], list) or not isinstance(record.get("error") or "", str):
+        return "field 'flags' must be a list and 'error' a string"
+    for path in _NUMBERS:
+        value = _dig(record, path)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"field {'.'.join(path)!r} is {value!r}, expected a number"
+    for key, value in (record.get("memory") or {}).items():
+        if key != "state_bytes" and value is not None and not isinstance(value, (int, float)):
+            return f"field 'memory.{key}' is {value!r}, expected a number"
+    return None
+
+
+def _dig(record: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(record, dict):
+            return None
+        record = record.get(key)
+    return record
+
+
+def unreadable_record(name: str, why: str, last_good: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record of a run whose summary.json cannot be used; ``last_good`` (an earlier record) is kept whole."""
+    if last_good and record_problem(last_good) is None:
+        was = last_good.get("recorded_status") or last_good.get("status")
+        return {**last_good, "status": "unreadable", "recorded_status": was,
+                "error": f"summary.json {why}; the last good record (status {was}) is kept; restore the file or "
+                         f"re-run it with `make continue`"}
+    return {"name": name, "status": "unreadable", "error": f"summary.json {why}; re-run it with `make continue`",
+            "flags": []}
+
+
+def results_folders(base: Path) -> list[Path]:
+    """The results folders under ``base`` (those with a matrix.json), oldest first by their creation stamp."""
+    return sorted((p.parent for p in Path(base).glob("*/matrix.json")), key=_created)
+
+
+def newest_folder(base: Path) -> Path:
+    """The newest results folder under ``base`` by creation stamp (not by modification time)."""
+    folders = results_folders(base)
+    if not folders:
+        raise HarnessError(f"no results folder under {base}; run `make` first, or give RESULTS=<dir> "
+                           f"or RESULTS_DIR=<folder of results folders>")
+    return folders[-1]
+
+
+def _created(folder: Path) -> tuple[float, str]:
+    """matrix.json's "created_unix", else its "created" text, else the folder's name stamp; then the name."""
+    matrix, _ = read_json(folder / "matrix.json")
+    matrix = matrix if isinstance(matrix, dict) else {}
+    if isinstance(matrix.get("created_unix"), (int, float)):
+        return float(matrix["created_unix"]), folder.name
+    for text, fmt in ((str(matrix.get("created") or ""), "%Y-%m-%dT%H:%M:%S"),
+                      ("_".join(folder.name.split("_")[-2:]), "%Y%m%d_%H%M%S")):
+        try:
+            return time.mktime(time.strptime(text, fmt)), folder.name
+        except ValueError:
+            continue
+    return 0.0, folder.name
+
+
 def load(folder: Path) -> Folder:
     """Read ``folder``: summary.json if readable, else each run folder's own files."""
     folder = Path(folder)
@@ -185,7 +263,7 @@ def load(folder: Path) -> Folder:
     data, why = read_json(folder / "summary.json")
     if isinstance(data, dict) and isinstance(data.get("runs"), list):
         result.command, result.created = str(data.get("command") or ""), str(data.get("created") or "")
-        result.runs = [_from_summary(folder, entry) for entry in data["runs"] if isinstance(entry, dict)]
+        result.runs = [_from_summary(folder, entry) for entry in data["runs"]]
     else:
         result.notes.append(f"summary.json is {why or 'not a results summary'}; read the run folders instead")
         matrix, _ = read_json(folder / "matrix.json")
@@ -199,7 +277,11 @@ def load(folder: Path) -> Folder:
     return result
 
 
-def _from_summary(folder: Path, entry: dict[str, Any]) -> Run:
+def _from_summary(folder: Path, entry: Any) -> Run:
+    problem = record_problem(entry)
+    if problem:
+        name = entry.get("name") if isinstance(entry, dict) and isinstance(entry.get("name"), str) else "?"
+        entry = unreadable_record(name, f"entry {problem}")
     run_dir = folder / str(entry.get("name", ""))
     run = Run(dict(entry), run_dir if entry.get("name") and run_dir.is_dir() else None)
     if "spec" not in run.summary and run.directory:  # a failed record written by the matrix has no spec
@@ -226,6 +308,9 @@ def _from_run_dir(run_dir: Path, notes: list[str]) -> Run:
             if evals else ""
         notes.append(f"{run_dir.name}: summary.json {why} (interrupted run?); shown as incomplete{so_far}")
         summary = {"name": run_dir.name, "status": "incomplete", "error": f"summary.json {why}", "flags": []}
+    elif problem := record_problem(summary):
+        notes.append(f"{run_dir.name}: summary.json {problem}; shown as unreadable")
+        summary = unreadable_record(run_dir.name, problem)
     run = Run(summary, run_dir if run_dir.is_dir() else None)
     if "spec" not in summary and run.directory:
         spec, _ = read_json(run_dir / "spec.json")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.errors import HarnessError
+from lib.files import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -158,11 +159,3 @@ class RunSpec:
             raise HarnessError(f"{path}: no such spec.json; give a run folder made by `make`") from None
         except (json.JSONDecodeError, TypeError, KeyError) as exc:
             raise HarnessError(f"{path}: not a valid spec.json ({exc}); re-create the run with `make`") from None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)

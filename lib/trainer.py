@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from lib import distributed, gpus, memory, probe
 from lib.distributed import SINGLE, Shard
+from lib.files import write_atomic
 from lib.optim import build_optimizer
 from lib.pruning import build_pruner
 from lib.spec import HardwarePlan, RunSpec, TrainSettings
@@ -276,9 +277,8 @@ def _improves(task: Task, record: dict[str, Any], best: Best) -> bool:
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, pruner: Any, step: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step}, tmp)
-    tmp.replace(path)
+    state = {"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step}
+    write_atomic(path, lambda tmp: torch.save(state, tmp))  # a full disk leaves the previous best.pt intact
 
 
 def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, path: Path, best: Best,

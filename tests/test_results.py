@@ -202,4 +202,4 @@ def test_cli_graphs_on_a_folder(tmp_path, capsys, low_dpi):
     out = capsys.readouterr().out
     assert f"wrote {folder / 'graphs' / 'metric_vs_sparsity_lenet5.png'}" in out
     assert cli.main(["graphs", "--results", str(tmp_path / "nope")]) == 2
-    assert "no such results folder" in capsys.readouterr().err
+    assert "not a results folder" in capsys.readouterr().err
