@@ -3,7 +3,9 @@
 Copied: summary.json, report.md, config.txt, matrix.json, graphs/ and, for each
 run, its small JSON records (spec.json, summary.json, metrics.jsonl,
 train.jsonl). Never copied: checkpoints, logs, tracker folders. The destination is
-key_results/<YYYY-mm-dd>_<name>/ and is never overwritten.
+key_results/<YYYY-mm-dd>_<name>/ and is never overwritten. Paths inside the
+project (a spec's data_dir, say) are stored relative to the project root, so a
+published record names nothing of the machine that made it.
 """
 
 from __future__ import annotations
@@ -41,17 +43,36 @@ def publish(folder: Path, name: str, dest_root: Path | None = None, date: str | 
         tmp.mkdir(parents=True)
         for file in TOP_FILES:
             if (folder / file).is_file():
-                shutil.copy2(folder / file, tmp / file)
+                _copy(folder / file, tmp / file)
         if (folder / "graphs").is_dir():
-            shutil.copytree(folder / "graphs", tmp / "graphs", ignore=shutil.ignore_patterns("*.tmp"))
+            shutil.copytree(folder / "graphs", tmp / "graphs", ignore=shutil.ignore_patterns("*.tmp"),
+                            copy_function=_copy)
         for run_dir in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "graphs"):
             files = [run_dir / f for f in RUN_FILES if (run_dir / f).is_file()]
             if files:
                 (tmp / run_dir.name).mkdir()
                 for f in files:
-                    shutil.copy2(f, tmp / run_dir.name / f.name)
+                    _copy(f, tmp / run_dir.name / f.name)
         tmp.rename(dest)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise HarnessError(f"cannot publish into {dest.parent}: {exc.strerror or exc}") from None
     return dest
+
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt")
+
+
+def _copy(src: str | Path, dst: str | Path) -> None:
+    """Copy one file; in a text record, the project's absolute path becomes a project-relative one."""
+    src, dst = Path(src), Path(dst)
+    if src.suffix not in TEXT_SUFFIXES:
+        shutil.copy2(src, dst)
+        return
+    dst.write_text(project_relative(src.read_text()))
+    shutil.copystat(src, dst)
+
+
+def project_relative(text: str, root: Path = ROOT) -> str:
+    """``text`` with the project root's absolute path made relative ("<root>/data" -> "data")."""
+    return text.replace(f"{root}/", "").replace(str(root), ".")

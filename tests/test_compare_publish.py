@@ -121,6 +121,21 @@ def test_publish_cli_without_name_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "make publish NAME=<name>" in err
 
 
+def test_published_records_hold_no_absolute_project_path(tmp_path):
+    from lib.publish import ROOT
+
+    folder = build(tmp_path / "res", ACCURACY)
+    spec = folder / "lenet5_adamw_none_0_s1" / "spec.json"
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "data_dir": str(ROOT / "data")}))
+    dest = publish(folder, "paths", dest_root=tmp_path / "kr", date="2025-02-03")
+    assert json.loads((dest / "lenet5_adamw_none_0_s1" / "spec.json").read_text())["data_dir"] == "data"
+    published = [p for p in (ROOT / "key_results").rglob("*") if p.suffix in (".json", ".jsonl", ".md", ".txt")]
+    for path in [*dest.rglob("*.json"), *published]:
+        assert str(ROOT) not in path.read_text(), path
+    for spec in (ROOT / "key_results").rglob("spec.json"):  # made on another machine: no absolute data_dir
+        assert not Path(json.loads(spec.read_text())["data_dir"]).is_absolute(), spec
+
+
 def test_key_results_readme_lists_the_seed_tables():
     text = (Path(__file__).resolve().parent.parent / "key_results" / "README.md").read_text()
     for number in ("37.28", "40.94", "44.15", "74.56", "90.30", "1307.6", "42.82", "51.51"):
