@@ -56,7 +56,7 @@ dry-run: $(STAMP) ## Print the matrix and each run's hardware plan; train nothin
 hwinfo: $(STAMP) ## Print the detected devices and each run's hardware plan with its rationale
 	@$(CLI) hwinfo
 
-continue: $(STAMP) ## Finish the newest unfinished results folder (finished runs are kept)
+continue: $(STAMP) ## Finish the newest unfinished results folder (finished runs kept; unfinished ones restart from step 0)
 	@$(CLI) continue
 
 report: $(STAMP) ## Rewrite summary.json, graphs/ and report.md of RESULTS=dir (default: newest)
@@ -71,7 +71,7 @@ compare: $(STAMP) ## Rank methods per sparsity in RESULTS=dir; AGAINST=dir2 sets
 publish: $(STAMP) ## Copy RESULTS=dir (default: newest) into key_results/<date>_<NAME>/ (NAME=... required)
 	@$(CLI) publish --name '$(NAME)' $(if $(RESULTS),--results $(RESULTS))
 
-prepare-data: $(STAMP) ## Download the datasets .config needs (needs the network)
+prepare-data: $(STAMP) ## Prepare the datasets .config needs (GPT-2 pydoc/text offline; downloads need the network)
 	@$(CLI) prepare-data
 
 list-defconfigs: $(STAMP) ## List the named experiments in defconfigs/

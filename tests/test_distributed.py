@@ -72,7 +72,7 @@ def test_two_rank_gloo_run_matches_one_process(tmp_path: Path) -> None:
     assert len((ddp_dir / "metrics.jsonl").read_text().splitlines()) == 4
     assert proc.stdout.count("ddp: ok") == 1
     assert sorted(p.name for p in ddp_dir.iterdir()) == ["checkpoints", "metrics.jsonl", "spec.json",
-                                                         "summary.json", "train.jsonl"]
+                                                         "summary.json", "train.jsonl", "train.lock"]
     # the same global batches and the same averaged gradient: the same run up to float summation order
     # (seen: 1.02033 vs 1.02034). Another seed moves this loss by 8 %, half the batch by 40 %.
     ddp_val, single_val = ddp["best"]["val"]["loss"], single["best"]["val"]["loss"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from lib import run as run_mod
 from lib.spec import RunSpec
 from lib.task import get_task
 from lib.trainer import lr_at, planned_steps
-from tests.conftest import tiny_spec
+from tests.conftest import PY, ROOT, tiny_spec
 
 
 def _run(spec: RunSpec, tmp_path: Path) -> tuple[dict, Path]:
@@ -99,6 +100,28 @@ def test_same_seed_repeats_to_the_bit(tmp_path):
     assert losses[0] == losses[1]
     assert a["best"]["val"] == b["best"]["val"]
     assert a["best"]["val"] != c["best"]["val"]
+
+
+def test_a_rerun_in_a_new_process_is_bit_identical(tmp_path):
+    """What the README promises for CONFIG_DETERMINISTIC: the same machine and thread count repeat a run
+    to the bit, in a fresh process (as `make` reruns it), weights and every logged metric included."""
+    spec = tiny_spec("pruned", pruning="magnitude", sparsity=0.7, max_iters=20, seed=5)
+    dirs = []
+    for name in ("first", "again"):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        spec.write(run_dir / "spec.json")
+        subprocess.run([PY, "-m", "lib.run", str(run_dir)], cwd=ROOT, check=True, capture_output=True,
+                       timeout=300)
+        dirs.append(run_dir)
+    a, b = (torch.load(d / "checkpoints" / "best.pt", weights_only=True)["model"] for d in dirs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("time", "elapsed", "wall", "throughput", "rss", "memory")
+    def logged(d: Path) -> list:
+        return [{k: v for k, v in e.items() if not any(w in k for w in drop)} for e in _metrics(d)]
+    assert logged(dirs[0]) == logged(dirs[1])
+    first, again = (json.loads((d / "summary.json").read_text()) for d in dirs)
+    assert first["best"] == again["best"] and first["test_at_best"] == again["test_at_best"]
 
 
 def test_time_budget_fixes_the_step_count(tmp_path):
