@@ -297,6 +297,10 @@ def _train(r: Reader) -> TrainSettings:
         log_interval=r.int("LOG_INTERVAL"),
         deterministic=r.bool("DETERMINISTIC"),
         keep_checkpoints=r.bool("KEEP_CHECKPOINTS"),
+        ckpt_interval=r.int("CKPT_INTERVAL"),
+        ckpt_time_s=parse_duration(r.str("CKPT_TIME"), "CKPT_TIME"),
+        ckpt_keep_last=r.int("CKPT_KEEP_LAST"),
+        ckpt_milestone=r.int("CKPT_MILESTONE"),
     )
     if not (settings.epochs or settings.max_iters or settings.time_budget_s):  # Kconfig misses "0s", "0m"
         raise ConfigError("no training budget: CONFIG_EPOCHS, CONFIG_MAX_ITERS and CONFIG_TIME_BUDGET are all 0; "

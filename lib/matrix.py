@@ -28,7 +28,7 @@ from lib.errors import HarnessError
 from lib.files import DiskFullError, free_space, is_disk_full, write_error, write_json_atomic
 from lib.kconf import ROOT
 from lib.results import read_json, record_problem, results_folders, unreadable_record
-from lib.run import DISK_FULL_EXIT, RANK_FAILED, failed_summary
+from lib.run import DISK_FULL_EXIT, RANK_FAILED, STOPPED_EXIT, failed_summary
 from lib.spec import HardwarePlan, PruneSettings, RunSpec
 
 FINISHED = ("ok", "diverged")
@@ -167,6 +167,10 @@ def run_folder(folder: Path, jobs: int, only_unfinished: bool = False) -> list[d
     for name in matrix["runs"]:  # one driver per folder: another `make` may still be training in it
         runlock.check_free(folder / name)
     todo = [name for name in matrix["runs"] if not (only_unfinished and _finished(folder / name))]
+    for name in todo:  # before launching anything: a damaged folder stops here, nothing half-started
+        if not (folder / name / "spec.json").is_file():
+            raise HarnessError(f"{folder / name}/spec.json is missing, so that run cannot be (re)started; restore "
+                               f"it, or start the experiment again with `make`")
     print(f"{folder}: {len(todo)} of {len(matrix['runs'])} run(s) to do, {jobs} at a time", flush=True)
     running: list[tuple[str, subprocess.Popen, float]] = []
     bar = tqdm(total=len(todo), unit="run", disable=None, leave=False)
@@ -303,6 +307,9 @@ def _reap(folder: Path, running: list, bar: tqdm, record: bool = True) -> list:
             others = [entry for entry in running if entry[1] is not proc and entry[1].poll() is None]
             _stop(others)
             raise DiskFullError(_disk_full_line(folder / name))
+        if proc.returncode == STOPPED_EXIT:  # checkpointed on SIGTERM/SIGUSR1: unfinished, not failed
+            tqdm.write(f"{name}: stopped after a checkpoint; `make continue` resumes it")
+            continue
         if not record:  # a worker node: rank 0, on node 0, writes the run's summary
             tqdm.write(f"{name}: exited with status {proc.returncode} (worker node)")
             continue

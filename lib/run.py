@@ -4,7 +4,8 @@ Reads RUN_DIR/spec.json (nothing else), trains, and always leaves
 RUN_DIR/summary.json: status ok, diverged, or failed with the error text.
 Exit status: 0 for ok or diverged (a recorded outcome), 1 for failed, 2 when
 the folder is being trained by another process (its lock, lib/runlock.py), 3
-when the disk is full (the matrix then stops every run).
+when the disk is full (the matrix then stops every run), 4 when SIGTERM or
+SIGUSR1 stopped it after a checkpoint (no summary: `make continue` resumes it).
 
 Under torchrun (a plan of several processes, see lib/distributed.py) every rank
 runs this; each joins the process group, only rank 0 writes summary.json and
@@ -20,6 +21,7 @@ import traceback
 from pathlib import Path
 
 from lib import distributed, runlock
+from lib.checkpoint import state as ckpt_state
 from lib.errors import HarnessError
 from lib.files import DiskFullError, is_disk_full, write_error, write_json_atomic
 from lib.spec import RunSpec
@@ -32,11 +34,17 @@ def run(run_dir: Path) -> int:
     if shard.main:  # one trainer per run folder; the OS lets go of the lock when this process dies
         runlock.lock_for_child(run_dir)
     disk_full = False
+    ckpt_state.install_stop_handlers()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, then stop
     try:
         shard = distributed.setup(spec.hardware)  # joins the process group when torchrun started several ranks
         from lib.trainer import train
 
         summary = train(spec, run_dir, shard)
+    except ckpt_state.Stopped as stopped:  # not an outcome: `make continue` resumes from the checkpoint
+        distributed.teardown()
+        if shard.main:
+            print(f"{spec.name}: {stopped}; `make continue` resumes it", flush=True)
+        return STOPPED_EXIT
     except HarnessError as exc:
         disk_full = isinstance(exc, DiskFullError)
         summary = failed_summary(spec.name, str(exc))
@@ -68,6 +76,7 @@ def run(run_dir: Path) -> int:
 
 RANK_FAILED = "rank {rank} failed: "  # the line lib/matrix.py looks for in a log that has no summary
 DISK_FULL_EXIT = 3  # the matrix stops every run on this status: its siblings would fill the same disk
+STOPPED_EXIT = 4  # stopped on SIGTERM/SIGUSR1 after writing a checkpoint; unfinished, resumable
 
 
 def failed_summary(name: str, error: str) -> dict:

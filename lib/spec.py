@@ -71,6 +71,10 @@ class TrainSettings:
     log_interval: int = 10
     deterministic: bool = True
     keep_checkpoints: bool = True
+    ckpt_interval: int = 0  # training checkpoint every N steps (0 = not by steps)
+    ckpt_time_s: float = 0.0  # ... and/or every T seconds (0 = not by time)
+    ckpt_keep_last: int = 3
+    ckpt_milestone: int = 0  # keep a copy every M steps for good (0 = none)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ pruning masks after each update, and only rank 0 writes anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +30,8 @@ import torch
 from tqdm import tqdm
 
 from lib import distributed, gpus, memory, probe
+from lib.checkpoint import state as ckpt_state
+from lib.checkpoint.manager import Manager, Policy
 from lib.distributed import SINGLE, Shard
 from lib.files import write_atomic
 from lib.optim import build_optimizer
@@ -96,26 +99,41 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
     forward_model = torch.compile(ddp) if hw.compile else ddp  # compiled forward; same parameters
     autocast, scaler = _precision(device, hw.dtype)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = hw.tf32  # the plan: Ampere+ only
+    ckpt_dir = run_dir / "checkpoints"
+    manager = Manager(ckpt_dir, Policy(cfg.ckpt_interval, cfg.ckpt_time_s, cfg.ckpt_keep_last, cfg.ckpt_milestone),
+                      say=lambda line: _log(line, shard))
+    found = manager.latest()  # a killed or stopped run goes on from its newest valid checkpoint
     probe_tries: list[dict[str, Any]] = []
-    if hw.probe:  # CONFIG_PROBE_BATCH: halve the micro-batch on out-of-memory, before any real step
-        hw, probe_tries = probe.fit_micro_batch(task, model, spec, device, autocast)
     total, per_epoch = planned_steps(cfg, task.examples_per_epoch(spec), cfg.batch_size)
-    provisional = total or 10**9  # with only a time budget the step count is fixed after probing
+    if found:  # every tensor, counter and RNG as they were; the same micro-batch, not a new probe
+        done = ckpt_state.restore(found[1], found[0], spec.to_dict(), model, optimizer, pruner, scaler)
+        hw = dataclasses.replace(hw, micro_batch=done.micro_batch, grad_accum=done.grad_accum)
+        _log(f"resuming {spec.name} from {found[0].name} (step {done.step})", shard)
+        done.resumed_from.append(done.step)
+    else:
+        if hw.probe:  # CONFIG_PROBE_BATCH: halve the micro-batch on out-of-memory, before any real step
+            hw, probe_tries = probe.fit_micro_batch(task, model, spec, device, autocast)
+        provisional = total or 10**9  # with only a time budget the step count is fixed after probing
+        eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
+        done = ckpt_state.Progress(provisional=provisional, eval_every=eval_every, micro_batch=hw.micro_batch,
+                                   grad_accum=hw.grad_accum)
+    provisional, eval_every, step, evals = done.provisional, done.eval_every, done.step, done.evals
+    samples, train_time, best = done.samples, done.train_time, Best(done.best_step, dict(done.best_metrics))
     pruner.set_total_steps(provisional)
-    eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
     stream = task.train_batches(spec, hw.micro_batch, spec.seed, shard=shard)  # this rank's rows
+    for _ in range(step * hw.grad_accum):  # past what the run consumed before its checkpoint
+        next(stream)
 
     tracker = open_tracker(spec, run_dir) if shard.main else NullTracker()  # a tracker failure never stops the run
-    ckpt_dir = run_dir / "checkpoints"
     if shard.main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = _output(run_dir / "metrics.jsonl", shard)
-    curve_file = _output(run_dir / "train.jsonl", shard)  # loss, lr, sparsity and memory per log interval
-    best, status, error = Best(), "ok", None
-    samples, train_time, step, evals = 0, 0.0, 0, 0
+    offsets = done.log_offsets if found else {}
+    metrics_file = _output(run_dir / "metrics.jsonl", shard, offsets.get("metrics"))
+    curve_file = _output(run_dir / "train.jsonl", shard, offsets.get("train"))  # loss, lr, sparsity, memory
+    status, error = "ok", None
     memory.reset_peak(device)
     start = time.perf_counter()
-    bar = tqdm(total=provisional if total else None, desc=spec.name, unit="step", leave=False,
+    bar = tqdm(total=provisional if total else None, initial=step, desc=spec.name, unit="step", leave=False,
                disable=None if shard.main else True)
 
     model.train()
@@ -162,6 +180,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
             sparsity = pruner.sparsity()
             curve_file.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "sparsity": sparsity,
                                          "elapsed_s": time.perf_counter() - start, **memory.current(device)}) + "\n")
+            curve_file.flush()  # `tail -f train.jsonl` (and a watcher) sees each step as it happens
             bar.set_postfix(loss=f"{train_loss:.4f}", sparsity=f"{sparsity:.3f}")
             _log(f"step {step}/{provisional} loss {train_loss:.4f} lr {lr:.2e} sparsity {sparsity:.4f}", shard)
         if step % eval_every == 0 or step == provisional:
@@ -178,11 +197,27 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
                 best = Best(step, record["val"])  # the same on every rank: the metrics are reduced
                 if shard.main:
                     _save_checkpoint(ckpt_dir / "best.pt", model, pruner, step)
+        stop = _stop_agreed(shard)
+        if step < provisional and (stop or manager.due(step)):  # the end of a step: a clean point to resume
+            if shard.main:
+                metrics_file.flush()
+                curve_file.flush()
+                now = dataclasses.replace(
+                    done, step=step, provisional=provisional, eval_every=eval_every, evals=evals, samples=samples,
+                    train_time=train_time, wall_before=done.wall_before + time.perf_counter() - start,
+                    best_step=best.step, best_metrics=dict(best.metrics),
+                    log_offsets={"metrics": metrics_file.tell(), "train": curve_file.tell()})
+                manager.save(step, ckpt_state.payload(now, spec.to_dict(), model, optimizer, pruner, scaler))
+            if stop:
+                bar.close()
+                raise ckpt_state.Stopped(step, stop)
     bar.close()
     metrics_file.close()
     curve_file.close()
     tracker.finish()
-    wall = time.perf_counter() - start
+    wall = done.wall_before + time.perf_counter() - start
+    if status == "ok" and shard.main:
+        manager.remove_training()  # only a resume needs them; best.pt and milestones stay
 
     reached = pruner.sparsity()  # of the final weights, before the best checkpoint is loaded back
     with autocast():
@@ -215,6 +250,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
         "hardware": {"micro_batch": hw.micro_batch, "grad_accum": hw.grad_accum, "world_size": hw.world_size,
                      "planned_micro_batch": spec.hardware.micro_batch, "probe": probe_tries},
         "wall_time_s": wall,
+        **({"resumed": {"count": len(done.resumed_from), "from_steps": done.resumed_from}}
+           if done.resumed_from else {}),
         **ranks,
     }
 
@@ -228,9 +265,27 @@ def _mfu(task: Task, spec: RunSpec, hw: HardwarePlan, device: torch.device, thro
                     hw.world_size)
 
 
-def _output(path: Path, shard: Shard) -> Any:
-    """A log file of the run folder, opened by rank 0 only; the other ranks write to nowhere."""
-    return path.open("w") if shard.main else open(os.devnull, "w")
+def _output(path: Path, shard: Shard, resume_at: int | None = None) -> Any:
+    """A log file of the run folder, opened by rank 0 only; the other ranks write to nowhere.
+
+    On a resume the file is cut back to its size at the checkpoint (``resume_at`` bytes), so the
+    steps run again after it are logged once."""
+    if not shard.main:
+        return open(os.devnull, "w")
+    if resume_at is None or not path.exists():
+        return path.open("w")
+    handle = path.open("r+")
+    handle.truncate(resume_at)
+    handle.seek(resume_at)
+    return handle
+
+
+def _stop_agreed(shard: Shard) -> int:
+    """The stop signal if any rank got one (so that every rank stops after the same step), else 0."""
+    stop = ckpt_state.stop_requested()
+    if shard.world_size > 1:
+        stop = int(distributed.reduce_max(float(stop)))
+    return stop
 
 
 def _precision(device: torch.device, dtype: str) -> tuple[Any, torch.amp.GradScaler]:

@@ -1,0 +1,163 @@
+"""What a training checkpoint holds, and putting it back for an exact resume.
+
+Exactness rests on four things: every tensor of state (model, optimizer, pruner, grad
+scaler) is saved bit for bit; every RNG (python, numpy, torch CPU and CUDA) is saved and
+restored; the data stream is rebuilt from its seed and advanced past the micro-batches
+already consumed (the task plug-in's streams are deterministic functions of their
+arguments, lib/task.py); and the run's logs are cut back to what they held at the
+checkpoint, so nothing is logged twice.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import signal
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lib.checkpoint.format import CheckpointError
+
+FORMAT = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it preempts a job
+_stop = {"signal": 0}
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after writing a checkpoint at the end of ``step``."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; a checkpoint was written")
+        self.step = step
+
+
+def request_stop(signum: int, frame: Any = None) -> None:
+    """Signal handler: finish the current step, write a checkpoint, then stop."""
+    _stop["signal"] = signum
+
+
+def stop_requested() -> int:
+    """The signal that asked this process to stop, or 0."""
+    return _stop["signal"]
+
+
+def install_stop_handlers() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, request_stop)
+
+
+@dataclass
+class Progress:
+    """The training loop's own counters: everything besides tensors that a resume needs."""
+
+    step: int = 0
+    provisional: int = 0  # the step count (fixed after probing under a time budget)
+    eval_every: int = 1
+    evals: int = 0
+    samples: int = 0
+    train_time: float = 0.0
+    wall_before: float = 0.0  # wall time of earlier sessions of this run
+    best_step: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    micro_batch: int = 0
+    grad_accum: int = 0
+    log_offsets: dict[str, int] = field(default_factory=dict)  # bytes of each log at the checkpoint
+    resumed_from: list[int] = field(default_factory=list)  # the step of every earlier resume
+
+
+def payload(progress: Progress, spec_dict: dict[str, Any], model: torch.nn.Module, optimizer: Any, pruner: Any,
+            scaler: Any) -> dict[str, Any]:
+    """The complete state at the end of ``progress.step`` (weights_only-safe: tensors and plain data)."""
+    return {
+        "format": FORMAT,
+        "step": progress.step,
+        "progress": asdict(progress),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "pruner": pruner.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "spec": spec_dict,
+        "versions": versions(),
+    }
+
+
+def restore(state: dict[str, Any], where: Path, spec_dict: dict[str, Any], model: torch.nn.Module, optimizer: Any,
+            pruner: Any, scaler: Any) -> Progress:
+    """Put ``state`` back into the run's objects; CheckpointError (one line) when it belongs to another run."""
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {where} has format {state.get('format')!r}; this harness reads {FORMAT}")
+    check_spec(state.get("spec", {}), spec_dict, where)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        pruner.load_state_dict(state["pruner"])
+        scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {where} does not fit this run: {first[:200]}") from None
+    set_rng_state(state["rng"])
+    return Progress(**state["progress"])
+
+
+# Fields of the RunSpec that may change between the killed run and its resume without changing the result.
+MAY_DIFFER = ("name", "data_dir", "hardware")
+
+
+def check_spec(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """The checkpoint must come from this run's spec: same model, optimizer, pruning, training and seed."""
+    if saved.get("model") != current.get("model"):
+        raise CheckpointError(f"checkpoint {where} is of model {saved.get('model')!r}, this run trains "
+                              f"{current.get('model')!r}; it belongs to another run")
+    differ = sorted(k for k in set(saved) | set(current) if k not in MAY_DIFFER and saved.get(k) != current.get(k))
+    if differ:
+        key = differ[0]
+        raise CheckpointError(f"checkpoint {where} was made for another RunSpec ({', '.join(differ)} differ; "
+                              f"{key}: {_short(saved.get(key))} vs {_short(current.get(key))} now)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def versions() -> dict[str, str]:
+    """What made the checkpoint: the commit and the library versions."""
+    return {"commit": git_commit(), "torch": str(torch.__version__), "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent.parent
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"

@@ -1,0 +1,340 @@
+"""lib/checkpoint: the file format, the manager, and exact resume after real faults (issue 11).
+
+The fault tests run `python -m lib.run` in real subprocesses and SIGKILL or SIGTERM them; the resumed
+run must end bit-identical to an uninterrupted one: every milestone checkpoint (model, optimizer,
+pruner, RNG), every logged metric, and the summary's results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.checkpoint import CheckpointError, load, save
+from lib.checkpoint.manager import Manager, Policy
+from lib.files import DiskFullError
+from tests.conftest import PY, ROOT, tiny_spec
+
+STEPS = 40
+
+
+def spec_for(name: str, pruning: str = "magnitude", optimizer: str = "adamw", **kw):
+    sparsity = 0.0 if pruning == "none" else 0.7
+    if pruning == "state":
+        optimizer = "adamwprune"
+    train = {"log_interval": 1, "ckpt_interval": 4, "ckpt_milestone": 4, "prune": {"end": 24}, **kw}
+    return tiny_spec(name, optimizer=optimizer, pruning=pruning, sparsity=sparsity, max_iters=STEPS, **train)
+
+
+def start(run_dir: Path, spec, patch: str = "") -> subprocess.Popen:
+    """`python -m lib.run run_dir`, optionally after ``patch`` (Python run first, in the child)."""
+    if not (run_dir / "spec.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec.write(run_dir / "spec.json")
+    code = f"{patch}\nimport sys\nfrom lib.run import main\nsys.exit(main([{str(run_dir)!r}]))"
+    return subprocess.Popen([PY, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(run_dir: Path, spec, patch: str = "") -> subprocess.CompletedProcess:
+    proc = start(run_dir, spec, patch)
+    out, _ = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def steps_logged(run_dir: Path) -> int:
+    try:
+        return len((run_dir / "train.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    deadline = time.time() + 120
+    while steps_logged(run_dir) < step:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "the run did not get there"
+        time.sleep(0.005)
+
+
+TIMING = ("time", "elapsed", "rss", "memory", "allocated", "throughput", "wall", "started")
+
+
+def _untimed(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if not any(t in k for t in TIMING)}
+
+
+def logs(run_dir: Path) -> list[list[dict]]:
+    return [[_untimed(json.loads(line)) for line in (run_dir / f).read_text().splitlines()]
+            for f in ("metrics.jsonl", "train.jsonl")]
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    """Bit-identical: every milestone's tensors and counters, every logged metric, the summary's results."""
+    names = sorted(p.name for p in (reference / "checkpoints" / "milestones").iterdir())
+    assert names == sorted(p.name for p in (resumed / "checkpoints" / "milestones").iterdir())
+    for name in names:
+        a, b = (load(d / "checkpoints" / "milestones" / name) for d in (reference, resumed))
+        for key in ("model", "optimizer", "pruner", "scaler", "rng", "step"):
+            assert _equal(a[key], b[key]), f"{name}: {key} differs"
+        progress = [{k: v for k, v in p["progress"].items() if k not in ("train_time", "wall_before", "log_offsets",
+                                                                           "resumed_from")} for p in (a, b)]
+        assert progress[0] == progress[1], name
+    ref_best = torch.load(reference / "checkpoints" / "best.pt", weights_only=True)
+    res_best = torch.load(resumed / "checkpoints" / "best.pt", weights_only=True)
+    assert _equal(ref_best, res_best)
+    assert logs(reference) == logs(resumed)
+    s, r = (json.loads((d / "summary.json").read_text()) for d in (reference, resumed))
+    for key in ("status", "best", "test_at_best", "sparsity", "steps", "flags"):
+        assert s[key] == r[key], key
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted run per method, shared by the fault tests."""
+    base = tmp_path_factory.mktemp("reference")
+    runs = {}
+    for method in ("none", "magnitude", "movement", "state"):
+        done = finish(base / method, spec_for(method, pruning=method))
+        assert done.returncode == 0, done.stdout
+        runs[method] = base / method
+    return runs
+
+
+@pytest.mark.parametrize("method, seed", [("none", 1), ("magnitude", 2), ("movement", 3), ("state", 4),
+                                          ("magnitude", 5)])
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(references, tmp_path, method, seed):
+    run_dir = tmp_path / method
+    spec = spec_for(method, pruning=method)
+    kill_at = random.Random(seed).randint(3, STEPS - 6)
+    proc = start(run_dir, spec)
+    wait_for_step(proc, run_dir, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+    done = finish(run_dir, spec)
+    assert done.returncode == 0, done.stdout
+    assert "resuming" in done.stdout
+    assert_same_run(references[method], run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed"]["count"] == 1 and summary["resumed"]["from_steps"][0] % 4 == 0
+    assert not list((run_dir / "checkpoints").glob("step_*.ckpt"))  # a finished run drops its training ones
+
+
+def test_adamwspam_resumes_exactly_across_a_moment_reset(tmp_path):
+    """SPAM resets the moments every `interval` steps: kill after a reset, resume from before it."""
+    spec = spec_for("spam", pruning="none", optimizer="adamwspam")
+    spec = dataclasses.replace(spec, optim=dataclasses.replace(spec.optim, spam_interval=10, spam_warmup=3))
+    reference = tmp_path / "reference"
+    assert finish(reference, spec).returncode == 0
+    run_dir = tmp_path / "resumed"
+    proc = start(run_dir, spec)
+    wait_for_step(proc, run_dir, 27)  # the newest checkpoint is step 24 or later: resets at 30 lie ahead
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert finish(run_dir, spec).returncode == 0
+    assert_same_run(reference, run_dir)
+    spam = load(reference / "checkpoints" / "milestones" / "step_00000036.ckpt")["optimizer"]["spam"]
+    assert spam["last_reset"] == 30  # the run really crossed a reset after the resume
+
+
+SLOW_WRITE = """
+import time
+import lib.checkpoint.format as fmt
+_write = fmt._HashingWriter.write
+def slow(self, data):
+    time.sleep(0.02)
+    return _write(self, data)
+fmt._HashingWriter.write = slow
+"""
+
+
+def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(references, tmp_path):
+    run_dir = tmp_path / "magnitude"
+    spec = spec_for("magnitude")
+    proc = start(run_dir, spec, SLOW_WRITE)
+    ckpts = run_dir / "checkpoints"
+    deadline = time.time() + 120
+    while not ((ckpts / "latest").exists() and list(ckpts.glob(".step_*.tmp"))):  # the second one is being written
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = (ckpts / "latest").read_text().strip()
+    assert load(ckpts / latest)["step"] == int(latest[5:13])  # whole and verified
+    done = finish(run_dir, spec)
+    assert done.returncode == 0, done.stdout
+    assert not list(ckpts.glob(".*.tmp"))
+    assert_same_run(references["magnitude"], run_dir)
+
+
+def test_sigterm_writes_a_checkpoint_at_the_end_of_the_step_and_resumes(references, tmp_path):
+    run_dir = tmp_path / "movement"
+    spec = spec_for("movement", pruning="movement", ckpt_interval=0)  # no periodic checkpoint: only the signal's
+    proc = start(run_dir, spec)
+    wait_for_step(proc, run_dir, 10)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 4, out
+    assert "stopped by SIGTERM after step" in out and "make continue" in out
+    assert not (run_dir / "summary.json").exists()
+    steps = [p.name for p in (run_dir / "checkpoints").glob("step_*.ckpt")]
+    assert len(steps) == 1
+    done = finish(run_dir, spec)
+    assert done.returncode == 0, done.stdout
+    ref = json.loads((references["movement"] / "summary.json").read_text())
+    got = json.loads((run_dir / "summary.json").read_text())
+    for key in ("best", "test_at_best", "sparsity", "steps"):
+        assert ref[key] == got[key], key
+    assert logs(references["movement"]) == logs(run_dir)
+
+
+# --- the file format and the manager, in-process ----------------------------------------------------------
+
+
+def test_damaged_files_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "step_00000004.ckpt"
+    save(path, {"w": torch.arange(1000.0), "step": 4})
+    data = path.read_bytes()
+    for damage, message in ((data[: len(data) // 2], "is truncated"),
+                            (data[:200] + bytes([data[200] ^ 1]) + data[201:], "fails its SHA-256 check")):
+        path.write_bytes(damage)
+        with pytest.raises(CheckpointError, match=message) as caught:
+            load(path)
+        assert "\n" not in str(caught.value)
+
+
+def test_a_pickled_code_object_is_refused(tmp_path):
+    from lib.checkpoint.format import load_payload
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "hook": os.system}, evil)
+    with pytest.raises(CheckpointError, match=r"refused to load .* pickled objects beyond tensors.*posix.system"):
+        load_payload(evil, evil)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    said = []
+    manager = Manager(tmp_path, Policy(interval=1, keep_last=3), say=said.append)
+    for step in (1, 2, 3):
+        manager.save(step, {"step": step})
+    newest = tmp_path / "step_00000003.ckpt"
+    newest.write_bytes(newest.read_bytes()[:-5])
+    path, payload = manager.latest()
+    assert payload["step"] == 2 and path.name == "step_00000002.ckpt"
+    assert len(said) == 1 and "step_00000003.ckpt is truncated" in said[0] and "trying the one before" in said[0]
+    for p in manager.steps():
+        p.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no usable checkpoint in .*move that folder away"):
+        manager.latest()
+
+
+def test_keep_last_and_milestones(tmp_path):
+    manager = Manager(tmp_path, Policy(interval=1, keep_last=2, milestone_every=3))
+    for step in range(1, 8):
+        manager.save(step, {"step": step})
+    assert [p.name for p in manager.steps()] == ["step_00000006.ckpt", "step_00000007.ckpt"]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000007.ckpt"
+    assert sorted(p.name for p in (tmp_path / "milestones").iterdir()) == ["step_00000003.ckpt",
+                                                                         "step_00000006.ckpt"]
+    with pytest.raises(CheckpointError, match="keep at least 1"):
+        Policy(keep_last=0)
+
+
+def test_a_failing_writer_leaves_latest_unchanged(tmp_path, monkeypatch):
+    import errno
+
+    manager = Manager(tmp_path, Policy(interval=1, keep_last=3))
+    manager.save(1, {"step": 1, "w": torch.zeros(10)})
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError, match=r"disk full writing .*step_00000002.ckpt \("):
+        manager.save(2, {"step": 2})
+    monkeypatch.undo()
+    assert (tmp_path / "latest").read_text().strip() == "step_00000001.ckpt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001.ckpt"]
+    assert manager.latest()[1]["step"] == 1
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    from lib.checkpoint import state as ckpt_state
+
+    spec = spec_for("a")
+    resumed = tmp_path / "run"
+    proc = start(resumed, spec)
+    wait_for_step(proc, resumed, 6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    payload = load(resumed / "checkpoints" / "step_00000004.ckpt")
+    other_optimizer = {**spec.to_dict(), "optim": {**spec.to_dict()["optim"], "name": "sgd"}}
+    with pytest.raises(CheckpointError, match=r"another RunSpec \(optim differ; optim: .*'adamw'.* vs .*'sgd'"):
+        ckpt_state.check_spec(payload["spec"], other_optimizer, Path("x"))
+    with pytest.raises(CheckpointError, match="is of model 'lenet5', this run trains 'gpt2'"):
+        ckpt_state.check_spec(payload["spec"], {**spec.to_dict(), "model": "gpt2"}, Path("x"))
+    # the same spec but a model whose shapes differ: one line naming the mismatch
+    from tests.conftest import small_conv_net
+
+    model = small_conv_net()
+    optimizer = torch.optim.AdamW(model.parameters())
+    from lib.pruning import build_pruner
+
+    pruner = build_pruner(model, optimizer, spec.prune)
+    with pytest.raises(CheckpointError, match="does not fit this run: "):
+        ckpt_state.restore(payload, Path("x"), payload["spec"], model, optimizer, pruner,
+                           torch.amp.GradScaler("cpu", enabled=False))
+    # and through lib.run: the run fails with that one line, the checkpoint stays for inspection
+    spec_file = resumed / "spec.json"
+    spec_file.write_text(json.dumps(other_optimizer))
+    done = finish(resumed, None)
+    assert done.returncode == 1
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["status"] == "failed" and "another RunSpec" in summary["error"]
+    assert (resumed / "checkpoints" / "step_00000004.ckpt").exists()
+
+
+def test_keep_last_zero_in_config_is_one_line(make_config):
+    from lib import config
+    from lib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"CONFIG_CKPT_KEEP_LAST=0 is outside its range \[1, 1000\]"):
+        config.load(make_config("", "CONFIG_CKPT_KEEP_LAST=0\n"))
+    with pytest.raises(ConfigError, match="CONFIG_CKPT_TIME='5' has no unit"):
+        config.load(make_config("", 'CONFIG_CKPT_TIME="5"\n'))
+
+
+def test_continue_without_spec_json_is_one_line(tmp_path):
+    from lib import matrix
+    from lib.errors import HarnessError
+
+    folder = tmp_path / "t_20250101_000000"
+    (folder / "run0").mkdir(parents=True)
+    (folder / "matrix.json").write_text(json.dumps({"created": "2025-01-01T00:00:00", "runs": ["run0"]}))
+    with pytest.raises(HarnessError, match=r"run0/spec.json is missing, so that run cannot be \(re\)started"):
+        matrix.run_folder(folder, 1, only_unfinished=True)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
