@@ -23,7 +23,7 @@ CLI := HARNESS_COMMAND='$(RECORDED)' \
 DEFCONFIG_OUT ?= defconfig
 RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
-.PHONY: help all run dry-run hwinfo continue report graphs compare publish prepare-data test bench lint quickstart venv \
+.PHONY: help all run dry-run hwinfo continue report graphs compare publish export prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
 	allnoconfig randconfig clean mrproper
 
@@ -70,6 +70,9 @@ compare: $(STAMP) ## Rank methods per sparsity in RESULTS=dir; AGAINST=dir2 sets
 
 publish: $(STAMP) ## Copy RESULTS=dir (default: newest) into key_results/<date>_<NAME>/ (NAME=... required)
 	@$(CLI) publish --name '$(NAME)' $(if $(RESULTS),--results $(RESULTS))
+
+export: $(STAMP) ## Export RUN=<run dir>'s best checkpoint as safetensors + a JSON model card (RUN/export/)
+	@$(CLI) export --run '$(RUN)'
 
 prepare-data: $(STAMP) ## Prepare the datasets .config needs (GPT-2 pydoc/text offline; downloads need the network)
 	@$(CLI) prepare-data

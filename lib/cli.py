@@ -23,13 +23,14 @@ from lib.errors import HarnessError
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lib.cli", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["check", "dry-run", "hwinfo", "run", "continue", "report", "graphs",
-                                            "compare", "publish", "prepare-data"])
+                                            "compare", "publish", "prepare-data", "export"])
     parser.add_argument("--config", default=".config", help="the .config to read (default: .config)")
     parser.add_argument("--set", action="append", default=[], metavar="SYMBOL=VALUE",
                         help="override a symbol for this invocation only (make MAX_ITERS=... etc.)")
     parser.add_argument("--results", help="results folder for report/graphs/compare/publish (default: the newest)")
     parser.add_argument("--against", help="compare: a second results folder, shown side by side")
     parser.add_argument("--name", help="publish: the name of the key_results/<date>_<name>/ folder")
+    parser.add_argument("--run", help="export: the run folder whose best checkpoint to export")
     return parser.parse_args(argv)
 
 
@@ -60,6 +61,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
 
     if args.command in ("report", "graphs", "compare", "publish"):
         return _results_command(args)
+    if args.command == "export":
+        return _export(args.run)
     config = config_mod.load(args.config, _overrides(args.set))
     if args.command == "check":
         print(f"{args.config}: ok ({len(matrix.expand(config))} run(s))")
@@ -91,6 +94,18 @@ def _finish(folder: Path, runs: list[dict]) -> int:
     report = folder / "report.md"
     print(", ".join(f"{counts[s]} {s}" for s in statuses if counts[s] or s != "unreadable") + f"; report: {report}")
     return 1 if counts["failed"] or counts["unreadable"] else 0
+
+
+def _export(run: str | None) -> int:
+    from lib.checkpoint.export import export
+
+    if not run:
+        raise HarnessError("export needs a run folder: `make export RUN=results/<folder>/<run>`")
+    if not (Path(run) / "spec.json").is_file():
+        raise HarnessError(f"{run}: not a run folder (no spec.json); give RUN=results/<folder>/<run>")
+    out = export(Path(run))
+    print(f"exported {run} to {out / 'model.safetensors'} and {out / 'model_card.json'}")
+    return 0
 
 
 def _results_command(args: argparse.Namespace) -> int:

@@ -283,7 +283,7 @@ def _launch(run_dir: Path) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", runlock.FD_ENV: str(lock)}
         (run_dir / "summary.json").unlink(missing_ok=True)
         driver = os.getpid()
-        with (run_dir / "log.txt").open("w") as log:
+        with (run_dir / "log.txt").open("a") as log:  # a resumed run adds to its earlier log
             proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, pass_fds=(lock,),
                                     preexec_fn=lambda: runlock.die_with_parent(driver))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -338,3 +339,73 @@ def test_continue_without_spec_json_is_one_line(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# --- export -------------------------------------------------------------------------------------------------
+
+
+def test_export_is_safetensors_with_exact_zeros_and_evaluates_the_same(tmp_path):
+    from safetensors.torch import load_file
+
+    from lib import cli
+    from lib import run as run_mod
+    from lib.checkpoint.export import load_export
+    from lib.task import get_task
+
+    spec = tiny_spec("pruned", pruning="magnitude", sparsity=0.7, max_iters=30, prune={"end": 20})
+    run_dir = tmp_path / "pruned"
+    run_dir.mkdir()
+    spec.write(run_dir / "spec.json")
+    assert run_mod.run(run_dir) == 0
+    assert cli.main(["export", "--run", str(run_dir)]) == 0
+    card = json.loads((run_dir / "export" / "model_card.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert card["checkpoint_step"] == summary["best"]["step"] and card["test_at_checkpoint"] == summary["test_at_best"]
+    assert card["made_by"]["commit"] and card["sparsity"]["prunable_reached"] == summary["sparsity"]["reached"]
+    weights = [n for n in card["shapes"] if n.endswith("weight")]  # LeNet-5's prunable tensors: every weight
+    numel = {n: math.prod(card["shapes"][n]) for n in weights}
+    pruned = sum(card["sparsity"]["per_layer"][n] * numel[n] for n in weights) / sum(numel.values())
+    assert abs(pruned - 0.7) < 0.005, pruned  # one global threshold: layers differ, the whole is at target
+    weights = load_file(run_dir / "export" / "model.safetensors")
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    for name, packed in best["pruner"]["masks"].items():
+        from lib.pruning.bitmask import unpack
+
+        keep = packed if packed.dtype == torch.bool else unpack(packed, weights[name].shape)
+        assert torch.count_nonzero(weights[name][~keep.bool()]) == 0, name  # pruned: exactly zero
+    model, loaded_spec = load_export(run_dir / "export")
+    with torch.no_grad():
+        again = get_task("lenet5").evaluate(model.eval(), loaded_spec, "test")
+    assert again["accuracy"] == summary["test_at_best"]["accuracy"] and again["loss"] == summary["test_at_best"]["loss"]
+
+
+def test_tied_gpt2_weights_survive_an_export_round_trip(tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    from tests.test_gpt2 import tiny_model
+
+    model, again = tiny_model(seed=1), tiny_model(seed=2)
+    save_model(model, str(tmp_path / "m.safetensors"))
+    load_model(again, str(tmp_path / "m.safetensors"))
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert again.lm_head.weight.data_ptr() == again.wte.weight.data_ptr()  # still tied
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("no_best", "has no best checkpoint"),
+    ("not_a_run", "not a run folder (no spec.json)"),
+    ("no_run", "export needs a run folder"),
+])
+def test_export_bad_input_is_one_line(tmp_path, capsys, setup, message):
+    from lib import cli
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    if setup == "no_best":
+        tiny_spec("r").write(run_dir / "spec.json")
+        (run_dir / "summary.json").write_text(json.dumps({"status": "ok"}))
+    argv = ["export"] + ([] if setup == "no_run" else ["--run", str(run_dir)])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -1,0 +1,126 @@
+"""`make export RUN=<run dir>`: the best checkpoint's weights as safetensors, with a JSON model card.
+
+    <run dir>/export/model.safetensors   the weights (pruned ones exactly zero), no pickle
+    <run dir>/export/model_card.json     model, shapes, sparsity per layer and overall, the metric at that
+                                         checkpoint (val and test), dataset, command, .config, commit
+
+safetensors holds tensors only, so loading an export can never run code. Tied weights
+(GPT-2's head and embedding) are stored once (safetensors.torch.save_model) and tied
+again by load_export(), which builds the model from the run's spec.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from lib.checkpoint.format import CheckpointError
+from lib.checkpoint.state import versions
+from lib.errors import HarnessError
+from lib.files import write_atomic, write_json_atomic
+from lib.pruning.bitmask import unpack
+from lib.spec import RunSpec
+from lib.task import get_task
+
+
+def export(run_dir: Path) -> Path:
+    """Write ``run_dir``/export/ from its best checkpoint; return that folder."""
+    run_dir = Path(run_dir)
+    spec = RunSpec.read(run_dir / "spec.json")
+    summary = _summary(run_dir)
+    best = run_dir / "checkpoints" / "best.pt"
+    if not best.is_file():
+        raise HarnessError(f"{run_dir} has no best checkpoint ({best} is missing: the run did not reach an eligible "
+                           f"evaluation, is unfinished, or ran with CONFIG_KEEP_CHECKPOINTS off); nothing to export")
+    state = _load_best(best)
+    model = get_task(spec.model).build_model(spec)
+    model.load_state_dict(state["model"])
+    layers = _check_zeros(model, state.get("pruner", {}).get("masks", {}), best)
+    out = run_dir / "export"
+    out.mkdir(exist_ok=True)
+    write_atomic(out / "model.safetensors", lambda tmp: save_model(model, str(tmp), {"run": spec.name}))
+    write_json_atomic(out / "model_card.json", _card(run_dir, spec, summary, state["step"], model, layers))
+    return out
+
+
+def load_export(folder: Path) -> tuple[torch.nn.Module, RunSpec]:
+    """The exported model, built from the card's spec and loaded from the safetensors file."""
+    card = json.loads((Path(folder) / "model_card.json").read_text())
+    spec = RunSpec.from_dict(card["spec"])
+    model = get_task(spec.model).build_model(spec)
+    missing, unexpected = load_model(model, str(Path(folder) / "model.safetensors"))
+    if missing or unexpected:
+        raise HarnessError(f"{folder}: the export does not fit {spec.model} (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return model, spec
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        raise HarnessError(f"{run_dir} has no readable summary.json; finish the run first (`make continue`)") from None
+
+
+def _load_best(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file: one line, never a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path}: {first[:200]}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a best checkpoint of this harness (no model state)")
+    return state
+
+
+@torch.no_grad()
+def _check_zeros(model: torch.nn.Module, masks: dict[str, torch.Tensor], where: Path) -> dict[str, float]:
+    """Sparsity of every weight; every pruned position must be exactly zero (refused otherwise)."""
+    params = dict(model.named_parameters())
+    layers = {}
+    for name, param in params.items():
+        if name in masks:
+            mask = masks[name]
+            keep = mask if mask.dtype == torch.bool else unpack(mask, param.shape)
+            if torch.count_nonzero(param[~keep.bool()]):
+                raise CheckpointError(f"{where}: weights of {name} that its mask prunes are not zero; not exported")
+        layers[name] = float((param == 0).sum()) / param.numel()
+    return layers
+
+
+def _card(run_dir: Path, spec: RunSpec, summary: dict[str, Any], step: int, model: torch.nn.Module,
+          layers: dict[str, float]) -> dict[str, Any]:
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    zeros = sum(layers[n] * params[n].numel() for n in params)
+    matrix = _read_json(run_dir.parent / "matrix.json")
+    config = run_dir.parent / "config.txt"
+    return {
+        "run": spec.name,
+        "model": spec.model,
+        "model_options": spec.model_options,
+        "shapes": {name: list(p.shape) for name, p in params.items()},
+        "parameters": total,
+        "sparsity": {"overall": zeros / total, "prunable_target": spec.sparsity,
+                     "prunable_reached": summary.get("sparsity", {}).get("reached"), "per_layer": layers},
+        "checkpoint_step": step,
+        "metric": summary.get("metric"),
+        "val_at_checkpoint": (summary.get("best") or {}).get("val"),
+        "test_at_checkpoint": summary.get("test_at_best"),
+        "dataset": spec.model_options.get("dataset", spec.model),
+        "command": matrix.get("command"),
+        "config": config.read_text() if config.is_file() else None,
+        "made_by": versions(),
+        "spec": spec.to_dict(),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
