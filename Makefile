@@ -109,9 +109,10 @@ test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes
 	@$(VENV)/bin/ruff check .
 	@$(PY) -m pytest -q tests
 
-bench: $(STAMP) ## Pruning and trainer benchmarks (ratios measured side by side; JSON in results/)
+bench: $(STAMP) ## Pruning, trainer and checkpoint benchmarks (ratios measured side by side; JSON in results/)
 	@$(PY) scripts/bench_pruning.py
 	@$(PY) scripts/bench_trainer.py
+	@$(PY) scripts/bench_checkpoint.py
 
 lint: $(STAMP) ## ruff over the project
 	@$(VENV)/bin/ruff check .

@@ -67,3 +67,18 @@ def test_adamwprune_parts_are_included_or_reported_missing(bench, tmp_path: Path
 )
 def test_met(bench, value, target, expected: str) -> None:
     assert bench.met(value, target) == expected
+
+
+def test_checkpoint_bench_structure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/bench_checkpoint.py on the tiny GPT-2: the fields and the printout (never the timings)."""
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", ROOT / "scripts" / "bench_checkpoint.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "bench_checkpoint.json"
+    assert module.main(["--size", "tiny", "--repeats", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert 2.9 < data["size_over_weights"] < 3.1  # weights + two AdamW moments + 1-bit masks
+    assert data["write_s"] > 0 and data["load_verify_s"] > 0 and data["write_over_train_step"] > 0
+    assert not list(tmp_path.glob("bench_checkpoint_*"))  # the checkpoints it wrote are gone
+    assert "x the weights" in capsys.readouterr().out

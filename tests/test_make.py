@@ -598,3 +598,52 @@ def test_mrproper_yes_deletes_exactly_its_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
     assert STAMP.exists() and (ROOT / "Kconfig").exists() and (ROOT / "Makefile").exists()
     assert sentinel is None or sentinel.is_dir(), "mrproper VENV=elsewhere removed __pycache__ inside .venv"
+
+
+# --- a killed matrix resumes (issue 11) ------------------------------------------------------------------------
+
+KILLABLE = """CONFIG_OPTIMIZER_MULTIPLE=y
+CONFIG_OPTIMIZER_ENABLE_SGD=y
+CONFIG_OPTIMIZER_ENABLE_ADAMW=y
+CONFIG_PRUNING_MULTIPLE=y
+CONFIG_PRUNING_ENABLE_MAGNITUDE=y
+CONFIG_SPARSITY_MULTIPLE=y
+CONFIG_SPARSITY_ENABLE_70=n
+CONFIG_MATRIX_JOBS=2
+CONFIG_MAX_ITERS=60
+CONFIG_CKPT_INTERVAL=8
+CONFIG_LOG_INTERVAL=1
+"""
+
+
+def _results(folder: Path) -> dict[str, dict]:
+    runs = json.loads((folder / "summary.json").read_text())["runs"]
+    keys = ("status", "best", "test_at_best", "sparsity", "steps", "flags")
+    return {r["name"]: {k: r.get(k) for k in keys} for r in runs}
+
+
+def test_a_matrix_killed_with_sigkill_resumes_to_the_same_results(tmp_path):
+    from tests.conftest import resolve_defconfig
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for tmp in (whole, killed):
+        tmp.mkdir()
+        resolve_defconfig(KILLABLE, tmp / ".config")
+    done = make(whole, timeout=TRAIN_TIMEOUT)
+    assert done.returncode == 0, output(done)
+    cmd = ["make", "--no-print-directory", "-C", str(ROOT), f"KCONFIG_CONFIG={killed / '.config'}",
+           f"RESULTS_DIR={killed / 'results'}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=base_env(),
+                            start_new_session=True)
+    deadline = time.time() + TRAIN_TIMEOUT
+    while not (list(killed.glob("results/*/*/summary.json")) and list(killed.glob("results/*/*/checkpoints/step_*"))):
+        assert proc.poll() is None and time.time() < deadline, "the matrix ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # make, the driver and every trainer at once: nothing can save its work
+    proc.wait()
+    resumed = make(killed, "continue", timeout=TRAIN_TIMEOUT)
+    assert resumed.returncode == 0, output(resumed)
+    (a,), (b,) = whole.glob("results/*"), killed.glob("results/*")
+    assert _results(a) == _results(b)
+    records = json.loads((b / "summary.json").read_text())["runs"]
+    assert any(r.get("resumed") for r in records), "no run was resumed from a checkpoint"
