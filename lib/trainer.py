@@ -29,11 +29,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib import distributed, gpus, memory, probe
+from lib import checkpoint, distributed, gpus, memory, probe
 from lib.checkpoint import state as ckpt_state
 from lib.checkpoint.manager import Manager, Policy
 from lib.distributed import SINGLE, Shard
-from lib.files import write_atomic
 from lib.optim import build_optimizer
 from lib.pruning import build_pruner
 from lib.spec import HardwarePlan, RunSpec, TrainSettings
@@ -332,8 +331,8 @@ def _improves(task: Task, record: dict[str, Any], best: Best) -> bool:
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, pruner: Any, step: int) -> None:
-    state = {"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step}
-    write_atomic(path, lambda tmp: torch.save(state, tmp))  # a full disk leaves the previous best.pt intact
+    # verified like every checkpoint (lib/checkpoint); a full disk leaves the previous best.pt intact
+    checkpoint.save(path, {"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step})
 
 
 def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, path: Path, best: Best,
@@ -343,7 +342,7 @@ def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, path: Path,
         return None
     step = best.step
     if shard.main:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.load(path)
         model.load_state_dict(state["model"])
         step = state["step"]
     distributed.broadcast_module(model)

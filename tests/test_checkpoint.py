@@ -100,8 +100,8 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
         progress = [{k: v for k, v in p["progress"].items() if k not in ("train_time", "wall_before", "log_offsets",
                                                                            "resumed_from")} for p in (a, b)]
         assert progress[0] == progress[1], name
-    ref_best = torch.load(reference / "checkpoints" / "best.pt", weights_only=True)
-    res_best = torch.load(resumed / "checkpoints" / "best.pt", weights_only=True)
+    ref_best = load(reference / "checkpoints" / "best.pt")
+    res_best = load(resumed / "checkpoints" / "best.pt")
     assert _equal(ref_best, res_best)
     assert logs(reference) == logs(resumed)
     s, r = (json.loads((d / "summary.json").read_text()) for d in (reference, resumed))
@@ -367,7 +367,7 @@ def test_export_is_safetensors_with_exact_zeros_and_evaluates_the_same(tmp_path)
     pruned = sum(card["sparsity"]["per_layer"][n] * numel[n] for n in weights) / sum(numel.values())
     assert abs(pruned - 0.7) < 0.005, pruned  # one global threshold: layers differ, the whole is at target
     weights = load_file(run_dir / "export" / "model.safetensors")
-    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    best = load(run_dir / "checkpoints" / "best.pt")
     for name, packed in best["pruner"]["masks"].items():
         from lib.pruning.bitmask import unpack
 

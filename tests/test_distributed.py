@@ -16,6 +16,7 @@ import torch
 
 from lib import distributed
 from lib import run as run_mod
+from lib.checkpoint import load as load_checkpoint
 from lib.distributed import SINGLE, Shard
 from lib.errors import HarnessError
 from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec
@@ -85,7 +86,7 @@ def test_two_rank_gloo_run_matches_one_process(tmp_path: Path) -> None:
 
     spec = RunSpec.read(ddp_dir / "spec.json")
     model = TASK.build_model(spec)
-    model.load_state_dict(torch.load(ddp_dir / "checkpoints" / "best.pt", weights_only=True)["model"])
+    model.load_state_dict(load_checkpoint(ddp_dir / "checkpoints" / "best.pt")["model"])
     assert TASK.evaluate(model, spec, "test")["loss"] == pytest.approx(ddp["test_at_best"]["loss"], rel=1e-5)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from lib.checkpoint.format import CheckpointError
+from lib.checkpoint.format import CheckpointError, load
 from lib.checkpoint.state import versions
 from lib.errors import HarnessError
 from lib.files import write_atomic, write_json_atomic
@@ -67,12 +67,8 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _load_best(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file: one line, never a traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {path}: {first[:200]}") from None
-    if not isinstance(state, dict) or "model" not in state:
+    state = load(path)  # verified: SHA-256 and weights_only
+    if "model" not in state:
         raise CheckpointError(f"{path} is not a best checkpoint of this harness (no model state)")
     return state
 
