@@ -201,7 +201,8 @@ def _spam(r: Reader) -> dict[str, Any]:
     if not theta > 0:
         raise ConfigError(f"CONFIG_SPAM_THETA={r.str('SPAM_THETA')} must be > 0 (spikes are g^2 > theta * v)")
     return {"spam_form": r.choice("SPAM_FORM"), "spam_theta": theta, "spam_interval": r.int("SPAM_INTERVAL"),
-            "spam_warmup": r.int("SPAM_WARMUP"), "spam_clip": r.bool("SPAM_CLIP")}
+            "spam_warmup": r.int("SPAM_WARMUP"), "spam_clip": r.bool("SPAM_CLIP"),
+            "spam_accu": r.int("SPAM_ACCU") if r.choice("SPAM_FORM") == "released" else 20}
 
 
 def _prune(r: Reader, prunings: tuple[str, ...]) -> PruneSettings:

@@ -30,11 +30,12 @@ class OptimSettings:
     eps: float = 1e-8
     amsgrad: bool = False
     base: str = ""  # adamwprune: the update rule it applies ("adamw" or "adamwspam")
-    spam_form: str = "paper"  # "paper" (arXiv 2501.06842) or "knlp" (the public AdamWPrune code)
+    spam_form: str = "released"  # the authors' released optimizer; "paper" or "knlp" (the public AdamWPrune code)
     spam_theta: float = 5000.0
     spam_interval: int = 500
     spam_warmup: int = 150
     spam_clip: bool = True
+    spam_accu: int = 20  # released form: no clipping in the first accu steps after a reset (and of training)
 
 
 @dataclass(frozen=True)

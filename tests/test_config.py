@@ -210,8 +210,13 @@ def test_spam_theta_must_be_positive(make_config, theta):
 
 
 def test_spam_defaults_follow_the_form(make_config):
-    paper = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\n")).optim["adamwspam"]
+    released = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\n")).optim["adamwspam"]
+    assert (released.spam_form, released.spam_theta, released.spam_interval, released.spam_warmup,
+            released.spam_accu) == ("released", 5000, 500, 150, 20)
+    paper = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_SPAM_FORM_PAPER=y\n")).optim["adamwspam"]
     assert (paper.spam_form, paper.spam_theta, paper.spam_interval, paper.spam_warmup) == ("paper", 5000, 500, 150)
+    accu = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_SPAM_ACCU=7\n")).optim["adamwspam"]
+    assert accu.spam_accu == 7
     assert paper.eps == 1e-6
     knlp = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_SPAM_FORM_KNLP=y\n")).optim["adamwspam"]
     assert (knlp.spam_form, knlp.spam_theta, knlp.spam_interval) == ("knlp", 50, 1000)

@@ -37,6 +37,7 @@ def spam(param: torch.Tensor, **kw: object) -> AdamWSPAM:
         "interval": 3,
         "warmup": 2,
         "clip": True,
+        "form": "paper",  # the hand-worked sequences below follow the paper form; released: test_spam_oracle.py
     } | kw
     return AdamWSPAM([param], **options)  # type: ignore[arg-type]
 
@@ -155,7 +156,8 @@ def spam_settings(**kw: object) -> OptimSettings:
 def test_spam_without_spam_is_torch_adamw() -> None:
     model = net()
     ref = copy.deepcopy(model)
-    opt = build_optimizer(model, spam_settings(spam_theta=1e12, spam_interval=0, spam_warmup=0, spam_clip=True))
+    opt = build_optimizer(model, spam_settings(spam_theta=1e12, spam_interval=0, spam_warmup=0, spam_clip=True,
+                                                   spam_form="paper"))
     torch_opt = torch.optim.AdamW(param_groups(ref, 0.1), lr=1e-2, betas=(0.9, 0.99), eps=1e-6, foreach=False)
     for step in range(50):
         for m, o in ((model, opt), (ref, torch_opt)):

@@ -1,7 +1,22 @@
 """``adamwspam``: AdamW with SPAM's spike-aware mechanics (Huang et al., arXiv 2501.06842).
 
-Each step ``t`` (counted once per ``step()`` call; the public SPAM code
-advances its step counter twice per step, a slip not reproduced here):
+Three forms. ``released`` (the default) is the authors' released optimizer, rule for
+rule (checked step by step against pytorch-optimizer's port in tests/test_spam_oracle.py):
+
+- ``t`` counts steps from 1; every ``interval`` steps (``t % interval == 0``) both
+  moments are zeroed, but the bias-correction step count keeps counting;
+- clipping only when ``t >= accu`` and ``t % interval >= accu`` (``accu`` = 20 by
+  default); where ``g^2 > theta * v_prev`` the gradient becomes
+  ``sign(g) * sqrt(theta * v_prev)``, also where ``v_prev == 0`` (then 0);
+- ``p -= lr * sqrt(1 - beta2^s) / (1 - beta1^s) * factor * m / (sqrt(v) + eps)``, then
+  decoupled decay on the updated weights, ``p *= 1 - lr * wd``;
+- ``factor = 1 - 0.99 * (1 + cos(pi * k / (N + 1))) / 2`` for the ``k = 0..N-1``
+  steps from a reset (``k = 0`` at the reset step), 1 otherwise and before the first
+  reset.
+
+``paper`` and ``knlp`` are the earlier forms, below. In the ``paper`` form each step
+``t`` (counted once per ``step()`` call; the public AdamWPrune code advances its SPAM
+step counter twice per step, a slip not reproduced here):
 
 1. ``knlp`` form only: a gradient-norm z-score detector. If the global grad norm
    is more than 2 sample standard deviations above the mean of the last 100
@@ -39,7 +54,8 @@ from torch import nn
 from lib.optim.groups import adam_kwargs
 from lib.spec import OptimSettings
 
-FORMS = ("paper", "knlp")
+FORMS = ("released", "paper", "knlp")
+RELEASED_DEATH_RATE = 0.99  # released warm-up: the step starts at 1 - 0.99 of itself after a reset
 ZSCORE_WINDOW = 100  # knlp: how many recent global grad norms the detector remembers
 ZSCORE_THRESHOLD = 2.0  # knlp: a norm more than this many std above the mean is a spike
 SOFT_RESET_M, SOFT_RESET_V = 0.5, 0.9  # knlp: factors applied to exp_avg / exp_avg_sq on a spike
@@ -50,6 +66,13 @@ def warmup_factor(k: int, n: int) -> float:
     if n <= 0 or k >= n:
         return 1.0
     return 0.5 * (1.0 - math.cos(math.pi * k / n))
+
+
+def released_warmup_factor(k: int, n: int) -> float:
+    """The released code's warm-up at the ``k``-th step from a reset (``k = 0`` at the reset step) over ``n``."""
+    if k >= n:
+        return 1.0
+    return 1.0 - RELEASED_DEATH_RATE * (1.0 + math.cos(math.pi * k / (n + 1))) / 2.0
 
 
 def clip_spikes(grad: torch.Tensor, exp_avg_sq: torch.Tensor, theta: float) -> torch.Tensor:
@@ -79,18 +102,20 @@ class AdamWSPAM(torch.optim.Optimizer):
         interval: int = 500,
         warmup: int = 150,
         clip: bool = True,
-        form: str = "paper",
+        form: str = "released",
+        accu: int = 20,
     ) -> None:
         if not lr >= 0 or not eps > 0 or not weight_decay >= 0:
             raise ValueError(f"Invalid lr/eps/weight_decay: {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"Invalid betas: {betas} (each in [0, 1))")
-        if not theta > 0 or interval < 0 or warmup < 0:
-            raise ValueError(f"Invalid SPAM theta/interval/warmup: {theta}, {interval}, {warmup}")
+        if not theta > 0 or interval < 0 or warmup < 0 or accu < 0:
+            raise ValueError(f"Invalid SPAM theta/interval/warmup/accu: {theta}, {interval}, {warmup}, {accu}")
         if form not in FORMS:
             raise ValueError(f"Invalid SPAM form: {form!r} (one of {', '.join(FORMS)})")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.theta, self.interval, self.warmup, self.clip, self.form = theta, interval, warmup, clip, form
+        self.accu = accu
         self.spam_step = 0  # steps taken, counted once per step()
         self.last_reset = 0  # step of the latest moment reset; 0 = none yet
         self.soft_resets = 0  # knlp: how many times the z-score detector fired
@@ -108,6 +133,9 @@ class AdamWSPAM(torch.optim.Optimizer):
         reset = self.interval > 0 and t % self.interval == 0
         if reset:
             self.last_reset = t
+        if self.form == "released":
+            self._step_released(t, reset)
+            return loss
         k = t - self.last_reset + 1 if self.last_reset else 0  # 0: no reset yet
         in_warmup = 0 < k <= self.warmup
         factor = warmup_factor(k, self.warmup) if k else 1.0
@@ -118,28 +146,7 @@ class AdamWSPAM(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any], reset: bool, clip: bool, factor: float) -> None:
-        states = [self.state[p] for p in group["params"] if p in self.state] if reset else []
-        if states:  # foreach ops refuse empty lists (a reset on the very first step has nothing to zero)
-            torch._foreach_zero_([s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states])
-            for s in states:
-                s["step"] = 0
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamWSPAM does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+        params, grads, exp_avgs, exp_avg_sqs, steps = self._collect(group, reset, restart_steps=True)
         if not params:
             return
         if clip:
@@ -157,6 +164,56 @@ class AdamWSPAM(torch.optim.Optimizer):
         torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**s) for s in steps])
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr * factor / (1.0 - beta1**s) for s in steps])
+
+    def _step_released(self, t: int, reset: bool) -> None:
+        """One step of the released optimizer (module docstring)."""
+        factor = released_warmup_factor(t - self.last_reset, self.warmup) if self.last_reset else 1.0
+        clip = self.clip and t >= self.accu and (self.interval == 0 or t % self.interval >= self.accu)
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = self._collect(group, reset, restart_steps=False)
+            if not params:
+                continue
+            if clip:
+                bounds = torch._foreach_mul(exp_avg_sqs, self.theta)
+                grads = [torch.where(g * g > b, g.sign() * b.sqrt(), g) for g, b in zip(grads, bounds, strict=True)]
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denom, group["eps"])
+            sizes = [-lr * math.sqrt(1.0 - beta2**s) / (1.0 - beta1**s) * factor for s in steps]
+            torch._foreach_addcdiv_(params, exp_avgs, denom, sizes)
+            if wd != 0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)  # after the update, on the updated weights
+
+    def _collect(self, group: dict[str, Any], reset: bool, restart_steps: bool) -> tuple[list, ...]:
+        """Zero the moments on a reset (and restart the step counts if asked); the tensors of this step."""
+        states = [self.state[p] for p in group["params"] if p in self.state] if reset else []
+        if states:  # foreach ops refuse empty lists (a reset on the very first step has nothing to zero)
+            torch._foreach_zero_([s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states])
+            if restart_steps:
+                for s in states:
+                    s["step"] = 0
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamWSPAM does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, steps
 
     def _soft_reset_on_norm_spike(self) -> None:
         """knlp detector: soft-reset all moments when the global grad norm's z-score exceeds the threshold."""
@@ -212,4 +269,5 @@ def build(model: nn.Module, settings: OptimSettings, **options: Any) -> torch.op
         warmup=settings.spam_warmup,
         clip=settings.spam_clip,
         form=settings.spam_form,
+        accu=settings.spam_accu,
     )
