@@ -15,3 +15,9 @@ class ConfigError(HarnessError):
 
 class DataMissingError(HarnessError):
     """A dataset that has not been prepared; the message names the make target."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message (its type name when it has none), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

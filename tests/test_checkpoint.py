@@ -224,6 +224,20 @@ def test_damaged_files_are_refused_in_one_line(tmp_path):
         assert "\n" not in str(caught.value)
 
 
+def test_a_verified_file_that_is_not_a_torch_payload_is_one_line(tmp_path):
+    import hashlib
+
+    from lib.checkpoint.format import MAGIC
+    from lib.errors import first_line
+
+    path, data = tmp_path / "odd.ckpt", b"not a torch file at all"
+    path.write_bytes(data + MAGIC + f"{len(data):020d}".encode() + hashlib.sha256(data).hexdigest().encode() + b"\n")
+    with pytest.raises(CheckpointError, match=f"refused to load {path}") as caught:
+        load(path)
+    assert "\n" not in str(caught.value)
+    assert first_line(ValueError()) == "ValueError" and first_line(ValueError("a\nb")) == "a"
+
+
 def test_a_pickled_code_object_is_refused(tmp_path):
     from lib.checkpoint.format import load_payload
 

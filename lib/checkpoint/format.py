@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from lib.errors import HarnessError
+from lib.errors import HarnessError, first_line
 from lib.files import write_atomic
 
 MAGIC = b"\nHARNESS-CHECKPOINT-1 "
@@ -87,7 +87,7 @@ def load_payload(stream: BinaryIO | Path, where: Path) -> dict[str, Any]:
         raise CheckpointError(f"refused to load {where}: it holds pickled objects beyond tensors and plain data "
                               f"({why[:160]}); load only files this harness wrote") from None
     except (RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {where} cannot be read: {str(exc).splitlines()[0][:200]}") from None
+        raise CheckpointError(f"checkpoint {where} cannot be read: {first_line(exc)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {where} does not hold a dict of state")
     return state

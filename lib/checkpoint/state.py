@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from lib.checkpoint.format import CheckpointError
+from lib.errors import first_line
 
 FORMAT = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it preempts a job
@@ -99,8 +100,7 @@ def restore(state: dict[str, Any], where: Path, spec_dict: dict[str, Any], model
         pruner.load_state_dict(state["pruner"])
         scaler.load_state_dict(state["scaler"])
     except (RuntimeError, KeyError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {where} does not fit this run: {first[:200]}") from None
+        raise CheckpointError(f"checkpoint {where} does not fit this run: {first_line(exc)}") from None
     set_rng_state(state["rng"])
     return Progress(**state["progress"])
 
