@@ -108,6 +108,8 @@ randconfig: $(STAMP) ## Random .config; KCONFIG_SEED=N repeats one
 test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes)
 	@$(VENV)/bin/ruff check .
 	@$(PY) -m pytest -q tests
+	@echo "again with AdamWPrune's fused masked step forced on (the pass above runs it as each test built it):"
+	@$(PY) -m pytest -q --fused-step=on tests/test_adamwprune.py tests/test_pruning.py tests/test_trainer.py
 
 bench: $(STAMP) ## Pruning, trainer and checkpoint benchmarks (ratios measured side by side; JSON in results/)
 	@$(PY) scripts/bench_pruning.py

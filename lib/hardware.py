@@ -47,6 +47,7 @@ class Devices:
     cpu_cores: int = 1
     bf16: bool = False  # every GPU computes in bfloat16
     compile_works: bool = True  # torch.compile can run (triton for GPUs, a C++ compiler for the CPU)
+    cpu_kernels: str = ""  # why lib/kernels' CPU kernels cannot be built here; empty when they can
 
     @property
     def count(self) -> int:
@@ -58,7 +59,10 @@ class Devices:
 
     def describe(self) -> str:
         """What was detected, one line per device (make hwinfo)."""
-        lines = [f"CPU: {self.cpu_cores} core(s) usable; torch.compile {'can' if self.compile_works else 'cannot'} run"]
+        kernels = "built" if not self.cpu_kernels else f"unavailable: {self.cpu_kernels}"
+        compiles = "can" if self.compile_works else "cannot"
+        lines = [f"CPU: {self.cpu_cores} core(s) usable; torch.compile {compiles} run; fused masked-step kernels "
+                 f"{kernels}"]
         for i, g in enumerate(self.gpus):
             known = identify(g.name, g.total_bytes)
             lines.append(f"GPU {i}: {g.name} ({known.key if known else 'not in the GPU table'}), "
@@ -77,8 +81,11 @@ def detect() -> Devices:
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from lib import kernels
+
     if not torch.cuda.is_available():
-        return Devices("cpu", cpu_cores=cores, compile_works=bool(shutil.which("g++") or shutil.which("c++")))
+        return Devices("cpu", cpu_cores=cores, compile_works=bool(shutil.which("g++") or shutil.which("c++")),
+                       cpu_kernels=kernels.why_unavailable("cpu"))
     report = _query_gpus()
     gpus = tuple(Gpu(g["name"], g["total"], g["free"], tuple(g["capability"]), report["vendor"])
                  for g in report["gpus"])
@@ -119,6 +126,7 @@ class HardwareSettings:
 
     device: str = "auto"  # auto, cpu, cuda
     compile: str = "auto"  # auto, on, off
+    fused_step: str = "auto"  # auto, on, off: AdamWPrune's mask inside its update (lib/optim/masked_step.py)
     dtype: str = "auto"  # auto, bf16, fp16, fp32
     cpu_threads: int = 0
     batch_plan: str = "auto"  # auto or manual
@@ -145,6 +153,7 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
     target = spec.train.batch_size
     per_rank = _per_rank(target, world)
     use_compile, compile_why = _compile_choice(settings.compile, on_gpu, devices)
+    fused, fused_why = _fused_choice(settings.fused_step, on_gpu, devices)
     precision, dtype_why = _dtype_choice(settings.dtype, on_gpu, devices.bf16)
     tf32, tf32_why = _tf32_choice(settings.tf32, on_gpu, devices)
     task = get_task(spec.model)
@@ -165,14 +174,14 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
         where += f" per node x {settings.nnodes} nodes"
     batch = f"{micro} x {accum} accum x {world} rank(s) = {micro * accum * world}" + _shortfall(micro * accum * world,
                                                                                             target)
-    parts = [where, sizing, batch, compile_why, dtype_why, tf32_why]
+    parts = [where, sizing, batch, compile_why, fused_why, dtype_why, tf32_why]
     if settings.probe:
         parts.append("probe on: halve the micro-batch on out-of-memory before training")
     if world > 1:
         parts.append(f"DDP over {'nccl' if on_gpu else 'gloo'}")
     return HardwarePlan(
         device="cuda" if on_gpu else "cpu", micro_batch=micro, grad_accum=accum, world_size=world,
-        compile=use_compile, dtype=precision, threads=threads, rationale="; ".join(parts),
+        compile=use_compile, fused_step=fused, dtype=precision, threads=threads, rationale="; ".join(parts),
         tf32=tf32, probe=settings.probe, backend=("nccl" if on_gpu else "gloo") if world > 1 else "",
         nnodes=settings.nnodes, node_rank=settings.node_rank, rdzv_endpoint=settings.rdzv_endpoint,
         rdzv_id=settings.rdzv_id,
@@ -280,6 +289,26 @@ def _shortfall(effective: int, target: int) -> str:
         return " = target"
     return (f", NOT the target {target} ({effective - target:+d}, {100 * (effective - target) / target:+.1f} %): "
             f"no exact split across ranks and micro-batches")
+
+
+def _fused_choice(choice: str, on_gpu: bool, devices: Devices) -> tuple[bool, str]:
+    """Whether AdamWPrune's masked step runs fused, and why; FUSED_STEP_ON where it cannot run falls back loudly."""
+    if choice == "off":
+        return False, "fused masked step off (FUSED_STEP_OFF)"
+    if on_gpu:
+        broken = [g.name for g in devices.gpus if (m := identify(g.name, g.total_bytes)) and not m.compile_ok]
+        why = ("torch.compile cannot run here (no triton)" if not devices.compile_works
+               else f"torch.compile is known to break on {broken[0]}" if broken else "")
+        kernel = "torch.compile (Triton)"
+    else:
+        why, kernel = devices.cpu_kernels, "the C kernel"
+    if not why:
+        return True, f"fused masked step on ({choice}: {kernel})"
+    if choice == "on":
+        print(f"warning: CONFIG_FUSED_STEP_ON, but {why}; AdamWPrune masks its gradients in a separate pass "
+              f"instead (set FUSED_STEP_AUTO to silence this)", file=sys.stderr)
+        return False, f"fused masked step off (FUSED_STEP_ON asked for it, but {why}: eager masking instead)"
+    return False, f"fused masked step off (auto: {why})"
 
 
 def _compile_choice(choice: str, on_gpu: bool, devices: Devices) -> tuple[bool, str]:

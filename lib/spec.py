@@ -30,7 +30,7 @@ class OptimSettings:
     eps: float = 1e-8
     amsgrad: bool = False
     base: str = ""  # adamwprune: the update rule it applies ("adamw" or "adamwspam")
-    spam_form: str = "released"  # the authors' released optimizer; "paper" or "knlp" (the public AdamWPrune code)
+    spam_form: str = "released"  # the authors' released optimizer, or "knlp" (the public AdamWPrune code)
     spam_theta: float = 5000.0
     spam_interval: int = 500
     spam_warmup: int = 150
@@ -49,7 +49,7 @@ class PruneSettings:
     end: int | float = 0.7
     frequency: int = 10
     threshold: str = "exact"  # "exact", "sampled" or "per-layer"
-    sample_fraction: float = 0.02
+    sample_tolerance: float = 0.1  # sampled threshold: worst sparsity error aimed at, in points (3 sigma)
     importance: str = "magnitude"  # magnitude pruning: "magnitude", "gradient-sensitivity", "activation"
     movement_form: str = "sanh"  # "sanh" (paper) or "knlp"
     variant: str = ""  # state pruning: "bitter0" .. "bitter9"
@@ -87,6 +87,7 @@ class HardwarePlan:
     grad_accum: int
     world_size: int = 1
     compile: bool = False
+    fused_step: bool = False  # AdamWPrune applies its masks inside the update (lib/optim/masked_step.py)
     dtype: str = "float32"
     threads: int = 0  # torch CPU threads per process (0 = torch's default)
     rationale: str = ""

@@ -33,7 +33,8 @@ from lib import checkpoint, distributed, gpus, memory, probe
 from lib.checkpoint import state as ckpt_state
 from lib.checkpoint.manager import Manager, Policy
 from lib.distributed import SINGLE, Shard
-from lib.optim import build_optimizer
+from lib.optim import build_optimizer, masked_step
+from lib.optim.adamwprune import AdamWPrune
 from lib.pruning import build_pruner
 from lib.spec import HardwarePlan, RunSpec, TrainSettings
 from lib.task import Task, get_task
@@ -93,6 +94,9 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
 
     model = task.build_model(spec).to(device)
     optimizer = build_optimizer(model, spec.optim)
+    if isinstance(optimizer, AdamWPrune):  # the plan's fused masked step; clipping reads grads before the step
+        optimizer.fused = hw.fused_step and masked_step.fusable(optimizer)
+        optimizer.grads_read_before_step = cfg.grad_clip > 0
     pruner = build_pruner(model, optimizer, spec.prune)  # the raw model: names match checkpoints
     ddp = distributed.wrap(model, shard, device)  # DistributedDataParallel with several ranks, else the model
     forward_model = torch.compile(ddp) if hw.compile else ddp  # compiled forward; same parameters

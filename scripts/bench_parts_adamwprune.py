@@ -1,4 +1,4 @@
-"""AdamWPrune benchmark parts (P1, P2, P4), imported by scripts/bench_pruning.py.
+"""AdamWPrune benchmark parts (P1, P2, P2s, P4), imported by scripts/bench_pruning.py.
 
 Each function measures on the CPU, in this process, over weights shaped like
 GPT-2 124M's Linear layers: per block c_attn 768x2304, attn c_proj 768x768,
@@ -14,22 +14,16 @@ B, ...) so that drift and neighbours' load hit both alike. Results:
 
 - P1: AdamWPrune step with pruning off / torch AdamW ``fused=True`` step
   (target <= 1.05). Also torch's foreach form and the fused speed-up.
-- P2: AdamWPrune between mask updates, ``mask_gradients()`` + step with a
-  50% mask / the same dense fused AdamW step (target <= 1.3). Also the floor
-  of any separate masking pass (one bare read-modify-write of every grad,
-  ``floor_ratio``), and fused AdamW alone on state where half the weights,
-  grads and moments are zero vs dense, with flush-to-zero off and on.
-  Do zeros slow the fused step? No: measured at 124M on one thread, half-zero
-  vs dense is within 2% and flush-to-zero changes nothing. Zeros cannot
-  cause denormals: a pruned entry is exactly 0, not subnormal, and stays so
-  (``0*b``, ``0/(0+eps)``); ``subnormal_fraction`` (0.0) counts the state's
-  subnormals. The public measurement's 1.6x for the non-fused form is better
-  explained by how masks are applied: on this CPU ``mul_``/``masked_fill_``/
-  ``where`` with a bool mask run ~8x slower than a float multiply (not
-  vectorised), which is why lib/pruning/bitmask.py applies masks as integer
-  AND. The target itself is about the floor: one bare pass over 124M float32
-  grads already costs ~0.28 of the fused step, so only fusing the mask into
-  the update kernel could reach 1.3 here.
+- P2: AdamWPrune between mask updates, its fused masked step (the mask inside
+  the update, lib/optim/masked_step.py) with a 50% mask / the same dense fused
+  AdamW step (target <= 1.15). Also the eager way (a separate masking pass over
+  the gradients, then the base's step) and the floor of any separate pass (one
+  bare read-modify-write of every gradient, ``separate_pass_floor``): about
+  1.3 here, which is why the mask had to move inside the update. Zeros cannot
+  cause denormals: a pruned entry is exactly +0.0 and stays so;
+  ``subnormal_fraction`` counts the state's subnormals.
+- P2s: the same on AdamWSPAM's released form with spike clipping on (what the
+  seed's defconfigs run) / dense fused AdamW (target <= 1.5).
 - P4: (weights + optimizer state + pruning buffers) / weights in bytes for
   AdamWPrune with the state pruner at 50% (target <= 3.04; exact value
   3 + 1/32 plus the step counters).
@@ -51,7 +45,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from lib import memory  # noqa: E402
+from lib import kernels, memory  # noqa: E402
+from lib.optim import masked_step  # noqa: E402
 from lib.optim.adamwprune import AdamWPrune  # noqa: E402
 from lib.optim.adamwprune import build as build_adamwprune  # noqa: E402
 from lib.optim.groups import param_groups  # noqa: E402
@@ -160,41 +155,73 @@ def p1(n_params: int, *, repeats: int = 7, num_threads: int | None = None) -> di
     return _result("P1 AdamWPrune(off)/AdamW fused step", ms["adamwprune_ms"] / ms["adamw_fused_ms"], 1.05, detail)
 
 
-def p2(n_params: int, *, repeats: int = 7, num_threads: int | None = None) -> dict:
-    """(mask_gradients + step) with a 50% mask / dense fused AdamW step; target <= 1.3."""
-    a, b = make_model(n_params), make_model(n_params)
-    prune_opt, dense = build_adamwprune(a, SETTINGS), fused_adamw(b, fused=True)
-    prune_opt.step()  # create the moments, so that the mask update zeroes them as in training
-    prune_opt.set_masks(_random_masks(a, keep=0.5))
-    prune_opt.mask_gradients()  # grads now half zero; a step never changes grads
+def _masked(model: nn.Module, settings: OptimSettings, warm_steps: int = 1) -> AdamWPrune:
+    """AdamWPrune with the fused masked step, its moments made, then a 50% mask installed."""
+    opt = build_adamwprune(model, settings)
+    assert isinstance(opt, AdamWPrune)
+    for _ in range(warm_steps):
+        opt.step()
+    opt.set_masks(_random_masks(model, keep=0.5))
+    opt.fused = masked_step.fusable(opt) and not kernels.why_unavailable("cpu")
+    return opt
 
-    def masked_step() -> None:
-        prune_opt.mask_gradients()
-        prune_opt.step()
+
+def _eager(opt: AdamWPrune) -> Callable[[], None]:
+    """The same step the eager way: a separate masking pass over the gradients, then the base's step."""
+    def step() -> None:
+        opt.fused = False
+        opt.mask_gradients()
+        opt.step()
+        opt.fused = True
+    return step
+
+
+def p2(n_params: int, *, repeats: int = 7, num_threads: int | None = None) -> dict:
+    """AdamWPrune's fused masked step with a 50% mask / dense fused AdamW step; target <= 1.15."""
+    a, b = make_model(n_params), make_model(n_params)
+    prune_opt, dense = _masked(a, SETTINGS), fused_adamw(b, fused=True)
+    grads = {p: p.grad.clone() for p in a.parameters()}  # the eager side masks them; each round restores them
+
+    def eager() -> None:
+        for p, g in grads.items():
+            p.grad.copy_(g)
+        _eager(prune_opt)()
 
     def bare_pass() -> None:  # the floor of any separate masking pass: one read-modify-write of every grad
         for p in b.parameters():
             p.grad.mul_(1.0)
 
     with threads(num_threads) as used:
-        ms = interleaved({"mask_and_step": masked_step, "adamw_fused_dense": dense.step,
-                          "mask_gradients": prune_opt.mask_gradients, "bare_grad_pass": bare_pass}, repeats)
-        # Zeros alone: the same fused kernel on half-zero state (AdamWPrune's base, no mask pass) vs dense.
-        zeros = interleaved({"fused_half_zero": prune_opt.base.step, "fused_dense": dense.step}, repeats)
-        flushed = {}
-        if torch.set_flush_denormal(True):  # False where the CPU cannot flush denormals
-            try:
-                flushed = interleaved({"fused_half_zero_ftz": prune_opt.base.step, "fused_dense_ftz": dense.step},
-                                      repeats)
-            finally:
-                torch.set_flush_denormal(False)
+        ms = interleaved({"fused_masked_step": prune_opt.step, "adamw_fused_dense": dense.step,
+                          "eager_mask_and_step": eager, "bare_grad_pass": bare_pass}, repeats)
     pruned = sum(int((p == 0).sum()) for p in a.parameters()) / sum(p.numel() for p in a.parameters())
-    detail = {**ms, **zeros, **flushed, "half_zero_over_dense": zeros["fused_half_zero_ms"] / zeros["fused_dense_ms"],
-              "mask_over_dense_step": ms["mask_gradients_ms"] / ms["adamw_fused_dense_ms"],
-              "floor_ratio": (ms["bare_grad_pass_ms"] + ms["adamw_fused_dense_ms"]) / ms["adamw_fused_dense_ms"],
-              "pruned_fraction": pruned, "subnormal_fraction": _subnormal_fraction(dense), "threads": used}
-    return _result("P2 AdamWPrune(mask+step)/AdamW fused step", ms["mask_and_step_ms"] / ms["adamw_fused_dense_ms"],
-                   1.3, detail)
+    detail = {**ms, "fused": prune_opt.fused, "pruned_fraction": pruned, "threads": used,
+              "eager_over_dense": ms["eager_mask_and_step_ms"] / ms["adamw_fused_dense_ms"],
+              "separate_pass_floor": 1 + ms["bare_grad_pass_ms"] / ms["adamw_fused_dense_ms"],
+              "subnormal_fraction": _subnormal_fraction(dense)}
+    return _result("P2 AdamWPrune fused masked step/AdamW fused",
+                   ms["fused_masked_step_ms"] / ms["adamw_fused_dense_ms"], 1.15, detail)
+
+
+def p2_spam(n_params: int, *, repeats: int = 7, num_threads: int | None = None) -> dict:
+    """AdamWPrune on the released AdamWSPAM base, clipping on, 50% mask / dense fused AdamW step; target <= 1.5.
+
+    The seed's defconfigs run this step. The base is stepped past SPAM's clipping
+    window (``accu`` = 20 steps) first, so every timed step clips.
+    """
+    a, b = make_model(n_params), make_model(n_params)
+    settings = OptimSettings("adamwprune", lr=SETTINGS.lr, weight_decay=SETTINGS.weight_decay, base="adamwspam",
+                             spam_clip=True)
+    prune_opt, dense = _masked(a, settings, warm_steps=settings.spam_accu), fused_adamw(b, fused=True)
+    base = prune_opt.base
+    with threads(num_threads) as used:
+        ms = interleaved({"spam_fused_masked_step": prune_opt.step, "adamw_fused_dense": dense.step,
+                          "spam_eager": _eager(prune_opt)}, repeats)
+    detail = {**ms, "fused": prune_opt.fused, "threads": used, "spam_form": base.form,
+              "clipping_at_last_step": base.released_schedule(base.spam_step)[1],
+              "eager_over_dense": ms["spam_eager_ms"] / ms["adamw_fused_dense_ms"]}
+    return _result("P2s AdamWPrune on SPAM (clip) step/AdamW fused",
+                   ms["spam_fused_masked_step_ms"] / ms["adamw_fused_dense_ms"], 1.5, detail)
 
 
 def p4_adamwprune(n_params: int, *, repeats: int = 0, num_threads: int | None = None) -> dict:
@@ -217,5 +244,5 @@ if __name__ == "__main__":
     # usage: bench_parts_adamwprune.py [n_params [threads]]
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 124_000_000
     count = int(sys.argv[2]) if len(sys.argv) > 2 else None
-    for part in (p1, p2, p4_adamwprune):
+    for part in (p1, p2, p2_spam, p4_adamwprune):
         print(json.dumps(part(n, num_threads=count), indent=1), flush=True)

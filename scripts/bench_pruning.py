@@ -18,7 +18,7 @@ Rows (value, target):
        masks applied to weights and AdamW state) / one fused torch AdamW step (<= 3).
   P4   (weights + optimizer state + pruning buffers) / weights, in bytes, with
        AdamW state: movement (<= 4.04) and magnitude (<= 3.04).
-  P1, P2, P4 adamwprune: from scripts/bench_parts_adamwprune.py when present.
+  P1, P2, P2s, P4 adamwprune: from scripts/bench_parts_adamwprune.py when present.
 
 Timings interleave the candidates (A, B, A, B, ...) after one warm-up round
 and report medians; on a shared 2-core machine they are noisy.
@@ -46,20 +46,20 @@ sys.path.insert(0, str(ROOT))
 
 from lib.memory import peak, tensor_bytes  # noqa: E402
 from lib.pruning import build_pruner  # noqa: E402
-from lib.pruning.threshold import exact_value, sampled_value  # noqa: E402
+from lib.pruning.threshold import BLOCK, exact_value, sample_size, sampled_value  # noqa: E402
 from lib.spec import PruneSettings  # noqa: E402
 
-BLOCK = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) of each Linear in a block
+LAYERS = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) of each Linear in a block
 HEAD = (768, 50304)
 SPARSITY = 0.5  # where the sampling error is largest: sqrt(s (1 - s) / m) peaks at s = 0.5
-FRACTION = 0.02
-PARTS = ROOT / "scripts" / "bench_parts_adamwprune.py"  # P1, P2, P4 adamwprune (another engineer's)
+PARTS = ROOT / "scripts" / "bench_parts_adamwprune.py"
+PART_NAMES = ("p1", "p2", "p2_spam", "p4_adamwprune")
 
 
 def gpt2_like(scale: float = 1.0) -> nn.Module:
     """GPT-2 124M's Linear weights (no biases), every dimension scaled by sqrt(scale)."""
     r = math.sqrt(scale)
-    shapes = BLOCK * 12 + [HEAD]
+    shapes = LAYERS * 12 + [HEAD]
     model = nn.Sequential(*(nn.Linear(max(1, round(i * r)), max(1, round(o * r)), bias=False) for i, o in shapes))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -106,25 +106,27 @@ def p3(model: nn.Module, repeats: int, draws: int) -> list[dict[str, Any]]:
     """Exact vs sampled global threshold over all scores, and the sampled cut's sparsity error."""
     scores = [p.detach().abs() for p in model.parameters()]
     total = sum(s.numel() for s in scores)
+    size = sample_size(SPARSITY)
 
-    def kthvalue_on_cat(_: int) -> float:  # the textbook exact cut, for reference
+    def kthvalue_on_cat(_: int) -> float:  # the predecessor's exact cut
         return torch.cat([s.reshape(-1) for s in scores]).kthvalue(round(SPARSITY * total)).values.item()
 
     exact, sampled = interleaved(
-        [lambda i: exact_value(scores, SPARSITY), lambda i: sampled_value(scores, SPARSITY, fraction=FRACTION, seed=i)],
-        repeats,
-    )
-    (textbook,) = interleaved([kthvalue_on_cat], max(1, repeats // 2))  # after, so its 2 GB do not perturb A/B
+        [lambda i: exact_value(scores, SPARSITY), lambda i: sampled_value(scores, SPARSITY, seed=i)], repeats)
+    textbook, sampled2 = interleaved([kthvalue_on_cat, lambda i: sampled_value(scores, SPARSITY, seed=i)],
+                                     max(1, repeats // 2))
     errors = []
     for seed in range(draws):
-        cut = sampled_value(scores, SPARSITY, fraction=FRACTION, seed=1000 + seed)
+        cut = sampled_value(scores, SPARSITY, seed=1000 + seed)
         errors.append(100 * (sum(int((s <= cut).sum()) for s in scores) / total - SPARSITY))
     bias, worst = statistics.mean(errors), max(abs(e) for e in errors)
-    where = f"{total / 1e6:.1f}M scores, sparsity {SPARSITY}, {FRACTION:.0%} sample, {draws} draws"
+    where = (f"{total / 1e6:.1f}M scores, sparsity {SPARSITY}, sample {size / 1e6:.2f}M scores "
+             f"({size / total:.1%}, blocks of {BLOCK}), {draws} draws")
     return [
         row("P3 exact / sampled threshold time", exact / sampled, ">= 40",
-            f"exact {exact * 1e3:.0f} ms (in-place partition), sampled {sampled * 1e3:.1f} ms; "
-            f"torch.cat + kthvalue {textbook * 1e3:.0f} ms = {textbook / sampled:.0f}x sampled; {where}"),
+            f"exact {exact * 1e3:.0f} ms (in-place partition), sampled {sampled * 1e3:.1f} ms; {where}"),
+        row("P3 cat+kthvalue / sampled threshold time", textbook / sampled2, ">= 80",
+            f"torch.cat + kthvalue {textbook * 1e3:.0f} ms, sampled {sampled2 * 1e3:.1f} ms (the predecessor's cut)"),
         row("P3 sampled mean sparsity error (points)", abs(bias), "<= 0.02",
             f"signed mean {bias:+.4f}, sd {statistics.pstdev(errors):.4f}; {where}"),
         row("P3 sampled worst sparsity error (points)", worst, "<= 0.1", where),
@@ -143,7 +145,7 @@ def adamw_with_grads(model: nn.Module) -> torch.optim.Optimizer:
 
 def p3b(model: nn.Module, opt: torch.optim.Optimizer, repeats: int) -> dict[str, Any]:
     """One whole magnitude mask update with the sampled threshold vs one fused AdamW step."""
-    settings = PruneSettings("magnitude", target=SPARSITY, threshold="sampled", sample_fraction=FRACTION)
+    settings = PruneSettings("magnitude", target=SPARSITY, threshold="sampled")
     pruner = build_pruner(model, opt, settings)
     exact = build_pruner(model, opt, PruneSettings("magnitude", target=SPARSITY))
     update, step = interleaved([lambda i: pruner.prune_to(SPARSITY), lambda i: opt.step()], repeats)
@@ -169,10 +171,10 @@ def p4(model: nn.Module, opt: torch.optim.Optimizer, method: str, target: str) -
 
 
 def adamwprune_rows(n: int, path: Path = PARTS) -> list[dict[str, Any]]:
-    """P1, P2 and AdamWPrune's P4 from scripts/bench_parts_adamwprune.py, if that file exists yet."""
-    names = ("p1", "p2", "p4_adamwprune")
+    """P1, P2, P2s and AdamWPrune's P4 from scripts/bench_parts_adamwprune.py, if that file exists yet."""
+    names = PART_NAMES
     if not path.exists():
-        print(f"missing: rows P1, P2, P4 adamwprune ({path.name} does not exist)")
+        print(f"missing: rows P1, P2, P2s, P4 adamwprune ({path.name} does not exist)")
         return [row(f"{name} (missing)", None, "-", f"{path.name} not found") for name in names]
     spec = importlib.util.spec_from_file_location("bench_parts_adamwprune", path)
     assert spec and spec.loader
@@ -216,7 +218,7 @@ def run(
     rows.append(p4(model, opt, "movement", "<= 4.04"))
     rows.append(p4(model, opt, "magnitude", "<= 3.04"))
     rows += adamwprune_rows(n) if parts else [row(f"{name} (skipped)", None, "-", "--no-parts")
-                                               for name in ("p1", "p2", "p4_adamwprune")]
+                                               for name in PART_NAMES]
     data = {"scale": scale, "weights": n, "threads": torch.get_num_threads(), "repeats": repeats,
             "draws": draws, "peak_rss_bytes": peak(torch.device("cpu"))["peak_rss_bytes"], "rows": rows}
     print(table(rows))

@@ -77,3 +77,22 @@ class SmallConvNet(torch.nn.Module):
 def small_conv_net(seed: int = 0) -> SmallConvNet:
     torch.manual_seed(seed)
     return SmallConvNet()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fused-step", choices=("as-built", "on", "off"), default="as-built",
+        help="force AdamWPrune's fused masked step on or off in every test (make test runs the pruning tests "
+             "both ways); as-built: each test's own setting (the class default off, the plan's choice in runs)")
+
+
+@pytest.fixture(autouse=True)
+def _forced_fused_step(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --fused-step on/off, every AdamWPrune reads ``fused`` as that value and ignores assignments."""
+    mode = request.config.getoption("--fused-step")
+    if mode == "as-built":
+        return
+    from lib.optim.adamwprune import AdamWPrune
+
+    forced = mode == "on"
+    monkeypatch.setattr(AdamWPrune, "fused", property(lambda self: forced, lambda self, value: None), raising=False)

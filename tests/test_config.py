@@ -69,6 +69,9 @@ def test_overrides_apply_and_are_validated(make_config):
     ('CONFIG_PRUNING_START="0.8"\nCONFIG_PRUNING_END="0.2"\n', "CONFIG_PRUNING_END=0.2 comes before"),
     ('CONFIG_PRUNING_START="1.5"\n', "CONFIG_PRUNING_START='1.5': give a step"),
     ("CONFIG_NO_SUCH_SYMBOL=y\n", "CONFIG_NO_SUCH_SYMBOL=y is not a symbol of this Kconfig tree"),
+    # Shares the OPTIMIZER choice's prefix but not a member's name: the generic line, not a choice value.
+    ("CONFIG_OPTIMIZER_ENABLE_FOO=y\n", "CONFIG_OPTIMIZER_ENABLE_FOO=y is not a symbol of this Kconfig tree"),
+    ("CONFIG_MODEL_FOO=y\n", r"CONFIG_MODEL_FOO=y: 'foo' is not a CONFIG_MODEL value \(valid: lenet5, "),
     ("CONFIG_ADAM_LR=\"1e-3\"\n", "CONFIG_ADAM_LR has no effect: it depends on OPTIMIZER_ADAM"),
     ('CONFIG_TARGET_SPARSITY="0.5"\n', "CONFIG_TARGET_SPARSITY has no effect"),
     ("CONFIG_OPTIMIZER_ENABLE_SGD=n\nCONFIG_OPTIMIZER_ENABLE_ADAMW=n\nCONFIG_OPTIMIZER_ENABLE_ADAMWPRUNE=n\n",
@@ -213,13 +216,27 @@ def test_spam_defaults_follow_the_form(make_config):
     released = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\n")).optim["adamwspam"]
     assert (released.spam_form, released.spam_theta, released.spam_interval, released.spam_warmup,
             released.spam_accu) == ("released", 5000, 500, 150, 20)
-    paper = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_SPAM_FORM_PAPER=y\n")).optim["adamwspam"]
-    assert (paper.spam_form, paper.spam_theta, paper.spam_interval, paper.spam_warmup) == ("paper", 5000, 500, 150)
     accu = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_SPAM_ACCU=7\n")).optim["adamwspam"]
     assert accu.spam_accu == 7
-    assert paper.eps == 1e-6
+    assert released.eps == 1e-6
     knlp = config.load(make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_SPAM_FORM_KNLP=y\n")).optim["adamwspam"]
     assert (knlp.spam_form, knlp.spam_theta, knlp.spam_interval) == ("knlp", 50, 1000)
+
+
+@pytest.mark.parametrize("member", ["PAPER", "FOO"])  # PAPER: an old .config from before the form was removed
+def test_unknown_spam_form_names_it_and_lists_the_forms(make_config, member):
+    path = make_config("CONFIG_OPTIMIZER_ADAMWSPAM=y\n")
+    text = path.read_text()
+    assert "CONFIG_SPAM_FORM_RELEASED=y\n" in text and "CONFIG_SPAM_ACCU=20\n" in text
+    # As the old form wrote it: its member set, the default one off, SPAM_ACCU (released only) absent.
+    text = text.replace("CONFIG_SPAM_FORM_RELEASED=y\n",
+                        f"# CONFIG_SPAM_FORM_RELEASED is not set\nCONFIG_SPAM_FORM_{member}=y\n")
+    path.write_text(text.replace("CONFIG_SPAM_ACCU=20\n", ""))
+    line = (f"CONFIG_SPAM_FORM_{member}=y: {member.lower()!r} is not a CONFIG_SPAM_FORM value "
+            f"(valid: released, knlp)")
+    with pytest.raises(ConfigError, match=re.escape(line)) as info:
+        config.load(path)
+    assert "\n" not in str(info.value)
 
 
 def test_adamwprune_on_spam_base_reads_spam_settings(make_config):
@@ -237,7 +254,7 @@ def test_variant_axis_and_method_options(make_config):
         "CONFIG_PRUNING_ENABLE_MOVEMENT=y\nCONFIG_PRUNING_ENABLE_STATE=y\nCONFIG_ADAMWPRUNE_VARIANT_MULTIPLE=y\n"
         "CONFIG_ADAMWPRUNE_VARIANT_ENABLE_BITTER0=y\nCONFIG_MOVEMENT_FORM_KNLP=y\n"
         "CONFIG_PRUNING_IMPORTANCE_GRADIENT_SENSITIVITY=y\nCONFIG_PRUNING_THRESHOLD_SAMPLED=y\n"
-        'CONFIG_PRUNING_SAMPLE_FRACTION="0.05"\n'))
+        'CONFIG_PRUNING_SAMPLE_TOLERANCE="0.05"\n'))
     assert cfg.variants == ("bitter0", "bitter7")
     assert cfg.prune.movement_form == "knlp" and cfg.prune.importance == "gradient-sensitivity"
-    assert cfg.prune.threshold == "sampled" and cfg.prune.sample_fraction == 0.05
+    assert cfg.prune.threshold == "sampled" and cfg.prune.sample_tolerance == 0.05

@@ -148,12 +148,12 @@ def mixed_scores(n: int, seed: int = 0) -> list[torch.Tensor]:
 
 
 def test_sampled_threshold_is_unbiased_over_40_draws() -> None:
-    # ~2M scores; a 50 % sample puts the spread near that of 2 % of GPT-2's 124M scores.
+    # ~2M scores, half of them sampled (blocks of 64 neighbours, stratified by tensor).
     scores = mixed_scores(2_000_000)
     ordered = torch.cat([s.flatten() for s in scores]).sort().values  # reached sparsity = rank of the cut
     errors = []
     for seed in range(40):
-        cut = sampled_value(scores, 0.9, fraction=0.5, seed=seed)
+        cut = sampled_value(scores, 0.9, size=1_000_000, seed=seed)
         reached = int(torch.searchsorted(ordered, torch.tensor([cut]), right=True)) / ordered.numel()
         errors.append(100 * (reached - 0.9))  # percentage points
     assert abs(statistics.mean(errors)) <= 0.02
@@ -163,9 +163,9 @@ def test_sampled_threshold_is_unbiased_over_40_draws() -> None:
 
 def test_sampled_masks_are_deterministic_per_seed_and_near_target() -> None:
     scores = mixed_scores(400_000, seed=1)
-    a = sampled_mask(scores, 0.6, fraction=0.05, seed=7)
-    b = sampled_mask([s.clone() for s in scores], 0.6, fraction=0.05, seed=7)
-    c = sampled_mask(scores, 0.6, fraction=0.05, seed=8)
+    a = sampled_mask(scores, 0.6, size=20_000, seed=7)
+    b = sampled_mask([s.clone() for s in scores], 0.6, size=20_000, seed=7)
+    c = sampled_mask(scores, 0.6, size=20_000, seed=8)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
     pruned = sum(int((~m).sum()) for m in a) / 400_000
@@ -185,14 +185,14 @@ def test_sampled_reads_lazy_scores_once_per_tensor_and_samples_through_gather() 
 
     sizes = [s.numel() for s in scores]
     lazy = LazyScores(compute, sizes, gather=lambda i, idx: scores[i].reshape(-1)[idx], device=torch.device("cpu"))
-    masks = sampled_mask(lazy, 0.4, fraction=0.5, seed=5)
+    masks = sampled_mask(lazy, 0.4, size=100_000, seed=5)
     assert computed == [0, 1, 2, 3]  # the sample came through gather; each tensor was made once, for its mask
-    assert all(torch.equal(a, b) for a, b in zip(masks, sampled_mask(scores, 0.4, fraction=0.5, seed=5), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(masks, sampled_mask(scores, 0.4, size=100_000, seed=5), strict=True))
 
 
 def test_sampled_resolves_a_tied_cut_to_the_exact_count() -> None:
     scores = [torch.zeros(300, 100), torch.rand(70_000, generator=torch.Generator().manual_seed(0))]
-    masks = sampled_mask(scores, 0.2, fraction=0.02, seed=3)  # the cut falls inside the 30 % of zeros
+    masks = sampled_mask(scores, 0.2, size=2_000, seed=3)  # the cut falls inside the 30 % of zeros
     assert sum(int((~m).sum()) for m in masks) == prune_count(100_000, 0.2)
 
 

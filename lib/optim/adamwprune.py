@@ -16,7 +16,14 @@ fused kernel where torch has one for the parameters' device) or ``AdamWSPAM``
   the state pruner's ``buffer_bytes()``, and lib/memory.state_bytes (which sums
   ``optimizer.state``) must not count them a second time.
 
-Between mask updates the only pruning work is ``mask_gradients()``: once
+With ``fused`` on (the plan's FUSED_STEP, lib/hardware.py) and masks set, ``step()``
+applies the mask inside the update (lib/optim/masked_step.py): one pass per masked
+tensor reads p, g, m, v and the packed bits once and writes p, m, v once, pruned
+entries as +0.0, so ``mask_gradients()`` has nothing left to do, unless something
+reads the gradients between backward and step (gradient clipping:
+``grads_read_before_step``), which must not count pruned weights.
+
+Between mask updates the only other pruning work is ``mask_gradients()``: once
 ``set_masks`` has zeroed a pruned weight and its exp_avg / exp_avg_sq (and
 max_exp_avg_sq), a zero gradient keeps all of them exactly zero under AdamW
 (``m = b1*0 + (1-b1)*0``, ``0 / (sqrt(0) + eps) = 0``, decay of 0 is 0) and
@@ -32,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lib.errors import ConfigError
+from lib.optim import masked_step
 from lib.pruning import bitmask
 from lib.registry import lookup
 from lib.spec import OptimSettings
@@ -40,9 +48,11 @@ from lib.spec import OptimSettings
 class AdamWPrune(torch.optim.Optimizer):
     """``base``'s update rule plus an optimizer-owned, bit-packed pruning mask (module docstring)."""
 
-    def __init__(self, base: torch.optim.Optimizer, base_name: str = "adamw"):
+    def __init__(self, base: torch.optim.Optimizer, base_name: str = "adamw", fused: bool = False):
         self.base = base
         self.base_name = base_name
+        self.fused = fused  # masks applied inside the update (lib/optim/masked_step.py)
+        self.grads_read_before_step = False  # True when the trainer clips gradients: mask them first
         state = base.state
         # Optimizer.__init__ sets up hooks and re-validates the base's group dicts (the same objects,
         # already complete); the ``state`` / ``param_groups`` properties below forward its writes to
@@ -71,8 +81,10 @@ class AdamWPrune(torch.optim.Optimizer):
     # -- the update: the base's own step --------------------------------------------------------
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """The base optimizer's step, unchanged (call ``mask_gradients()`` first when masks are set)."""
-        return self.base.step(closure)
+        """The base optimizer's step; with ``fused`` and masks set, masked tensors take the fused masked step."""
+        if not (self.fused and self.masks):
+            return self.base.step(closure)  # call mask_gradients() first when masks are set
+        return masked_step.step(self, closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none)
@@ -107,7 +119,9 @@ class AdamWPrune(torch.optim.Optimizer):
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
-        """Zero the gradients of pruned weights: the only per-step pruning work (after backward, before step)."""
+        """Zero the gradients of pruned weights (after backward, before step); the fused step needs no such pass."""
+        if self.fused and masked_step.fusable(self) and not self.grads_read_before_step:
+            return
         for param, packed in self.masks.items():
             if param.grad is not None:
                 bitmask.apply_(param.grad, packed)

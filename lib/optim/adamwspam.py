@@ -1,6 +1,6 @@
 """``adamwspam``: AdamW with SPAM's spike-aware mechanics (Huang et al., arXiv 2501.06842).
 
-Three forms. ``released`` (the default) is the authors' released optimizer, rule for
+Two forms. ``released`` (the default) is the authors' released optimizer, rule for
 rule (checked step by step against pytorch-optimizer's port in tests/test_spam_oracle.py):
 
 - ``t`` counts steps from 1; every ``interval`` steps (``t % interval == 0``) both
@@ -14,16 +14,16 @@ rule (checked step by step against pytorch-optimizer's port in tests/test_spam_o
   steps from a reset (``k = 0`` at the reset step), 1 otherwise and before the first
   reset.
 
-``paper`` and ``knlp`` are the earlier forms, below. In the ``paper`` form each step
-``t`` (counted once per ``step()`` call; the public AdamWPrune code advances its SPAM
-step counter twice per step, a slip not reproduced here):
+``knlp`` is the predecessor's public AdamWPrune code. Each step ``t`` (counted once
+per ``step()`` call; that code advances its SPAM step counter twice per step, a slip not
+reproduced here):
 
-1. ``knlp`` form only: a gradient-norm z-score detector. If the global grad norm
-   is more than 2 sample standard deviations above the mean of the last 100
-   norms, soft-reset every moment (``m *= 0.5``, ``v *= 0.9``) before the update.
+1. A gradient-norm z-score detector. If the global grad norm is more than 2
+   sample standard deviations above the mean of the last 100 norms, soft-reset
+   every moment (``m *= 0.5``, ``v *= 0.9``) before the update.
 2. Every ``interval`` steps (``t % interval == 0``; 0 = never) ``exp_avg`` and
    ``exp_avg_sq`` are zeroed and each parameter's bias-correction counter
-   ``state["step"]`` restarts, as in the paper, so step ``t`` is again step 1.
+   ``state["step"]`` restarts, so step ``t`` is again step 1.
 3. Spike clipping, compared against ``v_prev`` = ``exp_avg_sq`` before this
    step's update (after 1 and 2): where ``g^2 > theta * v_prev`` the gradient
    becomes ``sign(g) * sqrt(theta * v_prev)``. Skipped during the warm-up window
@@ -35,6 +35,11 @@ step counter twice per step, a slip not reproduced here):
    including at the start of training, where the trainer's LR warm-up already
    applies. The decoupled decay ``w -= lr * wd * w`` is not scaled by the factor:
    the reset makes the moments unreliable, not the weights.
+
+There is no ``paper`` form. Issue 12 keeps one only for rules shown, by quoting the
+paper's Algorithm 1, to differ from the released code; Algorithm 1's text could not be
+reached offline, so no rule could be shown to differ, and the form (steps 2-4 above
+without step 1) was removed.
 
 Weights whose gradient, ``exp_avg`` and ``exp_avg_sq`` are all zero (pruned by a
 gradient mask) stay exactly zero: ``0 / (sqrt(0) + eps) = 0`` and decay of 0 is 0.
@@ -54,7 +59,7 @@ from torch import nn
 from lib.optim.groups import adam_kwargs
 from lib.spec import OptimSettings
 
-FORMS = ("released", "paper", "knlp")
+FORMS = ("released", "knlp")
 RELEASED_DEATH_RATE = 0.99  # released warm-up: the step starts at 1 - 0.99 of itself after a reset
 ZSCORE_WINDOW = 100  # knlp: how many recent global grad norms the detector remembers
 ZSCORE_THRESHOLD = 2.0  # knlp: a norm more than this many std above the mean is a spike
@@ -167,8 +172,7 @@ class AdamWSPAM(torch.optim.Optimizer):
 
     def _step_released(self, t: int, reset: bool) -> None:
         """One step of the released optimizer (module docstring)."""
-        factor = released_warmup_factor(t - self.last_reset, self.warmup) if self.last_reset else 1.0
-        clip = self.clip and t >= self.accu and (self.interval == 0 or t % self.interval >= self.accu)
+        factor, clip = self.released_schedule(t)
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = self._collect(group, reset, restart_steps=False)
             if not params:
@@ -187,6 +191,12 @@ class AdamWSPAM(torch.optim.Optimizer):
             torch._foreach_addcdiv_(params, exp_avgs, denom, sizes)
             if wd != 0:
                 torch._foreach_mul_(params, 1.0 - lr * wd)  # after the update, on the updated weights
+
+    def released_schedule(self, t: int) -> tuple[float, bool]:
+        """(warm-up factor, clip?) of the released form at step ``t``, after that step's reset bookkeeping."""
+        factor = released_warmup_factor(t - self.last_reset, self.warmup) if self.last_reset else 1.0
+        clip = self.clip and t >= self.accu and (self.interval == 0 or t % self.interval >= self.accu)
+        return factor, clip
 
     def _collect(self, group: dict[str, Any], reset: bool, restart_steps: bool) -> tuple[list, ...]:
         """Zero the moments on a reset (and restart the step counts if asked); the tensors of this step."""

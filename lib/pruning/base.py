@@ -21,11 +21,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lib import kernels
 from lib.errors import HarnessError
+from lib.kernels import native
 from lib.pruning import bitmask
 from lib.pruning.prunable import prunable_parameters
 from lib.pruning.schedule import SparsitySchedule
-from lib.pruning.threshold import LazyScores, get_threshold
+from lib.pruning.threshold import LazyScores, get_threshold, prune_count, sample_size, sampled_cut
 from lib.spec import PruneSettings
 
 
@@ -43,7 +45,7 @@ class Pruner:
         self.params = prunable_parameters(model)
         self.unresolved = self.make_schedule(settings)  # kept: a time budget re-sizes the run later
         self.schedule = self.unresolved
-        self.threshold = get_threshold(settings.threshold, settings.sample_fraction)
+        self.threshold = get_threshold(settings.threshold, settings.sample_tolerance)
         self.masks: dict[str, Tensor] = {}  # name -> keep-mask (bool, or packed uint8); empty until the first update
         self.step = 0  # optimizer steps completed at the last after_step()
         self.applied = 0.0  # sparsity the current masks were computed for
@@ -141,16 +143,51 @@ class Pruner:
         Scores are computed one tensor at a time as the threshold reads them
         (``LazyScores``), never all at once; the update step seeds ``sampled``.
         """
-        scores = LazyScores(
-            self.ranked,
-            [p.numel() for _, p in self.params],
-            gather=self.ranked_at,
-            device=self.params[0][1].device if self.params else None,
-        )
-        masks = self.threshold(scores, sparsity, seed=self.step)
+        packed = self.one_pass_masks(sparsity)
+        if packed is not None:
+            self.masks, self.applied = packed, sparsity
+            return
+        masks = self.threshold(self._lazy_scores(), sparsity, seed=self.step)
         self.masks = {name: self._stored(mask) for (name, _), mask in zip(self.params, masks, strict=True)}
         self.applied = sparsity
         self.apply_masks()
+
+    def _lazy_scores(self) -> LazyScores:
+        return LazyScores(self.ranked, [p.numel() for _, p in self.params], gather=self.ranked_at,
+                          device=self.params[0][1].device if self.params else None)
+
+    def weight_is_score(self) -> bool:
+        """True when the importance is ``|w|`` itself, which the one-pass update computes on the fly."""
+        return False
+
+    @torch.no_grad()
+    def one_pass_masks(self, sparsity: float) -> dict[str, Tensor] | None:
+        """Packed masks made in one pass per tensor, pruned weights and their state zeroed on the way.
+
+        Each tensor's score is computed once (never for ``|w|``) and read once with the
+        weight and its optimizer state: compare with the sampled cut, pack the keep bits,
+        zero what is pruned (lib/kernels). None where this path does not apply: another
+        threshold, bool masks, a cut tied in the sample, or tensors the kernel cannot take.
+        """
+        if self.settings.threshold != "sampled" or not self.pack_masks or not self.params:
+            return None
+        if not native.fits(*[t for _, p in self.params for t in (p, *self._state_tensors(p))]):
+            return None
+        total = self.prunable_count()
+        if prune_count(total, sparsity) in (0, total):
+            return None
+        size = sample_size(sparsity, self.settings.sample_tolerance)
+        cut, tied = sampled_cut(self._lazy_scores(), sparsity, size=size, seed=self.step)
+        if tied:
+            return None
+        masks = {}
+        for name, param in self.params:
+            score = None if self.weight_is_score() else self.importance(name, param).detach()
+            if score is not None:
+                score = score.to(torch.float32).contiguous()
+            masks[name] = torch.empty(bitmask.packed_size(param.numel()), dtype=torch.uint8)
+            kernels.mask_update_(param.data, cut, masks[name], self._state_tensors(param), score)
+        return masks
 
     @torch.no_grad()
     def apply_masks(self) -> None:

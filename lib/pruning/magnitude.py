@@ -33,6 +33,9 @@ class MagnitudePruner(Pruner):
     def importance_at(self, name: str, param: nn.Parameter, index: Tensor) -> Tensor:
         return self.metric.score_at(name, param, index)
 
+    def weight_is_score(self) -> bool:
+        return self.metric.name == "magnitude"
+
     @torch.no_grad()
     def before_step(self) -> None:
         self.metric.accumulate()  # on the true gradient, before pruned entries are zeroed

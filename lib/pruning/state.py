@@ -58,6 +58,16 @@ class StatePruner(Pruner):
     def importance(self, name: str, param: nn.Parameter) -> torch.Tensor:
         return bitter.importance(self.score, param, self.optimizer.state.get(param), self.beta1[id(param)])
 
+    def importance_at(self, name: str, param: nn.Parameter, index: torch.Tensor) -> torch.Tensor:
+        """The score at flattened positions ``index`` only: every bitter score is elementwise in w, m and v."""
+        state = self.optimizer.state.get(param)
+        shaped = {key: value.reshape(-1)[index] if isinstance(value, torch.Tensor) and value.shape == param.shape
+                  else value for key, value in (state or {}).items()}
+        return bitter.importance(self.score, param.detach().reshape(-1)[index], shaped, self.beta1[id(param)])
+
+    def weight_is_score(self) -> bool:
+        return self.variant in ("bitter1", "bitter2")  # |w|
+
     @torch.no_grad()
     def before_step(self) -> None:
         """Zero pruned weights' gradients, through the optimizer that owns the masks."""
@@ -71,6 +81,10 @@ class StatePruner(Pruner):
             for index, (_, param) in enumerate(self.params):
                 target = bitter.layer_sparsity(sparsity, index, count)
                 self.optimizer.set_masks({param: global_exact_mask([self.ranked(index)], target)[0]})
+        elif (packed := self.one_pass_masks(sparsity)) is not None:
+            params = dict(self.params)
+            for name, mask in packed.items():
+                self.optimizer.masks[params[name]] = mask  # already applied to the weight and its state
         else:
             scores = LazyScores(self.ranked, [p.numel() for _, p in self.params])
             masks = list(self.threshold(scores, sparsity, seed=self.step))

@@ -1,0 +1,121 @@
+/* Fused masked optimizer steps and the one-pass mask update, for float32 tensors on the CPU.
+ *
+ * Built and loaded by lib/kernels/native.py (the system C compiler, -O3 -march=native -fopenmp
+ * -fno-math-errno -fno-trapping-math: no errno or trap semantics, so the loops if-convert and
+ * vectorize; IEEE rounding is kept, unlike -ffast-math).
+ * Masks use lib/pruning/bitmask.py's bit-plane layout: for n entries and M = ceil(n / 8) bytes,
+ * entry j * M + i is bit j of byte i. Each kernel walks the mask a chunk of bytes at a time and,
+ * within a chunk, plane by plane, so every inner loop is contiguous (gcc vectorizes it) and each
+ * tensor is read and written once.
+ *
+ * A pruned entry (bit 0) of the weight and of its moments is written as +0.0 whatever the
+ * gradient holds, so the gradient itself is never masked in a separate pass.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define CHUNK 32768 /* mask bytes per task: 8 planes x 2048 entries of each tensor */
+
+static inline int64_t plane_end(int64_t base, int64_t i1, int64_t n) {
+    return base + i1 <= n ? i1 : n - base; /* the last plane may be shorter */
+}
+
+/* torch's AdamW rule (fused CPU kernel order): decay, lerp, second moment, bias-corrected step. */
+void harness_masked_adamw_f32(float *restrict p, const float *restrict g, float *restrict m,
+                              float *restrict v, const uint8_t *restrict packed, int64_t n,
+                              float decay, float one_minus_b1, float b2, float one_minus_b2,
+                              float step_size, float bc2_sqrt, float eps, int threads) {
+    const int64_t M = (n + 7) / 8;
+    const int64_t chunks = (M + CHUNK - 1) / CHUNK;
+    const float inv_bc2_sqrt = 1.0f / bc2_sqrt;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < M ? i0 + CHUNK : M;
+        for (int j = 0; j < 8; j++) {
+            const int64_t base = (int64_t)j * M, end = plane_end(base, i1, n);
+            float *restrict pj = p + base, *restrict mj = m + base, *restrict vj = v + base;
+            const float *restrict gj = g + base;
+            const uint8_t bit = (uint8_t)(1u << j);
+            for (int64_t i = i0; i < end; i++) {
+                const int keep = (packed[i] & bit) != 0;
+                const float graw = gj[i], gi = keep ? graw : 0.0f;
+                const float mi = mj[i] + one_minus_b1 * (gi - mj[i]);
+                const float vi = vj[i] * b2 + one_minus_b2 * gi * gi;
+                const float pi = pj[i] * decay - step_size * mi / (sqrtf(vi) * inv_bc2_sqrt + eps);
+                pj[i] = keep ? pi : 0.0f;
+                mj[i] = keep ? mi : 0.0f;
+                vj[i] = keep ? vi : 0.0f;
+            }
+        }
+    }
+}
+
+/* The released SPAM rule (lib/optim/adamwspam.py): clip spikes against v_prev, lerp, second
+ * moment, p += step * m / (sqrt(v) + eps) with the bias correction folded into step, then decay. */
+void harness_masked_spam_f32(float *restrict p, const float *restrict g, float *restrict m,
+                             float *restrict v, const uint8_t *restrict packed, int64_t n, int clip,
+                             float theta, float one_minus_b1, float b2, float one_minus_b2,
+                             float step, float eps, float decay, int threads) {
+    const int64_t M = (n + 7) / 8;
+    const int64_t chunks = (M + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < M ? i0 + CHUNK : M;
+        for (int j = 0; j < 8; j++) {
+            const int64_t base = (int64_t)j * M, end = plane_end(base, i1, n);
+            float *restrict pj = p + base, *restrict mj = m + base, *restrict vj = v + base;
+            const float *restrict gj = g + base;
+            const uint8_t bit = (uint8_t)(1u << j);
+            for (int64_t i = i0; i < end; i++) {
+                const int keep = (packed[i] & bit) != 0;
+                const float graw = gj[i];
+                float gi = keep ? graw : 0.0f;
+                const float bound = vj[i] * theta;
+                if (clip)
+                    gi = gi * gi > bound ? copysignf(sqrtf(bound), gi) : gi;
+                const float mi = mj[i] + one_minus_b1 * (gi - mj[i]);
+                const float vi = vj[i] * b2 + one_minus_b2 * gi * gi;
+                const float pi = (pj[i] + step * (mi / (sqrtf(vi) + eps))) * decay;
+                pj[i] = keep ? pi : 0.0f;
+                mj[i] = keep ? mi : 0.0f;
+                vj[i] = keep ? vi : 0.0f;
+            }
+        }
+    }
+}
+
+/* One mask update for one tensor, in one pass: keep = score > cut and w != 0 (a weight already
+ * exactly zero stays pruned), bits packed into `packed`, pruned entries of w and of each tensor
+ * in `zero` (optimizer state shaped like w) set to +0.0. `score` NULL means |w|. Returns the
+ * number of entries kept. */
+int64_t harness_mask_update_f32(const float *restrict score, float cut, float *restrict w,
+                                float *const *zero, int nzero, uint8_t *restrict packed,
+                                int64_t n, int threads) {
+    const int64_t M = (n + 7) / 8;
+    const int64_t chunks = (M + CHUNK - 1) / CHUNK;
+    int64_t kept = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : kept)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < M ? i0 + CHUNK : M;
+        for (int64_t i = i0; i < i1; i++)
+            packed[i] = 0;
+        for (int j = 0; j < 8; j++) {
+            const int64_t base = (int64_t)j * M, end = plane_end(base, i1, n);
+            float *restrict wj = w + base;
+            const float *sj = score ? score + base : 0;
+            for (int64_t i = i0; i < end; i++) {
+                const float s = score ? sj[i] : fabsf(wj[i]);
+                const int keep = (s > cut) & (wj[i] != 0.0f);
+                packed[i] |= (uint8_t)(keep << j);
+                wj[i] = keep ? wj[i] : 0.0f;
+                kept += keep;
+            }
+            for (int z = 0; z < nzero; z++) {
+                float *restrict tj = zero[z] + base;
+                for (int64_t i = i0; i < end; i++)
+                    tj[i] = (packed[i] >> j) & 1 ? tj[i] : 0.0f;
+            }
+        }
+    }
+    return kept;
+}
