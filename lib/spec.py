@@ -49,7 +49,7 @@ class PruneSettings:
     end: int | float = 0.7
     frequency: int = 10
     threshold: str = "exact"  # "exact", "sampled" or "per-layer"
-    sample_tolerance: float = 0.1  # sampled threshold: worst sparsity error aimed at, in points (3 sigma)
+    sample_tolerance: float = 0.1  # sampled threshold: worst sparsity error aimed at, in points (3.22 sigma)
     importance: str = "magnitude"  # magnitude pruning: "magnitude", "gradient-sensitivity", "activation"
     movement_form: str = "sanh"  # "sanh" (paper) or "knlp"
     variant: str = ""  # state pruning: "bitter0" .. "bitter9"

@@ -38,7 +38,7 @@ void harness_masked_adamw_f32(float *restrict p, const float *restrict g, float 
             const uint8_t bit = (uint8_t)(1u << j);
             for (int64_t i = i0; i < end; i++) {
                 const int keep = (packed[i] & bit) != 0;
-                const float graw = gj[i], gi = keep ? graw : 0.0f;
+                const float gi = gj[i]; /* a pruned entry's outputs are +0.0 below, whatever gi holds */
                 const float mi = mj[i] + one_minus_b1 * (gi - mj[i]);
                 const float vi = vj[i] * b2 + one_minus_b2 * gi * gi;
                 const float pi = pj[i] * decay - step_size * mi / (sqrtf(vi) * inv_bc2_sqrt + eps);
@@ -68,8 +68,7 @@ void harness_masked_spam_f32(float *restrict p, const float *restrict g, float *
             const uint8_t bit = (uint8_t)(1u << j);
             for (int64_t i = i0; i < end; i++) {
                 const int keep = (packed[i] & bit) != 0;
-                const float graw = gj[i];
-                float gi = keep ? graw : 0.0f;
+                float gi = gj[i];
                 const float bound = vj[i] * theta;
                 if (clip)
                     gi = gi * gi > bound ? copysignf(sqrtf(bound), gi) : gi;
@@ -118,4 +117,35 @@ int64_t harness_mask_update_f32(const float *restrict score, float cut, float *r
         }
     }
     return kept;
+}
+
+/* The sampled threshold's gather: block b of tensor t (picks, tensor after tensor, `counts[t]` each)
+ * is copied whole, `width` floats, into `out`, in order. Parallel, with the blocks a few draws ahead
+ * prefetched: each draw is a random read, so the time is memory latency, not bandwidth. Every tensor's
+ * size is a multiple of `width` (the caller checks). */
+void harness_gather_blocks_f32(const float *const *bases, const int64_t *counts, int ntensors,
+                               const int64_t *restrict picks, int64_t width, float *restrict out,
+                               int threads) {
+    const int64_t ahead = 16;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t offset = 0;
+        for (int t = 0; t < ntensors; t++) {
+            const float *src = bases[t];
+            const int64_t *tp = picks + offset, count = counts[t];
+#pragma omp for schedule(static) nowait
+            for (int64_t b = 0; b < count; b++) {
+                if (b + ahead < count) {
+                    const char *next = (const char *)(src + tp[b + ahead] * width);
+                    for (int64_t line = 0; line < width * (int64_t)sizeof(float); line += 64)
+                        __builtin_prefetch(next + line);
+                }
+                const float *from = src + tp[b] * width;
+                float *to = out + (offset + b) * width;
+                for (int64_t k = 0; k < width; k++)
+                    to[k] = from[k];
+            }
+            offset += count;
+        }
+    }
 }

@@ -34,6 +34,7 @@ _SIGNATURES = {
     "harness_masked_adamw_f32": ([_P, _P, _P, _P, _P, _I64] + [_F] * 7 + [_I], None),
     "harness_masked_spam_f32": ([_P, _P, _P, _P, _P, _I64, _I] + [_F] * 7 + [_I], None),
     "harness_mask_update_f32": ([_P, _F, _P, _P, _I, _P, _I64, _I], _I64),
+    "harness_gather_blocks_f32": ([_P, _P, _I, _P, _I64, _P, _I], None),
 }
 
 
@@ -151,3 +152,15 @@ def mask_update_(w: Tensor, cut: float, packed: Tensor, zero: list[Tensor], scor
     return int(library().harness_mask_update_f32(
         score.data_ptr() if score is not None else None, cut, w.data_ptr(), pointers, len(zero),
         packed.data_ptr(), w.numel(), _threads()))
+
+
+def gather_blocks_(tensors: list[Tensor], picks: Tensor, counts: list[int], width: int, out: Tensor) -> bool:
+    """Copy block ``picks[k]`` (``width`` entries) of each tensor, ``counts[t]`` picks per tensor in order, into
+    ``out``; False (nothing done) unless every tensor is a whole number of blocks and the kernels take them all."""
+    if not fits(out, *tensors) or any(t.numel() % width for t in tensors) or picks.dtype != torch.int64:
+        return False
+    bases = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int64 * len(tensors))(*counts)
+    library().harness_gather_blocks_f32(bases, sizes, len(tensors), picks.contiguous().data_ptr(), width,
+                                        out.data_ptr(), _threads())
+    return True
