@@ -27,7 +27,8 @@ void harness_masked_adamw_f32(float *restrict p, const float *restrict g, float 
                               float step_size, float bc2_sqrt, float eps, int threads) {
     const int64_t M = (n + 7) / 8;
     const int64_t chunks = (M + CHUNK - 1) / CHUNK;
-    const float inv_bc2_sqrt = 1.0f / bc2_sqrt;
+    /* m / (sqrt(v) / bc2_sqrt + eps) = bc2_sqrt * m / (sqrt(v) + eps * bc2_sqrt): one multiply less */
+    const float step = step_size * bc2_sqrt, eps_scaled = eps * bc2_sqrt;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < M ? i0 + CHUNK : M;
@@ -41,7 +42,7 @@ void harness_masked_adamw_f32(float *restrict p, const float *restrict g, float 
                 const float gi = gj[i]; /* a pruned entry's outputs are +0.0 below, whatever gi holds */
                 const float mi = mj[i] + one_minus_b1 * (gi - mj[i]);
                 const float vi = vj[i] * b2 + one_minus_b2 * gi * gi;
-                const float pi = pj[i] * decay - step_size * mi / (sqrtf(vi) * inv_bc2_sqrt + eps);
+                const float pi = pj[i] * decay - step * (mi / (sqrtf(vi) + eps_scaled));
                 pj[i] = keep ? pi : 0.0f;
                 mj[i] = keep ? mi : 0.0f;
                 vj[i] = keep ? vi : 0.0f;
