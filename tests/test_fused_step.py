@@ -215,3 +215,17 @@ def test_block_gather_kernel_draws_the_same_sample_as_the_torch_path() -> None:
     for seed in range(3):
         fast, slow = sample_scores(scores, 5_000, seed), sample_scores(lazy, 5_000, seed)
         assert torch.equal(fast, slow) and 4_000 < fast.numel() < 6_000
+
+
+def test_sample_cut_with_a_mass_of_pruned_scores() -> None:
+    """Zero weights rank -inf; the cut is found without partitioning that mass, and equals the plain selection."""
+    from lib.pruning.threshold import _sample_cut
+
+    gen = torch.Generator().manual_seed(5)
+    sample = torch.rand(10_000, generator=gen)
+    sample[torch.randperm(10_000, generator=gen)[:6_000]] = float("-inf")
+    assert _sample_cut(sample.clone(), 0.5) == (float("-inf"), True)
+    for quantile in (0.7, 0.95):
+        j = min(10_000, max(1, round(quantile * 10_001)))
+        want = float(sample.sort().values[j - 1])
+        assert _sample_cut(sample.clone(), quantile) == (want, False)

@@ -178,8 +178,10 @@ class Pruner:
             return None
         size = sample_size(sparsity, self.settings.sample_tolerance)
         cut, tied = sampled_cut(self._lazy_scores(), sparsity, size=size, seed=self.step)
-        if tied:
-            return None
+        if tied and cut != float("-inf"):
+            return None  # a mass of equal scores at the cut: the two-pass path prunes it to the exact count
+        # A cut inside the mass of zero weights (ranked -inf): the target is already reached within the
+        # sampling error, and score > -inf and w != 0 prunes exactly the zeros, so none is revived.
         masks = {}
         for name, param in self.params:
             score = None if self.weight_is_score() else self.importance(name, param).detach()
