@@ -16,6 +16,16 @@
 
 #define CHUNK 32768 /* mask bytes per task: 8 planes x 2048 entries of each tensor */
 
+/* x where mask is all ones, +0.0 where it is 0: an integer AND, so gcc computes every value
+ * unconditionally instead of turning the loads into masked loads (slow on AMD). NaN & 0 = +0.0. */
+static inline float keep_or_zero(float x, uint32_t mask) {
+    uint32_t u;
+    __builtin_memcpy(&u, &x, sizeof u);
+    u &= mask;
+    __builtin_memcpy(&x, &u, sizeof x);
+    return x;
+}
+
 static inline int64_t plane_end(int64_t base, int64_t i1, int64_t n) {
     return base + i1 <= n ? i1 : n - base; /* the last plane may be shorter */
 }
@@ -38,14 +48,14 @@ void harness_masked_adamw_f32(float *restrict p, const float *restrict g, float 
             const float *restrict gj = g + base;
             const uint8_t bit = (uint8_t)(1u << j);
             for (int64_t i = i0; i < end; i++) {
-                const int keep = (packed[i] & bit) != 0;
+                const uint32_t keep = -(uint32_t)((packed[i] & bit) != 0);
                 const float gi = gj[i]; /* a pruned entry's outputs are +0.0 below, whatever gi holds */
                 const float mi = mj[i] + one_minus_b1 * (gi - mj[i]);
                 const float vi = vj[i] * b2 + one_minus_b2 * gi * gi;
                 const float pi = pj[i] * decay - step * (mi / (sqrtf(vi) + eps_scaled));
-                pj[i] = keep ? pi : 0.0f;
-                mj[i] = keep ? mi : 0.0f;
-                vj[i] = keep ? vi : 0.0f;
+                pj[i] = keep_or_zero(pi, keep);
+                mj[i] = keep_or_zero(mi, keep);
+                vj[i] = keep_or_zero(vi, keep);
             }
         }
     }
@@ -68,7 +78,7 @@ void harness_masked_spam_f32(float *restrict p, const float *restrict g, float *
             const float *restrict gj = g + base;
             const uint8_t bit = (uint8_t)(1u << j);
             for (int64_t i = i0; i < end; i++) {
-                const int keep = (packed[i] & bit) != 0;
+                const uint32_t keep = -(uint32_t)((packed[i] & bit) != 0);
                 float gi = gj[i];
                 const float bound = vj[i] * theta;
                 if (clip)
@@ -76,9 +86,9 @@ void harness_masked_spam_f32(float *restrict p, const float *restrict g, float *
                 const float mi = mj[i] + one_minus_b1 * (gi - mj[i]);
                 const float vi = vj[i] * b2 + one_minus_b2 * gi * gi;
                 const float pi = (pj[i] + step * (mi / (sqrtf(vi) + eps))) * decay;
-                pj[i] = keep ? pi : 0.0f;
-                mj[i] = keep ? mi : 0.0f;
-                vj[i] = keep ? vi : 0.0f;
+                pj[i] = keep_or_zero(pi, keep);
+                mj[i] = keep_or_zero(mi, keep);
+                vj[i] = keep_or_zero(vi, keep);
             }
         }
     }
