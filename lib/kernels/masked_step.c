@@ -117,13 +117,13 @@ int64_t harness_mask_update_f32(const float *restrict score, float cut, float *r
                 const float s = score ? sj[i] : fabsf(wj[i]);
                 const int keep = (s > cut) & (wj[i] != 0.0f);
                 packed[i] |= (uint8_t)(keep << j);
-                wj[i] = keep ? wj[i] : 0.0f;
+                wj[i] = keep_or_zero(wj[i], -(uint32_t)keep);
                 kept += keep;
             }
             for (int z = 0; z < nzero; z++) {
                 float *restrict tj = zero[z] + base;
                 for (int64_t i = i0; i < end; i++)
-                    tj[i] = (packed[i] >> j) & 1 ? tj[i] : 0.0f;
+                    tj[i] = keep_or_zero(tj[i], -(uint32_t)((packed[i] >> j) & 1));
             }
         }
     }
