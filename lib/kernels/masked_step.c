@@ -30,43 +30,17 @@ static inline int64_t plane_end(int64_t base, int64_t i1, int64_t n) {
     return base + i1 <= n ? i1 : n - base; /* the last plane may be shorter */
 }
 
-/* torch's AdamW rule (fused CPU kernel order): decay, lerp, second moment, bias-corrected step. */
-void harness_masked_adamw_f32(float *restrict p, const float *restrict g, float *restrict m,
-                              float *restrict v, const uint8_t *restrict packed, int64_t n,
-                              float decay, float one_minus_b1, float b2, float one_minus_b2,
-                              float step_size, float bc2_sqrt, float eps, int threads) {
-    const int64_t M = (n + 7) / 8;
-    const int64_t chunks = (M + CHUNK - 1) / CHUNK;
-    /* m / (sqrt(v) / bc2_sqrt + eps) = bc2_sqrt * m / (sqrt(v) + eps * bc2_sqrt): one multiply less */
-    const float step = step_size * bc2_sqrt, eps_scaled = eps * bc2_sqrt;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) {
-        const int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < M ? i0 + CHUNK : M;
-        for (int j = 0; j < 8; j++) {
-            const int64_t base = (int64_t)j * M, end = plane_end(base, i1, n);
-            float *restrict pj = p + base, *restrict mj = m + base, *restrict vj = v + base;
-            const float *restrict gj = g + base;
-            const uint8_t bit = (uint8_t)(1u << j);
-            for (int64_t i = i0; i < end; i++) {
-                const uint32_t keep = -(uint32_t)((packed[i] & bit) != 0);
-                const float gi = gj[i]; /* a pruned entry's outputs are +0.0 below, whatever gi holds */
-                const float mi = mj[i] + one_minus_b1 * (gi - mj[i]);
-                const float vi = vj[i] * b2 + one_minus_b2 * gi * gi;
-                const float pi = pj[i] * decay - step * (mi / (sqrtf(vi) + eps_scaled));
-                pj[i] = keep_or_zero(pi, keep);
-                mj[i] = keep_or_zero(mi, keep);
-                vj[i] = keep_or_zero(vi, keep);
-            }
-        }
-    }
-}
-
-/* The released SPAM rule (lib/optim/adamwspam.py): clip spikes against v_prev, lerp, second
- * moment, p += step * m / (sqrt(v) + eps) with the bias correction folded into step, then decay. */
-void harness_masked_spam_f32(float *restrict p, const float *restrict g, float *restrict m,
+/* One masked Adam-family update of p, m, v in place, for both rules (the flags are loop-invariant,
+ * so gcc unswitches them out of the loop):
+ *   clip (released SPAM only): where g^2 > theta * v_prev, g = sign(g) * sqrt(theta * v_prev);
+ *   m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2; q = m / (sqrt(v) + eps);
+ *   decay_after 0, torch's AdamW:  p = p * decay + step * q  (step = -lr / bc1 * bc2_sqrt and
+ *                                  eps = eps * bc2_sqrt: m / (sqrt(v) / bc2_sqrt + eps) rescaled);
+ *   decay_after 1, released SPAM:  p = (p + step * q) * decay  (the decay on the updated weights). */
+void harness_masked_step_f32(float *restrict p, const float *restrict g, float *restrict m,
                              float *restrict v, const uint8_t *restrict packed, int64_t n, int clip,
-                             float theta, float one_minus_b1, float b2, float one_minus_b2,
-                             float step, float eps, float decay, int threads) {
+                             float theta, int decay_after, float one_minus_b1, float b2,
+                             float one_minus_b2, float step, float eps, float decay, int threads) {
     const int64_t M = (n + 7) / 8;
     const int64_t chunks = (M + CHUNK - 1) / CHUNK;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -79,13 +53,14 @@ void harness_masked_spam_f32(float *restrict p, const float *restrict g, float *
             const uint8_t bit = (uint8_t)(1u << j);
             for (int64_t i = i0; i < end; i++) {
                 const uint32_t keep = -(uint32_t)((packed[i] & bit) != 0);
-                float gi = gj[i];
+                float gi = gj[i]; /* a pruned entry's outputs are +0.0 below, whatever gi holds */
                 const float bound = vj[i] * theta;
                 if (clip)
                     gi = gi * gi > bound ? copysignf(sqrtf(bound), gi) : gi;
                 const float mi = mj[i] + one_minus_b1 * (gi - mj[i]);
                 const float vi = vj[i] * b2 + one_minus_b2 * gi * gi;
-                const float pi = (pj[i] + step * (mi / (sqrtf(vi) + eps))) * decay;
+                const float q = mi / (sqrtf(vi) + eps);
+                const float pi = decay_after ? (pj[i] + step * q) * decay : pj[i] * decay + step * q;
                 pj[i] = keep_or_zero(pi, keep);
                 mj[i] = keep_or_zero(mi, keep);
                 vj[i] = keep_or_zero(vi, keep);

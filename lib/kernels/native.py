@@ -31,8 +31,7 @@ SOURCE = Path(__file__).with_name("masked_step.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _F, _I64, _I, _P = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "harness_masked_adamw_f32": ([_P, _P, _P, _P, _P, _I64] + [_F] * 7 + [_I], None),
-    "harness_masked_spam_f32": ([_P, _P, _P, _P, _P, _I64, _I] + [_F] * 7 + [_I], None),
+    "harness_masked_step_f32": ([_P, _P, _P, _P, _P, _I64, _I, _F, _I] + [_F] * 6 + [_I], None),
     "harness_mask_update_f32": ([_P, _F, _P, _P, _I, _P, _I64, _I], _I64),
     "harness_gather_blocks_f32": ([_P, _P, _I, _P, _I64, _P, _I], None),
 }
@@ -132,17 +131,17 @@ def _threads() -> int:
 def masked_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, *, decay: float, beta1: float,
                   beta2: float, step_size: float, bc2_sqrt: float, eps: float) -> None:
     """One masked AdamW update of ``p``, ``m``, ``v`` in place (torch's AdamW rule, pruned entries +0.0)."""
-    library().harness_masked_adamw_f32(
-        p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), packed.data_ptr(), p.numel(),
-        decay, 1.0 - beta1, beta2, 1.0 - beta2, step_size, bc2_sqrt, eps, _threads())
+    library().harness_masked_step_f32(
+        p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), packed.data_ptr(), p.numel(), 0, 0.0, 0,
+        1.0 - beta1, beta2, 1.0 - beta2, -step_size * bc2_sqrt, eps * bc2_sqrt, decay, _threads())
 
 
 def masked_spam_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, *, clip: bool, theta: float,
                  beta1: float, beta2: float, step: float, eps: float, decay: float) -> None:
     """One masked released-SPAM update of ``p``, ``m``, ``v`` in place (lib/optim/adamwspam.py)."""
-    library().harness_masked_spam_f32(
-        p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), packed.data_ptr(), p.numel(), int(clip),
-        theta, 1.0 - beta1, beta2, 1.0 - beta2, step, eps, decay, _threads())
+    library().harness_masked_step_f32(
+        p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), packed.data_ptr(), p.numel(), int(clip), theta, 1,
+        1.0 - beta1, beta2, 1.0 - beta2, step, eps, decay, _threads())
 
 
 def mask_update_(w: Tensor, cut: float, packed: Tensor, zero: list[Tensor], score: Tensor | None = None) -> int:

@@ -32,7 +32,7 @@ def _planes(packed: Tensor, *tensors: Tensor) -> list[Tensor]:
 
 def masked_adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, decay: Tensor, beta1: Tensor,
                  beta2: Tensor, step_size: Tensor, bc2_sqrt: Tensor, eps: Tensor) -> None:
-    """torch's AdamW rule with the mask inside it (masked_step.c, harness_masked_adamw_f32)."""
+    """torch's AdamW rule with the mask inside it (masked_step.c, harness_masked_step_f32)."""
     keep = _keep(packed)
     p2, g2, m2, v2 = _planes(packed, p, g, m, v)
     grad = torch.where(keep, g2, 0.0)
@@ -46,7 +46,7 @@ def masked_adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, dec
 
 def masked_spam(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, clip: Tensor, theta: Tensor,
                 beta1: Tensor, beta2: Tensor, step: Tensor, eps: Tensor, decay: Tensor) -> None:
-    """The released SPAM rule with the mask inside it (masked_step.c, harness_masked_spam_f32)."""
+    """The released SPAM rule with the mask inside it (masked_step.c, harness_masked_step_f32)."""
     keep = _keep(packed)
     p2, g2, m2, v2 = _planes(packed, p, g, m, v)
     grad = torch.where(keep, g2, 0.0)
