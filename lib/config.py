@@ -23,7 +23,6 @@ from lib.kconf import (
     Reader,
     apply_overrides,
     check_user_values,
-    member_key,
     open_kconfig,
     raise_on_load_warnings,
 )
@@ -73,7 +72,6 @@ def load_with_reads(path: str | Path, overrides: Mapping[str, str] | None = None
     text = _config_text(path)
     kconf = open_kconfig()
     kconf.load_config(str(path))
-    _refuse_unknown_choice_members(kconf, path)
     raise_on_load_warnings(kconf, path)
     apply_overrides(kconf, overrides or {})
     check_user_values(kconf)
@@ -84,33 +82,6 @@ def load_with_reads(path: str | Path, overrides: Mapping[str, str] | None = None
 
 
 _MAKE_ONE = "`make list-defconfigs` lists them"
-
-
-def _refuse_unknown_choice_members(kconf: kconfiglib.Kconfig, path: Path) -> None:
-    """``CONFIG_<CHOICE>_<X>=y`` where X is no member of the choice: name X and list the valid members.
-
-    kconfiglib ignores such a line and keeps the choice's default; raise_on_load_warnings would
-    refuse it too, but without the valid values. A name that merely shares a choice's prefix with
-    other symbols (OPTIMIZER_ENABLE_..., MODEL_MULTIPLE) is left to that generic check.
-    """
-    for name, value in kconf.missing_syms:
-        if value != "y":
-            continue
-        owners = [c for c in kconf.named_choices if name.startswith(c + "_")]
-        if not owners:
-            continue
-        choice_name = max(owners, key=len)
-        choice = kconf.named_choices[choice_name]
-        word = name[len(choice_name) + 1:].split("_")[0]
-        stem = f"{choice_name}_{word}"
-        members = {sym.name for sym in choice.syms}
-        if any(sym.name == stem or sym.name.startswith(stem + "_")
-               for sym in kconf.unique_defined_syms if sym.name not in members):
-            continue
-        valid = ", ".join(member_key(choice_name, sym.name) for sym in choice.syms)
-        raise ConfigError(f"{path}: CONFIG_{name}=y: {member_key(choice_name, name)!r} is not a "
-                          f"CONFIG_{choice_name} value (valid: {valid}); pick one of those with "
-                          f"`make menuconfig` or a defconfig target")
 
 
 def _config_text(path: Path) -> str:

@@ -31,7 +31,9 @@ def open_kconfig() -> kconfiglib.Kconfig:
 _FATAL_WARNINGS = ("is not a valid value", "is invalid for", "malformed", "outside the active range")
 
 
-def raise_on_load_warnings(kconf: kconfiglib.Kconfig, path: Path) -> None:
+def raise_on_load_warnings(kconf: kconfiglib.Kconfig, path: Path | str) -> None:
+    """Refuse what loading ``path`` only warned about: unknown symbols or choice members, bad values."""
+    _refuse_unknown_choice_members(kconf, path)
     for name, value in kconf.missing_syms:
         raise ConfigError(f"{path}: CONFIG_{name}={value} is not a symbol of this Kconfig tree (a typo, or "
                           f"renamed?); remove it or run `make olddefconfig`")
@@ -168,3 +170,30 @@ def _enable_symbol(axis: str, key: str) -> str:
 
 def member_key(choice: str, member: str) -> str:
     return member[len(choice) + 1:].lower().replace("_", "-")
+
+
+def _refuse_unknown_choice_members(kconf: kconfiglib.Kconfig, path: Path | str) -> None:
+    """``CONFIG_<CHOICE>_<X>=y`` where X is no member of the choice: name X and list the valid members.
+
+    kconfiglib ignores such a line and keeps the choice's default; raise_on_load_warnings would
+    refuse it too, but without the valid values. A name that merely shares a choice's prefix with
+    other symbols (OPTIMIZER_ENABLE_..., MODEL_MULTIPLE) is left to that generic check.
+    """
+    for name, value in kconf.missing_syms:
+        if value != "y":
+            continue
+        owners = [c for c in kconf.named_choices if name.startswith(c + "_")]
+        if not owners:
+            continue
+        choice_name = max(owners, key=len)
+        choice = kconf.named_choices[choice_name]
+        word = name[len(choice_name) + 1:].split("_")[0]
+        stem = f"{choice_name}_{word}"
+        members = {sym.name for sym in choice.syms}
+        if any(sym.name == stem or sym.name.startswith(stem + "_")
+               for sym in kconf.unique_defined_syms if sym.name not in members):
+            continue
+        valid = ", ".join(member_key(choice_name, sym.name) for sym in choice.syms)
+        raise ConfigError(f"{path}: CONFIG_{name}=y: {member_key(choice_name, name)!r} is not a "
+                          f"CONFIG_{choice_name} value (valid: {valid}); pick one of those with "
+                          f"`make menuconfig` or a defconfig target")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from lib.config import Config, load  # noqa: E402
 from lib.errors import ConfigError, HarnessError  # noqa: E402
-from lib.kconf import check_user_values, open_kconfig  # noqa: E402
+from lib.kconf import check_user_values, open_kconfig, raise_on_load_warnings  # noqa: E402
 
 DEFCONFIGS = ROOT / "defconfigs"
 MACHINE_FILES = ("lib/Kconfig.hardware", "lib/Kconfig.matrix")
@@ -52,13 +52,12 @@ def defconfig(name: str) -> None:
         raise HarnessError(f"no defconfig named {name!r} in defconfigs/; {hint}")
     kconf = open_kconfig()
     kconf.load_config(str(path))
-    bad = [w for w in kconf.warnings if "undefined symbol" in w or "not a valid value" in w]
-    if bad:
-        raise HarnessError(f"defconfigs/{name}: {bad[0].split('warning: ', 1)[-1]}")
     try:
+        raise_on_load_warnings(kconf, f"defconfigs/{name}")  # unknown symbols and choice members, bad values
         check_user_values(kconf)  # a line Kconfig would override is refused, not silently dropped
     except ConfigError as exc:
-        raise HarnessError(f"defconfigs/{name}: {exc}") from None
+        text = str(exc)
+        raise HarnessError(text if text.startswith("defconfigs/") else f"defconfigs/{name}: {text}") from None
     kconf.write_config(target(), save_old=False)
     config = load(target())
     print(f"wrote {target()} from defconfigs/{name}: {_describe(config)}; now run `make` (or `make dry-run`)")

@@ -287,7 +287,7 @@ def test_bench_parts_run_tiny() -> None:
     assert spec and spec.loader
     parts = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parts)
-    for fn in (parts.p1, parts.p2, parts.p4_adamwprune):
+    for fn in (parts.p1, parts.p2, parts.p2_spam, parts.p4_adamwprune):
         result = fn(20_000, repeats=2)
         assert set(result) == {"name", "value", "target", "detail"} and result["value"] > 0
     assert parts.p4_adamwprune(20_000)["value"] <= 3.04

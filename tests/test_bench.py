@@ -27,8 +27,8 @@ def test_tiny_run_writes_table_and_json(bench, tmp_path: Path, capsys: pytest.Ca
     data = json.loads(out.read_text())
     assert data["scale"] == 0.0003 and 0 < data["weights"] < 100_000
     names = [r["name"] for r in data["rows"]]
-    for prefix in ("P3 exact / sampled", "P3 sampled mean", "P3 sampled worst", "P3b", "P4 movement", "P4 magnitude",
-                   "p1", "p2", "p4_adamwprune"):
+    for prefix in ("P3 exact / sampled", "P3 cat+kthvalue / sampled", "P3 sampled mean", "P3 sampled worst", "P3b",
+                   "P4 movement", "P4 magnitude", "p1", "p2", "p2_spam", "p4_adamwprune"):
         assert any(n.startswith(prefix) for n in names), prefix
     for r in data["rows"]:
         assert set(r) >= {"name", "value", "target", "met", "detail"}
@@ -52,13 +52,16 @@ def test_adamwprune_parts_are_included_or_reported_missing(bench, tmp_path: Path
     parts.write_text(
         "def p1(n):\n    return {'name': 'P1 x', 'value': 1.0, 'target': 1.05, 'detail': {'ms': 3}}\n"
         "def p2(n):\n    return {'name': 'P2 x', 'value': 2.0, 'target': 1.3, 'detail': 'slow'}\n"
+        "def p2_spam(n):\n    return {'name': 'P2s x', 'value': 1.2, 'target': 1.5, 'detail': 'ok'}\n"
         "def p4_adamwprune(n):\n    raise RuntimeError('boom')\n"
     )
     rows = bench.adamwprune_rows(1000, parts)
-    assert [(r["name"], r["met"]) for r in rows] == [("P1 x", "yes"), ("P2 x", "no"), ("p4_adamwprune (failed)", "?")]
-    assert json.loads(rows[0]["detail"]) == {"ms": 3} and "boom" in rows[2]["detail"]
+    assert [(r["name"], r["met"]) for r in rows] == [("P1 x", "yes"), ("P2 x", "no"), ("P2s x", "yes"),
+                                                     ("p4_adamwprune (failed)", "?")]
+    assert json.loads(rows[0]["detail"]) == {"ms": 3} and "boom" in rows[3]["detail"]
     missing = bench.adamwprune_rows(1000, tmp_path / "absent.py")
-    assert [r["name"] for r in missing] == ["p1 (missing)", "p2 (missing)", "p4_adamwprune (missing)"]
+    assert [r["name"] for r in missing] == ["p1 (missing)", "p2 (missing)", "p2_spam (missing)",
+                                            "p4_adamwprune (missing)"]
 
 
 @pytest.mark.parametrize(

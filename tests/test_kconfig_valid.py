@@ -86,3 +86,18 @@ def test_random_configs_train_three_steps(tmp_path, seed):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] in ("ok", "diverged"), f"KCONFIG_SEED={seed} {spec.name}: {summary}"
         assert summary["steps"]["done"] == 3, summary
+
+
+def test_defconfig_refuses_an_unknown_choice_member(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kconfiglib would drop CONFIG_SPAM_FORM_PAPER=y and write the default form; make defconfig-x must refuse."""
+    import kconfig_tool
+
+    from lib.errors import HarnessError
+
+    (tmp_path / "bad").write_text("CONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_SPAM_FORM_PAPER=y\n")
+    monkeypatch.setattr(kconfig_tool, "DEFCONFIGS", tmp_path)
+    monkeypatch.setattr(kconfig_tool, "target", lambda: tmp_path / ".config")
+    with pytest.raises(HarnessError, match=r"^defconfigs/bad: CONFIG_SPAM_FORM_PAPER=y: 'paper' is not a "
+                                           r"CONFIG_SPAM_FORM value \(valid: released, knlp\)"):
+        kconfig_tool.defconfig("bad")
+    assert not (tmp_path / ".config").exists()
