@@ -117,6 +117,10 @@ class GPT2Task:
         return (f"{o.dataset} ready in {out} ({meta['documents']:,} documents; tokens {counts}; "
                 f"stopped by {meta['stopped_by']})")
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The transformer blocks (``model.h``), for activation checkpointing."""
+        return list(model.h)
+
     def build_model(self, spec: RunSpec) -> nn.Module:
         o = Options.of(spec)
         return GPT(config_for(o.size, o.vocab_size, o.block_size))

@@ -70,6 +70,10 @@ class LeNet5Task(classification.ClassificationTask):
         fetched = download_mnist(dest)
         return f"lenet5: full MNIST ready in {dest} ({len(fetched)} of 4 files downloaded)"
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """None: two small conv layers; checkpointing would only add recomputation."""
+        return []
+
     def build_model(self, spec: RunSpec) -> nn.Module:
         return LeNet5(num_classes=10)
 

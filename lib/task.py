@@ -103,6 +103,10 @@ class Task(Protocol):
     def example_batch(self, spec: RunSpec, n: int, device: torch.device) -> Batch:
         """An all-zeros batch of ``n`` examples, shaped like training batches (memory estimates, probing)."""
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The blocks activation checkpointing may wrap (lib/actckpt.py), in forward order, each
+        taking and returning one tensor; empty when the model has none worth it."""
+
 
 def get_task(model: str) -> Task:
     """The task object of model ``model``; a clear error if there is no such model."""

@@ -69,6 +69,10 @@ class ResNetTask(classification.ClassificationTask):
         fetched = download_cifar(self.dataset, dest)
         return f"{self.dataset} {'downloaded to' if fetched else 'already present in'} {dest}"
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """Every residual block of the four stages, in order, for activation checkpointing."""
+        return [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
+
     def build_model(self, spec: RunSpec) -> nn.Module:
         return BUILDERS[self.name](self.classes)
 
