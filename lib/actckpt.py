@@ -23,9 +23,11 @@ The blocks must be applied in sequence, each taking and returning one tensor.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,3 +143,43 @@ def remove(blocks: Sequence[nn.Module]) -> None:
 
 def _pass_through(x: Tensor) -> Tensor:
     return x  # computed inside the segment's first block
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc, or glibc before 2.33
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+def _bytes_in_use(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    info = _mallinfo2()
+    if info is None:
+        return None
+    now = info()
+    return now.uordblks + now.hblkhd  # malloc'd bytes in use: small chunks + mmap'd large ones
+
+
+def activation_bytes(forward: Callable[[], Tensor], device: torch.device) -> int | None:
+    """Bytes a forward pass leaves alive for backward (then runs backward): what checkpointing reduces.
+
+    Memory in use after ``forward()`` minus before it: the CUDA allocator's count on a GPU,
+    glibc's ``mallinfo2`` on the CPU (torch's CPU tensors come from malloc). None where
+    neither exists. Run one warm-up first: the first pass also allocates lasting caches.
+    """
+    gc.collect()
+    before = _bytes_in_use(device)
+    loss = forward()
+    after = _bytes_in_use(device)
+    loss.backward()
+    return None if before is None or after is None else after - before
