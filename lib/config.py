@@ -249,6 +249,8 @@ def _hardware(r: Reader) -> HardwareSettings:
         device=r.choice("DEVICE"),
         compile=r.choice("COMPILE"),
         fused_step=r.choice("FUSED_STEP"),
+        act_ckpt=r.choice("ACTIVATION_CKPT"),
+        act_ckpt_every=r.int("ACTIVATION_CKPT_EVERY") if r.choice("ACTIVATION_CKPT") == "uniform" else 2,
         dtype=r.choice("DTYPE"),
         cpu_threads=r.int("CPU_THREADS"),
         batch_plan="manual" if manual else "auto",

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from lib import memory
 from lib.errors import ConfigError, HarnessError
@@ -127,6 +128,8 @@ class HardwareSettings:
     device: str = "auto"  # auto, cpu, cuda
     compile: str = "auto"  # auto, on, off
     fused_step: str = "auto"  # auto, on, off: AdamWPrune's mask inside its update (lib/optim/masked_step.py)
+    act_ckpt: str = "none"  # activation checkpointing: none, uniform, sqrt, selective (lib/actckpt.py)
+    act_ckpt_every: int = 2
     dtype: str = "auto"  # auto, bf16, fp16, fp32
     cpu_threads: int = 0
     batch_plan: str = "auto"  # auto or manual
@@ -157,6 +160,7 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
     precision, dtype_why = _dtype_choice(settings.dtype, on_gpu, devices.bf16)
     tf32, tf32_why = _tf32_choice(settings.tf32, on_gpu, devices)
     task = get_task(spec.model)
+    ckpt_why = _act_ckpt_choice(settings, task, spec)
     room = _Room.of(devices, settings.memory_margin, jobs * ranks) if on_gpu else None
     if settings.batch_plan == "manual":
         micro, accum, sizing = _manual(settings, world, target)
@@ -174,14 +178,15 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
         where += f" per node x {settings.nnodes} nodes"
     batch = f"{micro} x {accum} accum x {world} rank(s) = {micro * accum * world}" + _shortfall(micro * accum * world,
                                                                                             target)
-    parts = [where, sizing, batch, compile_why, fused_why, dtype_why, tf32_why]
+    parts = [where, sizing, batch, compile_why, fused_why, dtype_why, tf32_why] + ([ckpt_why] if ckpt_why else [])
     if settings.probe:
         parts.append("probe on: halve the micro-batch on out-of-memory before training")
     if world > 1:
         parts.append(f"DDP over {'nccl' if on_gpu else 'gloo'}")
     return HardwarePlan(
         device="cuda" if on_gpu else "cpu", micro_batch=micro, grad_accum=accum, world_size=world,
-        compile=use_compile, fused_step=fused, dtype=precision, threads=threads, rationale="; ".join(parts),
+        compile=use_compile, fused_step=fused, act_ckpt=settings.act_ckpt, act_ckpt_every=settings.act_ckpt_every,
+        dtype=precision, threads=threads, rationale="; ".join(parts),
         tf32=tf32, probe=settings.probe, backend=("nccl" if on_gpu else "gloo") if world > 1 else "",
         nnodes=settings.nnodes, node_rank=settings.node_rank, rdzv_endpoint=settings.rdzv_endpoint,
         rdzv_id=settings.rdzv_id,
@@ -289,6 +294,23 @@ def _shortfall(effective: int, target: int) -> str:
         return " = target"
     return (f", NOT the target {target} ({effective - target:+d}, {100 * (effective - target) / target:+.1f} %): "
             f"no exact split across ranks and micro-batches")
+
+
+def _act_ckpt_choice(settings: HardwareSettings, task: Any, spec: RunSpec) -> str:
+    """The rationale part for the activation checkpointing policy, checked against the model's blocks now
+    (a bad N or a model without blocks fails before any run starts)."""
+    if settings.act_ckpt == "none":
+        return ""
+    import torch
+
+    from lib import actckpt
+
+    with torch.device("meta"):
+        blocks = task.blocks(task.build_model(spec))
+    segments = actckpt.choose(settings.act_ckpt, len(blocks), every=settings.act_ckpt_every)
+    units = sum(s.last - s.first + 1 for s in segments)
+    return (f"activation checkpointing {settings.act_ckpt} (ACTIVATION_CKPT_{settings.act_ckpt.upper()}): "
+            f"{len(segments)} segment(s) over {units} of {len(blocks)} blocks")
 
 
 def _fused_choice(choice: str, on_gpu: bool, devices: Devices) -> tuple[bool, str]:

@@ -88,6 +88,8 @@ class HardwarePlan:
     world_size: int = 1
     compile: bool = False
     fused_step: bool = False  # AdamWPrune applies its masks inside the update (lib/optim/masked_step.py)
+    act_ckpt: str = "none"  # activation checkpointing policy (lib/actckpt.py)
+    act_ckpt_every: int = 2  # the uniform policy's N
     dtype: str = "float32"
     threads: int = 0  # torch CPU threads per process (0 = torch's default)
     rationale: str = ""

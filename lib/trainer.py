@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib import checkpoint, distributed, gpus, memory, probe
+from lib import actckpt, checkpoint, distributed, gpus, memory, probe
 from lib.checkpoint import state as ckpt_state
 from lib.checkpoint.manager import Manager, Policy
 from lib.distributed import SINGLE, Shard
@@ -93,6 +93,9 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
         task.prepare(spec)
 
     model = task.build_model(spec).to(device)
+    if hw.act_ckpt != "none":  # recompute activations in backward (lib/actckpt.py); validated by the plan
+        blocks = task.blocks(model)
+        actckpt.apply(blocks, actckpt.choose(hw.act_ckpt, len(blocks), every=hw.act_ckpt_every))
     optimizer = build_optimizer(model, spec.optim)
     if isinstance(optimizer, AdamWPrune):  # the plan's fused masked step; clipping reads grads before the step
         optimizer.fused = hw.fused_step and masked_step.fusable(optimizer)

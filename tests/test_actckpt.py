@@ -123,3 +123,21 @@ def test_bad_input_is_one_line(kwargs: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words) as info:
         choose(kwargs.pop("policy"), kwargs.pop("n"), **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_the_plan_carries_the_policy_and_checks_it_against_the_model(make_config) -> None:
+    from lib import config, hardware
+    from lib.hardware import Devices, HardwareSettings
+    from tests.test_hardware import gpt2, lenet
+
+    cpu = Devices("cpu", cpu_cores=2)
+    plan = hardware.plan(gpt2(), HardwareSettings(act_ckpt="sqrt"), cpu)
+    assert plan.act_ckpt == "sqrt" and "activation checkpointing sqrt (ACTIVATION_CKPT_SQRT): 3 segment(s) over " \
+                                      "12 of 12 blocks" in plan.rationale
+    assert hardware.plan(gpt2(), HardwareSettings(), cpu).act_ckpt == "none"
+    with pytest.raises(ConfigError, match=r"CONFIG_ACTIVATION_CKPT_EVERY=13: .* 1 <= N <= 12"):
+        hardware.plan(gpt2(), HardwareSettings(act_ckpt="uniform", act_ckpt_every=13), cpu)
+    with pytest.raises(ConfigError, match="has none: choose ACTIVATION_CKPT_NONE"):
+        hardware.plan(lenet(), HardwareSettings(act_ckpt="selective"), cpu)
+    cfg = config.load(make_config("CONFIG_ACTIVATION_CKPT_UNIFORM=y\nCONFIG_ACTIVATION_CKPT_EVERY=3\n"))
+    assert (cfg.hardware.act_ckpt, cfg.hardware.act_ckpt_every) == ("uniform", 3)

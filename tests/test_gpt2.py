@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -198,3 +199,19 @@ def test_spam_vs_bitter7_matrix_is_exactly_two_runs(tmp_path: Path) -> None:
     assert {s.optim.lr for s in specs} == {6e-4} and {s.optim.weight_decay for s in specs} == {0.1}
     assert specs[1].optim.base == "adamwspam"
     assert all(s.model_options["size"] == "124m" and s.model_options["dataset"] == "finewebedu" for s in specs)
+
+
+def test_activation_checkpointing_trains_to_the_same_numbers(tmp_path: Path) -> None:
+    """The trainer applies the plan's policy (lib/actckpt.py); the loss curve is bit-identical on the CPU."""
+    curves = {}
+    for policy in ("none", "sqrt"):
+        spec = synthetic_spec(tmp_path, name=f"ckpt-{policy}", max_iters=6)
+        spec = dataclasses.replace(spec, hardware=dataclasses.replace(spec.hardware, act_ckpt=policy))
+        run_dir = tmp_path / spec.name
+        run_dir.mkdir()
+        spec.write(run_dir / "spec.json")
+        assert run_mod.run(run_dir) == 0
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "ok" and summary["spec"]["hardware"]["act_ckpt"] == policy
+        curves[policy] = [json.loads(line)["val"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert curves["none"] and curves["none"] == curves["sqrt"]
