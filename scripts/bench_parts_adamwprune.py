@@ -19,7 +19,9 @@ B, ...) so that drift and neighbours' load hit both alike. Results:
   AdamW step (target <= 1.15). Also the eager way (a separate masking pass over
   the gradients, then the base's step) and the floor of any separate pass (one
   bare read-modify-write of every gradient, ``separate_pass_floor``): about
-  1.3 here, which is why the mask had to move inside the update. Zeros cannot
+  1.3 here, which is why the mask had to move inside the update. And the same
+  step through torch.compile's CPU kernel (``inductor_over_dense``), the reason the
+  CPU path is a hand-written C kernel. Zeros cannot
   cause denormals: a pruned entry is exactly +0.0 and stays so;
   ``subnormal_fraction`` counts the state's subnormals.
 - P2s: the same on AdamWSPAM's released form with spike clipping on (what the
@@ -46,6 +48,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from lib import kernels, memory  # noqa: E402
+from lib.kernels import torch_kernels  # noqa: E402
 from lib.optim import masked_step  # noqa: E402
 from lib.optim.adamwprune import AdamWPrune  # noqa: E402
 from lib.optim.adamwprune import build as build_adamwprune  # noqa: E402
@@ -194,13 +197,35 @@ def p2(n_params: int, *, repeats: int = 7, num_threads: int | None = None) -> di
     with threads(num_threads) as used:
         ms = interleaved({"fused_masked_step": prune_opt.step, "adamw_fused_dense": dense.step,
                           "eager_mask_and_step": eager, "bare_grad_pass": bare_pass}, repeats)
+        ms.update(_inductor_step_ms(a, prune_opt, repeats))
     pruned = sum(int((p == 0).sum()) for p in a.parameters()) / sum(p.numel() for p in a.parameters())
     detail = {**ms, "fused": prune_opt.fused, "pruned_fraction": pruned, "threads": used,
               "eager_over_dense": ms["eager_mask_and_step_ms"] / ms["adamw_fused_dense_ms"],
+              "inductor_over_dense": ms.get("inductor_masked_step_ms", math.nan) / ms["adamw_fused_dense_ms"],
               "separate_pass_floor": 1 + ms["bare_grad_pass_ms"] / ms["adamw_fused_dense_ms"],
               "subnormal_fraction": _subnormal_fraction(dense)}
     return _result("P2 AdamWPrune fused masked step/AdamW fused",
                    ms["fused_masked_step_ms"] / ms["adamw_fused_dense_ms"], 1.15, detail)
+
+
+def _inductor_step_ms(model: nn.Module, opt: AdamWPrune, repeats: int) -> dict[str, float]:
+    """The same masked update through torch.compile's CPU kernel (lib/kernels/torch_kernels.py, the GPU path),
+    on copies of the tensors; why the CPU path is a C kernel instead. Empty where compile cannot run."""
+    try:
+        kernel = torch_kernels.compiled("adamw")
+        scalars = [torch.tensor(x) for x in (1 - 6e-5, 0.9, 0.95, 1e-3, 0.03, 1e-8)]
+        work = [(p.detach().clone().view(-1), p.grad.view(-1), opt.state[p]["exp_avg"].clone().view(-1),
+                 opt.state[p]["exp_avg_sq"].clone().view(-1), opt.masks[p]) for p in model.parameters()]
+
+        def step() -> None:
+            for p, g, m, v, packed in work:
+                kernel(p, g, m, v, packed, *scalars)
+
+        step()  # compile (one graph for every size)
+        return {"inductor_masked_step_ms": interleaved({"inductor": step}, repeats, warmup=1)["inductor_ms"]}
+    except Exception as exc:  # noqa: BLE001 - a missing compiler is a row detail, not a failed benchmark
+        print(f"P2: torch.compile side skipped ({type(exc).__name__}: {str(exc)[:120]})")
+        return {}
 
 
 def p2_spam(n_params: int, *, repeats: int = 7, num_threads: int | None = None) -> dict:
