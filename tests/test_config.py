@@ -258,3 +258,21 @@ def test_variant_axis_and_method_options(make_config):
     assert cfg.variants == ("bitter0", "bitter7")
     assert cfg.prune.movement_form == "knlp" and cfg.prune.importance == "gradient-sensitivity"
     assert cfg.prune.threshold == "sampled" and cfg.prune.sample_tolerance == 0.05
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('CONFIG_PRUNING_MAGNITUDE=y\nCONFIG_PRUNING_THRESHOLD_SAMPLED=y\nCONFIG_PRUNING_SAMPLE_TOLERANCE="0"\n',
+     "CONFIG_PRUNING_SAMPLE_TOLERANCE=0 is outside"),
+    ('CONFIG_PRUNING_MAGNITUDE=y\nCONFIG_PRUNING_THRESHOLD_SAMPLED=y\nCONFIG_PRUNING_SAMPLE_TOLERANCE="11"\n',
+     "CONFIG_PRUNING_SAMPLE_TOLERANCE=11 is outside"),
+    ('CONFIG_PRUNING_MAGNITUDE=y\nCONFIG_PRUNING_THRESHOLD_SAMPLED=y\nCONFIG_PRUNING_SAMPLE_TOLERANCE="tight"\n',
+     "CONFIG_PRUNING_SAMPLE_TOLERANCE='tight' is not a number"),
+    ("CONFIG_ACTIVATION_CKPT_UNIFORM=y\nCONFIG_ACTIVATION_CKPT_EVERY=0\n",
+     r"CONFIG_ACTIVATION_CKPT_EVERY=0 is outside its range \[1, 1024\]"),
+    ("CONFIG_ACTIVATION_CKPT_EVERY=3\n", "CONFIG_ACTIVATION_CKPT_EVERY has no effect"),
+    ("CONFIG_FUSED_STEP_FAST=y\n", r"'fast' is not a CONFIG_FUSED_STEP value \(valid: auto, on, off\)"),
+])
+def test_issue_12_and_13_settings_refuse_bad_values(make_config, extra, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        config.load(make_config("", extra))
+    assert "\n" not in str(info.value)
