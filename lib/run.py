@@ -14,17 +14,26 @@ prints, and every rank exits with the same status.
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-import traceback
-from pathlib import Path
+import signal
 
-from lib import distributed, runlock
-from lib.checkpoint import state as ckpt_state
-from lib.errors import HarnessError
-from lib.files import DiskFullError, is_disk_full, write_error, write_json_atomic
-from lib.spec import RunSpec
+# torchrun stops every rank with SIGTERM when one exits: a rank 0 still importing torch would die
+# unrecorded (seen on a loaded 2-core CI box). Until the real handlers go in, only remember the signal
+# (as a program only: importing this module must not change the importer's signals).
+_EARLY_STOP: list[int] = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY_STOP.append(signum))
+
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from lib import distributed, runlock  # noqa: E402
+from lib.checkpoint import state as ckpt_state  # noqa: E402
+from lib.errors import HarnessError  # noqa: E402
+from lib.files import DiskFullError, is_disk_full, write_error, write_json_atomic  # noqa: E402
+from lib.spec import RunSpec  # noqa: E402
 
 
 def run(run_dir: Path) -> int:
@@ -35,8 +44,12 @@ def run(run_dir: Path) -> int:
         runlock.lock_for_child(run_dir)
     disk_full = False
     ckpt_state.install_stop_handlers()  # SIGTERM/SIGUSR1: checkpoint at the end of the step, then stop
+    for signum in _EARLY_STOP:
+        ckpt_state.request_stop(signum)
+    joined = False
     try:
         shard = distributed.setup(spec.hardware)  # joins the process group when torchrun started several ranks
+        joined = True
         from lib.trainer import train
 
         summary = train(spec, run_dir, shard)
@@ -60,6 +73,8 @@ def run(run_dir: Path) -> int:
     if not shard.main:  # the same outcome on every rank (losses and metrics are reduced); rank 0 records it
         if summary["status"] == "failed":  # a failure of this rank alone: torchrun may stop rank 0 first
             print(f"{RANK_FAILED.format(rank=shard.rank)}{summary['error']}", flush=True)
+            if not joined:  # every rank fails setup alike: give rank 0 the time to record it
+                _wait_for_record(run_dir / "summary.json", started)
         return 1 if summary["status"] == "failed" else 0
     summary["spec"] = spec.to_dict()
     summary["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
@@ -77,6 +92,15 @@ def run(run_dir: Path) -> int:
 RANK_FAILED = "rank {rank} failed: "  # the line lib/matrix.py looks for in a log that has no summary
 DISK_FULL_EXIT = 3  # the matrix stops every run on this status: its siblings would fill the same disk
 STOPPED_EXIT = 4  # stopped on SIGTERM/SIGUSR1 after writing a checkpoint; unfinished, resumable
+
+
+def _wait_for_record(path: Path, since: float, patience_s: float = 20.0) -> None:
+    """Wait (bounded) until rank 0 has written ``path`` after ``since``; torchrun stops it once this rank exits."""
+    deadline = time.time() + patience_s
+    while time.time() < deadline:
+        if path.exists() and path.stat().st_mtime >= since - 1:
+            return
+        time.sleep(0.1)
 
 
 def failed_summary(name: str, error: str) -> dict:
