@@ -19,7 +19,7 @@ OVERRIDES := $(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),--set $
 RECORDED := $(strip make $(MAKECMDGOALS) $(if $(filter-out .config,$(KCONFIG_CONFIG)),KCONFIG_CONFIG=$(KCONFIG_CONFIG)) \
 	$(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),$(v)=$($(v)))) $(if $(TIME),TIME="$(TIME)"))
 CLI := HARNESS_COMMAND='$(RECORDED)' \
-	$(PY) -m lib.cli --config $(KCONFIG_CONFIG) $(OVERRIDES)
+	$(PY) -m lib.cli --config $(KCONFIG_CONFIG) $(OVERRIDES) $(if $(GPUS),--gpus '$(GPUS)')
 DEFCONFIG_OUT ?= defconfig
 RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
@@ -34,6 +34,7 @@ help: ## List the make targets
 		awk -F'\t' '{printf "  %-22s %s\n", $$1, $$2}'
 	@echo
 	@echo "Overrides for this invocation: MAX_ITERS=N EPOCHS=N TIME=30m (or TIME="1h 30m") SEEDS=N RESULTS_DIR=dir YES=1"
+	@echo "What-if plans: make dry-run GPUS=\"1x NVIDIA A10G:24\" plans for made-up GPUs (COUNTx NAME:TOTAL_GIB[:FREE_GIB])."
 	@echo "KCONFIG_CONFIG=path reads/writes another config file instead of .config."
 
 $(STAMP): requirements.txt requirements-nodeps.txt
@@ -50,7 +51,7 @@ all: run ## Train the matrix described by .config (same as `make run`)
 run: $(STAMP) ## Train every run of .config's matrix into a new results folder
 	@$(CLI) run
 
-dry-run: $(STAMP) ## Print the matrix and each run's hardware plan; train nothing
+dry-run: $(STAMP) ## Print the matrix and each run's hardware plan; train nothing (GPUS="1x NAME:GIB[:FREE]": made-up GPUs)
 	@$(CLI) dry-run
 
 hwinfo: $(STAMP) ## Print the detected devices and each run's hardware plan with its rationale
@@ -111,10 +112,11 @@ test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes
 	@echo "again with AdamWPrune's fused masked step forced on (the pass above runs it as each test built it):"
 	@$(PY) -m pytest -q --fused-step=on tests/test_adamwprune.py tests/test_pruning.py tests/test_trainer.py
 
-bench: $(STAMP) ## Pruning, trainer and checkpoint benchmarks (ratios measured side by side; JSON in results/)
+bench: $(STAMP) ## Pruning, trainer, checkpoint and activation-checkpointing benchmarks (ratios side by side; JSON in results/)
 	@$(PY) scripts/bench_pruning.py
 	@$(PY) scripts/bench_trainer.py
 	@$(PY) scripts/bench_checkpoint.py
+	@$(PY) scripts/bench_activation_ckpt.py
 
 lint: $(STAMP) ## ruff over the project
 	@$(VENV)/bin/ruff check .

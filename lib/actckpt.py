@@ -11,9 +11,11 @@ A plan is a list of segments ``(first, last, mode)`` over the blocks, in forward
 - ``uniform``: every Nth block alone (blocks N-1, 2N-1, ...);
 - ``sqrt``: about sqrt(n) evenly sized segments, each checkpointed as one unit, so only the
   segment inputs stay saved (Chen et al. 2016);
-- ``budget``: the blocks with the largest activations, one by one, until the estimate fits;
-- ``selective``: every block, but inside it matmuls, attention and norms keep their outputs
-  and only pointwise ops are recomputed (the operation-cost rule).
+- ``budget``: the blocks with the largest activations, one by one, until the estimated peak
+  (``peak_saved``, from lib/memory's profile of saved bytes by block) fits;
+- ``selective``: every block, but inside it matmuls, convolutions, attention, layer norms and
+  softmax keep their outputs and the rest (pointwise ops, batch norm) is recomputed (the
+  operation-cost rule).
 
 ``apply`` installs a plan by giving the first block of each segment an instance-level
 ``forward`` that runs the whole segment under checkpoint and the others a pass-through, so
@@ -23,29 +25,37 @@ The blocks must be applied in sequence, each taking and returning one tensor.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lib.errors import ConfigError
 
+if TYPE_CHECKING:
+    from lib.memory import BlockProfile
+
 POLICIES = ("none", "uniform", "sqrt", "budget", "selective")
 _aten = torch.ops.aten
 # Expensive to recompute: their outputs are saved under ``selective`` (seed 004's operation-cost rule).
+# Batch norm is not among them: in training it is a reduction and pointwise ops, and saving its output
+# measured 1.25x none's bytes on ResNet-18 (the in-place ReLU after it makes the saved copy extra);
+# recomputed, selective keeps 0.78x at 1.13x the time (scripts/bench_activation_ckpt.py).
 SAVED_OPS = {
     _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.linear.default,
     _aten.convolution.default, _aten._scaled_dot_product_flash_attention.default,
     _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_attention_math.default,
-    _aten.native_layer_norm.default, _aten._softmax.default, _aten.native_batch_norm.default,
-    _aten._native_batch_norm_legit.default, _aten._native_batch_norm_legit_no_training.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default, _aten.native_layer_norm.default,
+    _aten._softmax.default,
 }
 
 
@@ -57,11 +67,11 @@ class Segment:
 
 
 def choose(policy: str, n: int, *, every: int = 2, budget: float = 0.0,
-           block_bytes: Sequence[float] = ()) -> list[Segment]:
+           profile: BlockProfile | None = None) -> list[Segment]:
     """The segments ``policy`` checkpoints among ``n`` blocks (module docstring).
 
-    ``every``: uniform's N. ``budget``, ``block_bytes``: the activation bytes allowed and
-    each block's estimated activation bytes when not checkpointed (``budget`` policy).
+    ``every``: uniform's N. ``budget``, ``profile``: the activation bytes allowed and the
+    model's saved bytes by block at the planned micro-batch (``budget`` policy).
     """
     if policy not in POLICIES:
         raise ConfigError(f"activation checkpointing policy {policy!r} is unknown; valid: {', '.join(POLICIES)}")
@@ -81,31 +91,54 @@ def choose(policy: str, n: int, *, every: int = 2, budget: float = 0.0,
         return [Segment(a, b - 1) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
     if policy == "selective":
         return [Segment(i, i, selective=True) for i in range(n)]
-    return _within_budget(n, budget, block_bytes)
+    if profile is None or len(profile.blocks) != n:
+        raise ConfigError(f"budget policy: no activation profile of the {n} blocks to choose from")
+    return within_budget(budget, profile)
 
 
-def _within_budget(n: int, budget: float, block_bytes: Sequence[float]) -> list[Segment]:
-    """Checkpoint the largest blocks first until the estimated activations fit ``budget``.
+def forward_saved(segments: Sequence[Segment], profile: BlockProfile) -> int:
+    """Estimated activation bytes a forward leaves saved for backward with ``segments`` checkpointed:
+    a segment keeps its input (and, selective, its kept op outputs) instead of its activations."""
+    return profile.total - sum(max(0, _full(seg, profile) - _keeps(seg, profile)) for seg in segments)
 
-    A checkpointed block still keeps its input (estimated as its smallest saved tensor is
-    unknown here: taken as 1/8 of its activations) and the block being recomputed holds its
-    own activations again, so the floor is the largest block plus those inputs.
-    """
-    if len(block_bytes) != n:
-        raise ConfigError(f"budget policy: {len(block_bytes)} block sizes for {n} blocks")
-    total = float(sum(block_bytes))
-    floor = max(block_bytes) + sum(b / 8 for b in block_bytes)
+
+def peak_saved(segments: Sequence[Segment], profile: BlockProfile) -> int:
+    """``forward_saved`` plus the largest segment's activations while backward recomputes it: the
+    estimated activation bytes at the peak of a step."""
+    recomputed = max((_full(seg, profile) - _keeps(seg, profile) + profile.inputs[seg.first] for seg in segments),
+                     default=0)
+    return forward_saved(segments, profile) + recomputed
+
+
+def _full(seg: Segment, profile: BlockProfile) -> int:
+    return sum(profile.blocks[seg.first:seg.last + 1])
+
+
+def _keeps(seg: Segment, profile: BlockProfile) -> int:
+    return profile.inputs[seg.first] + (sum(profile.kept[seg.first:seg.last + 1]) if seg.selective else 0)
+
+
+def within_budget(budget: float, profile: BlockProfile) -> list[Segment]:
+    """Checkpoint the blocks with the largest activations, one at a time, until the estimated peak
+    (``peak_saved``) fits ``budget`` bytes; refuse a budget below checkpointing every block."""
+    n = len(profile.blocks)
+    floor = peak_saved([Segment(i, i) for i in range(n)], profile)
     if budget < floor:
-        raise ConfigError(f"CONFIG_ACTIVATION_BUDGET_MB={budget / 2**20:.0f}: below what checkpointing every block "
-                          f"still needs ({floor / 2**20:.1f} MiB: one block recomputed plus every block's input); "
-                          f"raise it, or use a smaller micro-batch")
+        raise ConfigError(f"CONFIG_ACTIVATION_BUDGET_MB={budget / 2**20:.0f}: below the {floor / 2**20:.1f} MiB "
+                          f"that checkpointing every block still needs at this micro-batch (block inputs, the "
+                          f"layers outside blocks, one block recomputed); raise it, or lower the micro-batch")
     chosen: list[int] = []
-    for i in sorted(range(n), key=lambda i: -block_bytes[i]):
-        if total <= budget:
+    for i in sorted(range(n), key=lambda i: -profile.blocks[i]):
+        if peak_saved([Segment(j, j) for j in sorted(chosen)], profile) <= budget:
             break
         chosen.append(i)
-        total -= block_bytes[i] * 7 / 8
     return [Segment(i, i) for i in sorted(chosen)]
+
+
+def describe(segments: Sequence[Segment], n: int) -> str:
+    """``segments`` in words for the plan's rationale."""
+    units = sum(s.last - s.first + 1 for s in segments)
+    return f"{len(segments)} segment(s) over {units} of {n} blocks"
 
 
 def _selective_context() -> tuple[Any, Any]:
@@ -116,9 +149,34 @@ def _selective_context() -> tuple[Any, Any]:
 
 
 def _run_segment(blocks: Sequence[nn.Module], x: Tensor) -> Tensor:
+    if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        with _running_stats_kept(blocks):  # backward is recomputing: the forward already updated them
+            return _forward(blocks, x)
+    return _forward(blocks, x)
+
+
+def _forward(blocks: Sequence[nn.Module], x: Tensor) -> Tensor:
     for block in blocks:
         x = type(block).forward(block, x)  # the class's forward: the instance one is this wrapper
     return x
+
+
+@contextlib.contextmanager
+def _running_stats_kept(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """Batch norms in training mode update their running statistics on every call: a recomputation
+    would count the batch twice. Put them back as they were (compiled graphs never rerun Python)."""
+    norms = [m for b in blocks for m in b.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    with _disable_current_modes():  # not ops of the segment: selective checkpointing must not see them
+        kept = [[t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with _disable_current_modes():
+            for m, (mean, var, count) in zip(norms, kept, strict=True):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
 
 
 def apply(blocks: Sequence[nn.Module], segments: Sequence[Segment]) -> None:
@@ -158,6 +216,11 @@ def _mallinfo2() -> Callable[[], _MallInfo2] | None:
         return None
     fn.restype = _MallInfo2
     return fn
+
+
+def bytes_in_use(device: torch.device) -> int:
+    """Bytes allocated now on ``device`` (CUDA allocator; glibc's malloc count on the CPU; 0 where unknown)."""
+    return _bytes_in_use(device) or 0
 
 
 def _bytes_in_use(device: torch.device) -> int | None:

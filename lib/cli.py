@@ -31,6 +31,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--against", help="compare: a second results folder, shown side by side")
     parser.add_argument("--name", help="publish: the name of the key_results/<date>_<name>/ folder")
     parser.add_argument("--run", help="export: the run folder whose best checkpoint to export")
+    parser.add_argument("--gpus", help="dry-run/hwinfo: plan for made-up GPUs instead of the ones here, "
+                                       "COUNTx NAME:TOTAL_GIB[:FREE_GIB] (make dry-run GPUS=\"1x NVIDIA A10G:24:8\")")
     return parser.parse_args(argv)
 
 
@@ -59,6 +61,9 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
     from lib import config as config_mod
     from lib import hardware, matrix
 
+    if args.gpus and args.command not in ("dry-run", "hwinfo"):
+        raise HarnessError(f"GPUS={args.gpus!r} describes made-up GPUs for `make dry-run` and `make hwinfo` "
+                           f"only; drop it to {args.command} on the devices here")
     if args.command in ("report", "graphs", "compare", "publish"):
         return _results_command(args)
     if args.command == "export":
@@ -74,10 +79,12 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         runs = matrix.run_folder(folder, config.jobs, only_unfinished=True)
         return _finish(folder, runs)
     devices = hardware.detect()
+    if args.gpus:
+        devices = hardware.made_up(args.gpus, devices.cpu_cores)
     specs = matrix.expand(config, devices)
     if args.command in ("dry-run", "hwinfo"):
         if args.command == "hwinfo":
-            print(f"detected:\n{devices.describe()}\n")
+            print(f"{'made up (GPUS=)' if args.gpus else 'detected'}:\n{devices.describe()}\n")
         print(matrix.dry_run_table(specs))
         print("\n".join(matrix.plan_lines(specs)))
         print(f"{len(specs)} run(s); nothing trained ({args.command})")

@@ -251,6 +251,7 @@ def _hardware(r: Reader) -> HardwareSettings:
         fused_step=r.choice("FUSED_STEP"),
         act_ckpt=r.choice("ACTIVATION_CKPT"),
         act_ckpt_every=r.int("ACTIVATION_CKPT_EVERY") if r.choice("ACTIVATION_CKPT") == "uniform" else 2,
+        act_budget_mb=r.int("ACTIVATION_BUDGET_MB") if r.choice("ACTIVATION_CKPT") == "budget" else 0,
         dtype=r.choice("DTYPE"),
         cpu_threads=r.int("CPU_THREADS"),
         batch_plan="manual" if manual else "auto",

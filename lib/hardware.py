@@ -14,16 +14,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from lib import memory
 from lib.errors import ConfigError, HarnessError
 from lib.gpus import gib, identify
 from lib.kconf import ROOT
+from lib.memory import Footprint
+from lib.plan_actckpt import ActCkptPlanner, Decision
 from lib.spec import HardwarePlan, RunSpec
 from lib.task import get_task
 
@@ -93,6 +95,21 @@ def detect() -> Devices:
     return Devices("cuda", gpus, cores, report["bf16"], importlib.util.find_spec("triton") is not None)
 
 
+def made_up(text: str, cpu_cores: int = 1) -> Devices:
+    """GPUs that are not here, for a what-if plan: ``COUNTx NAME:TOTAL_GIB[:FREE_GIB]``, e.g. make dry-run
+    GPUS="1x NVIDIA A10G:24:8" (an A10G with 8 GiB free); idle (0.5 GiB for the CUDA context) without
+    FREE_GIB. Compute capability 8.0, bf16 and torch.compile are assumed."""
+    number = r"\s*(\d+(?:\.\d+)?)\s*(?:GiB|GB)?\s*"
+    match = re.fullmatch(rf"\s*(?:(\d+)\s*x\s+)?(\S.*?)\s*:{number}(?::{number})?", text)
+    total = float(match[3]) if match else 0.0
+    free = float(match[4]) if match and match[4] else total - 0.5
+    if not match or int(match[1] or 1) < 1 or not 0 < free <= total:
+        raise HarnessError(f"GPUS={text!r}: write COUNTx NAME:TOTAL_GIB[:FREE_GIB], e.g. GPUS=\"1x NVIDIA A10G:24\" "
+                           f"or \"1x NVIDIA A10G:24:8\" (count >= 1, 0 < free <= total)")
+    gpu = Gpu(match[2], int(total * 2**30), int(free * 2**30), (8, 0))
+    return Devices("cuda", (gpu,) * int(match[1] or 1), cpu_cores, bf16=True, compile_works=True)
+
+
 def _query_gpus() -> dict:
     """The GPUs' names, memory and capability, asked in a child process: free-memory queries create a
     CUDA context on every GPU, which would otherwise stay in this (the matrix's) process for the whole
@@ -128,8 +145,9 @@ class HardwareSettings:
     device: str = "auto"  # auto, cpu, cuda
     compile: str = "auto"  # auto, on, off
     fused_step: str = "auto"  # auto, on, off: AdamWPrune's mask inside its update (lib/optim/masked_step.py)
-    act_ckpt: str = "none"  # activation checkpointing: none, uniform, sqrt, selective (lib/actckpt.py)
+    act_ckpt: str = "none"  # activation checkpointing: none, uniform, sqrt, budget, selective, auto (lib/actckpt.py)
     act_ckpt_every: int = 2
+    act_budget_mb: int = 0  # the budget policy's activation memory
     dtype: str = "auto"  # auto, bf16, fp16, fp32
     cpu_threads: int = 0
     batch_plan: str = "auto"  # auto or manual
@@ -160,17 +178,29 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
     precision, dtype_why = _dtype_choice(settings.dtype, on_gpu, devices.bf16)
     tf32, tf32_why = _tf32_choice(settings.tf32, on_gpu, devices)
     task = get_task(spec.model)
-    ckpt_why = _act_ckpt_choice(settings, task, spec)
+    ckpt = ActCkptPlanner(settings, task, spec, precision)
+    policy, every, auto_why = settings.act_ckpt, settings.act_ckpt_every, ""
     room = _Room.of(devices, settings.memory_margin, jobs * ranks) if on_gpu else None
     if settings.batch_plan == "manual":
         micro, accum, sizing = _manual(settings, world, target)
         if room:
-            sizing += _manual_memory_note(task, spec, room, micro, precision)
+            if policy == "auto":
+                decision = ckpt.for_gpu(room.usable, micro)
+                policy, every, auto_why = decision.policy, decision.every, decision.why
+            sizing += _manual_memory_note(ckpt.footprint(policy, every), room, micro)
     elif room:
-        micro, accum, sizing = _gpu_rule(task, spec, devices, room, per_rank, precision)
+        known, table = _gpu_table(task, spec, devices)
+        decision = ckpt.for_gpu(room.usable, min(per_rank, table or per_rank))
+        policy, every = decision.policy, decision.every
+        auto_why = decision.why if settings.act_ckpt == "auto" else ""
+        micro, accum, sizing = _gpu_rule(spec, room, per_rank, decision, known, table, not devices.homogeneous)
     else:
         micro, accum = _closest(per_rank, task.cpu_micro_batch(spec))
         sizing = f"CPU rule: micro-batch at most {task.cpu_micro_batch(spec)} for {spec.model}"
+    if policy == "auto":
+        policy, auto_why = "none", "activation checkpointing auto -> none: on the CPU the micro-batch is sized " \
+                                   "for speed, not memory"
+    segments, ckpt_why = ckpt.segments(policy, every, micro, auto=settings.act_ckpt == "auto")
     threads = 0 if on_gpu else settings.cpu_threads or max(1, devices.cpu_cores // max(1, jobs * ranks))
     where = (f"{ranks}x {devices.gpus[0].name if devices.homogeneous else 'mixed GPUs'}" if on_gpu
              else f"CPU, {threads} thread(s) per rank x {ranks} rank(s) x {jobs} run(s) side by side")
@@ -178,14 +208,16 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
         where += f" per node x {settings.nnodes} nodes"
     batch = f"{micro} x {accum} accum x {world} rank(s) = {micro * accum * world}" + _shortfall(micro * accum * world,
                                                                                             target)
-    parts = [where, sizing, batch, compile_why, fused_why, dtype_why, tf32_why] + ([ckpt_why] if ckpt_why else [])
+    parts = [where, sizing, batch, compile_why, fused_why, dtype_why, tf32_why] + [w for w in (auto_why, ckpt_why)
+                                                                                   if w]
     if settings.probe:
         parts.append("probe on: halve the micro-batch on out-of-memory before training")
     if world > 1:
         parts.append(f"DDP over {'nccl' if on_gpu else 'gloo'}")
     return HardwarePlan(
         device="cuda" if on_gpu else "cpu", micro_batch=micro, grad_accum=accum, world_size=world,
-        compile=use_compile, fused_step=fused, act_ckpt=settings.act_ckpt, act_ckpt_every=settings.act_ckpt_every,
+        compile=use_compile, fused_step=fused, act_ckpt=policy, act_ckpt_every=every,
+        act_ckpt_segments=tuple((s.first, s.last, s.selective) for s in segments),
         dtype=precision, threads=threads, rationale="; ".join(parts),
         tf32=tf32, probe=settings.probe, backend=("nccl" if on_gpu else "gloo") if world > 1 else "",
         nnodes=settings.nnodes, node_rank=settings.node_rank, rdzv_endpoint=settings.rdzv_endpoint,
@@ -247,31 +279,43 @@ class _Room:
         return cls(gpu, usable, f"{gib(usable)} usable of {gib(gpu.free_bytes)} free{shared}")
 
 
-def _gpu_rule(task: object, spec: RunSpec, devices: Devices, room: _Room, per_rank: int,
-              precision: str) -> tuple[int, int, str]:
-    """The task's table for this GPU model if it fits in free memory, else the free-memory rule."""
-    footprint = memory.estimate_footprint(task, spec, precision)
+def _gpu_table(task: Any, spec: RunSpec, devices: Devices) -> tuple[Any, int | None]:
+    """The GPU model (lib/gpus.py) when every GPU is the same one, and the task's micro-batch for it."""
+    gpu = min(devices.gpus, key=lambda g: g.free_bytes)
+    known = identify(gpu.name, gpu.total_bytes) if devices.homogeneous else None
+    return known, task.gpu_micro_batch(spec, known.key) if known else None
+
+
+def _gpu_rule(spec: RunSpec, room: _Room, per_rank: int, decision: Decision, known: Any,
+              table: int | None, mixed: bool) -> tuple[int, int, str]:
+    """The task's table for this GPU model if it fits in free memory, else the free-memory rule; the
+    footprint is the one under the activation checkpointing decision."""
+    footprint = decision.footprint
     fits = footprint.fits(room.usable)
-    known = identify(room.gpu.name, room.gpu.total_bytes) if devices.homogeneous else None
-    table = task.gpu_micro_batch(spec, known.key) if known else None
+    if decision.cap:
+        fits = min(fits, decision.cap)
     estimate = f"estimated {gib(footprint.fixed)} + {gib(footprint.per_sample)}/sample"
-    if table and footprint.at(table) <= room.usable:
+    if decision.policy != "none":
+        estimate += f" with activation checkpointing {decision.policy}"
+    if table and footprint.at(table) <= room.usable and not (decision.cap and table > decision.cap):
         cap, why = table, f"GPU table: {known.key} -> micro-batch {table} ({estimate} fits {room.text})"
     else:
         if fits < 1:
             raise HarnessError(f"{spec.model} does not fit on {room.gpu.name}: about {gib(footprint.at(1))} at "
                                f"micro-batch 1 but {room.text}; free GPU memory, lower CONFIG_GPU_MEMORY_MARGIN "
-                               f"or CONFIG_MATRIX_JOBS, or choose a smaller model")
+                               f"or CONFIG_MATRIX_JOBS, choose ACTIVATION_CKPT_AUTO, or choose a smaller model")
         cap = fits
         why = (f"GPU table says {table} for {known.key} but {room.text}: " if table else
-               "mixed GPUs: " if not devices.homogeneous else "")
+               "mixed GPUs: " if mixed else "")
         why += f"memory rule ({estimate}, {room.text}) -> at most {fits}"
+        if decision.why and decision.cap:
+            why += f" ({decision.why})"
     micro, accum = _closest(per_rank, cap)
     return micro, accum, why
 
 
-def _manual_memory_note(task: object, spec: RunSpec, room: _Room, micro: int, precision: str) -> str:
-    need = memory.estimate_footprint(task, spec, precision).at(micro)
+def _manual_memory_note(footprint: Footprint, room: _Room, micro: int) -> str:
+    need = footprint.at(micro)
     if need <= room.usable:
         return ""
     return (f"; WARNING: micro-batch {micro} is estimated at {gib(need)} > {room.text}: "
@@ -294,23 +338,6 @@ def _shortfall(effective: int, target: int) -> str:
         return " = target"
     return (f", NOT the target {target} ({effective - target:+d}, {100 * (effective - target) / target:+.1f} %): "
             f"no exact split across ranks and micro-batches")
-
-
-def _act_ckpt_choice(settings: HardwareSettings, task: Any, spec: RunSpec) -> str:
-    """The rationale part for the activation checkpointing policy, checked against the model's blocks now
-    (a bad N or a model without blocks fails before any run starts)."""
-    if settings.act_ckpt == "none":
-        return ""
-    import torch
-
-    from lib import actckpt
-
-    with torch.device("meta"):
-        blocks = task.blocks(task.build_model(spec))
-    segments = actckpt.choose(settings.act_ckpt, len(blocks), every=settings.act_ckpt_every)
-    units = sum(s.last - s.first + 1 for s in segments)
-    return (f"activation checkpointing {settings.act_ckpt} (ACTIVATION_CKPT_{settings.act_ckpt.upper()}): "
-            f"{len(segments)} segment(s) over {units} of {len(blocks)} blocks")
 
 
 def _fused_choice(choice: str, on_gpu: bool, devices: Devices) -> tuple[bool, str]:

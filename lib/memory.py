@@ -8,16 +8,21 @@ GPU: torch's own allocator peaks.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lib import actckpt
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from lib.actckpt import Segment
     from lib.spec import RunSpec
     from lib.task import Task
 
@@ -118,48 +123,131 @@ class Footprint:
         return max(0, (usable - self.fixed) // max(1, self.per_sample))
 
 
-def estimate_footprint(task: Task, spec: RunSpec, dtype: str) -> Footprint:
-    """What one step of ``spec``'s model needs, from the tensors autograd saves in an eager fp32 step.
+def estimate_footprint(task: Task, spec: RunSpec, dtype: str, segments: Sequence[Segment] = ()) -> Footprint:
+    """What one step of ``spec``'s model needs, from the tensors autograd saves in an eager fp32 step,
+    with the blocks of ``segments`` checkpointed (lib/actckpt.py; none by default).
 
     Measured on the meta device at micro-batch 1 and 2: the difference is the
     per-sample part. Eager fp32 with the math attention kernel saves more than a
     compiled 16-bit step with flash attention, so the estimate errs high; probe
     mode (CONFIG_PROBE_BATCH) measures the real thing.
     """
-    key = (spec.model, json.dumps(spec.model_options, sort_keys=True, default=str), dtype)
-    if key not in _FOOTPRINTS:
+    profiles = activation_profiles(task, spec)
+    one, two = (actckpt.peak_saved(segments, p) for p in profiles.at_one_two)
+    half = dtype != "float32"
+    per_sample = max(1, two - one)
+    return Footprint(
+        fixed=profiles.weights * (STATE_BYTES_PER_WEIGHT + (2 if half else 0)) + max(0, one - per_sample)
+        + WORKSPACE_BYTES,
+        per_sample=int(per_sample * (HALF_KEEPS if half else 1.0) * SAVED_SAFETY),
+    )
+
+
+@dataclass(frozen=True)
+class BlockProfile:
+    """The bytes autograd saves for backward in one loss computation (meta device, eager fp32), by block."""
+
+    total: int  # every saved non-parameter tensor, in blocks or not (embeddings, logits, loss)
+    blocks: tuple[int, ...]  # saved while each block (Task.blocks) ran
+    inputs: tuple[int, ...]  # each block's input: what a checkpoint of the block keeps instead
+    kept: tuple[int, ...]  # each block's outputs of actckpt.SAVED_OPS: what the selective policy keeps
+
+    def scaled(self, other: BlockProfile, micro_batch: int) -> BlockProfile:
+        """The profile at ``micro_batch``, from this one (micro-batch 1) and ``other`` (micro-batch 2)."""
+        def at(a: int, b: int) -> int:
+            return max(0, a + (b - a) * (micro_batch - 1))
+
+        return BlockProfile(at(self.total, other.total), *(tuple(at(a, b) for a, b in zip(x, y, strict=True))
+                                                            for x, y in ((self.blocks, other.blocks),
+                                                                         (self.inputs, other.inputs),
+                                                                         (self.kept, other.kept))))
+
+
+@dataclass(frozen=True)
+class Profiles:
+    """A model's saved bytes at micro-batch 1 and 2 (they grow linearly with it) and its weight count."""
+
+    one: BlockProfile
+    two: BlockProfile
+    weights: int
+
+    @property
+    def at_one_two(self) -> tuple[BlockProfile, BlockProfile]:
+        return self.one, self.two
+
+    def at(self, micro_batch: int) -> BlockProfile:
+        return self.one.scaled(self.two, micro_batch)
+
+
+def activation_profiles(task: Task, spec: RunSpec) -> Profiles:
+    """``spec``'s model profiled on the meta device (no memory allocated); cached per model and options."""
+    key = (spec.model, json.dumps(spec.model_options, sort_keys=True, default=str))
+    if key not in _PROFILES:
         with torch.device("meta"):
             model = task.build_model(spec)
-        one, two = (_saved_bytes(task, model, spec, n) for n in (1, 2))
-        half = dtype != "float32"
-        weights = sum(p.numel() for p in model.parameters())
-        per_sample = max(1, two - one)
-        _FOOTPRINTS[key] = Footprint(
-            fixed=weights * (STATE_BYTES_PER_WEIGHT + (2 if half else 0)) + max(0, one - per_sample)
-            + WORKSPACE_BYTES,
-            per_sample=int(per_sample * (HALF_KEEPS if half else 1.0) * SAVED_SAFETY),
-        )
-    return _FOOTPRINTS[key]
+        one, two = (block_profile(task, model, spec, n) for n in (1, 2))
+        _PROFILES[key] = Profiles(one, two, sum(p.numel() for p in model.parameters()))
+    return _PROFILES[key]
 
 
-_FOOTPRINTS: dict[tuple, Footprint] = {}
+_PROFILES: dict[tuple, Profiles] = {}
 
 
-def _saved_bytes(task: Task, model: nn.Module, spec: RunSpec, n: int) -> int:
-    """Bytes of the non-parameter tensors autograd saves for backward in one loss computation."""
+def block_profile(task: Task, model: nn.Module, spec: RunSpec, n: int) -> BlockProfile:
+    """``profile`` of one loss computation at micro-batch ``n`` on the meta device, where the fused
+    attention kernel a GPU runs stands in for torch's math kernel (it would save the T x T matrix)."""
+    batch = task.example_batch(spec, n, torch.device("meta"))
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention):
+        return profile(model, task.blocks(model), lambda: task.loss(model, batch))
+
+
+def profile(model: nn.Module, blocks: Sequence[nn.Module], loss: Callable[[], torch.Tensor]) -> BlockProfile:
+    """The saved bytes of ``loss()``, each storage counted once, in the block that saved it first; with
+    each block's input and its outputs of the ops selective checkpointing keeps. Runs forward only."""
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved: dict[int, int] = {}
+    saved: dict[int, tuple[int, int]] = {}  # storage -> (bytes, block index or -1)
+    inputs, kept, where = [0] * len(blocks), [0] * len(blocks), [-1]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage._cdata not in weights:
-            saved[storage._cdata] = storage.nbytes()
+        if storage._cdata not in weights and storage._cdata not in saved:
+            saved[storage._cdata] = (storage.nbytes(), where[0])
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention):
-        task.loss(model, task.example_batch(spec, n, torch.device("meta")))
-    return sum(saved.values())
+    def enter(i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            where[0] = i
+            inputs[i] = args[0].untyped_storage().nbytes()
+        return hook
+
+    handles = [b.register_forward_pre_hook(enter(i)) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(lambda *_: where.__setitem__(0, -1)) for b in blocks]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _KeptOutputs(where, kept):
+            loss()
+    finally:
+        for h in handles:
+            h.remove()
+    per_block = [0] * len(blocks)
+    for nbytes, i in saved.values():
+        if i >= 0:
+            per_block[i] += nbytes
+    return BlockProfile(sum(b for b, _ in saved.values()), tuple(per_block), tuple(inputs), tuple(kept))
+
+
+class _KeptOutputs(TorchDispatchMode):
+    """Adds up, per block, the output bytes of the ops whose outputs selective checkpointing keeps."""
+
+    def __init__(self, where: list[int], kept: list[int]) -> None:
+        super().__init__()
+        self.where, self.kept = where, kept
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.where[0] >= 0 and func in actckpt.SAVED_OPS:
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            self.kept[self.where[0]] += first.untyped_storage().nbytes()
+        return out
 
 
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -173,8 +261,9 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(q)
-        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        # the fused kernel itself (meta shapes only): selective checkpointing's profile sees it as kept
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention.default(q, k, v, None, True)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod

@@ -90,6 +90,7 @@ class HardwarePlan:
     fused_step: bool = False  # AdamWPrune applies its masks inside the update (lib/optim/masked_step.py)
     act_ckpt: str = "none"  # activation checkpointing policy (lib/actckpt.py)
     act_ckpt_every: int = 2  # the uniform policy's N
+    act_ckpt_segments: tuple = ()  # (first block, last block, selective) of each checkpointed segment
     dtype: str = "float32"
     threads: int = 0  # torch CPU threads per process (0 = torch's default)
     rationale: str = ""
@@ -100,6 +101,9 @@ class HardwarePlan:
     node_rank: int = 0
     rdzv_endpoint: str = ""  # host:port of the torchrun rendezvous (multi-node only)
     rdzv_id: str = ""
+
+    def __post_init__(self) -> None:  # spec.json gives lists back: keep plans read and planned equal
+        object.__setattr__(self, "act_ckpt_segments", tuple(tuple(s) for s in self.act_ckpt_segments))
 
     @property
     def effective_batch(self) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib import actckpt, checkpoint, distributed, gpus, memory, probe
+from lib import actckpt, checkpoint, distributed, gpus, memory, plan_actckpt, probe
 from lib.checkpoint import state as ckpt_state
 from lib.checkpoint.manager import Manager, Policy
 from lib.distributed import SINGLE, Shard
@@ -93,9 +93,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
         task.prepare(spec)
 
     model = task.build_model(spec).to(device)
-    if hw.act_ckpt != "none":  # recompute activations in backward (lib/actckpt.py); validated by the plan
-        blocks = task.blocks(model)
-        actckpt.apply(blocks, actckpt.choose(hw.act_ckpt, len(blocks), every=hw.act_ckpt_every))
+    if hw.act_ckpt_segments:  # recompute activations in backward (lib/actckpt.py); chosen by the plan
+        actckpt.apply(task.blocks(model), [actckpt.Segment(*s) for s in hw.act_ckpt_segments])
     optimizer = build_optimizer(model, spec.optim)
     if isinstance(optimizer, AdamWPrune):  # the plan's fused masked step; clipping reads grads before the step
         optimizer.fused = hw.fused_step and masked_step.fusable(optimizer)
@@ -143,6 +142,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
                disable=None if shard.main else True)
 
     model.train()
+    meter_step, activations = step + 2, None  # measured in this session's 2nd step: the 1st allocates caches
     while step < provisional:
         step += 1
         t0 = time.perf_counter()
@@ -153,8 +153,11 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
         for micro in range(hw.grad_accum):
             batch = tuple(t.to(device, non_blocking=True) for t in next(stream))
             with distributed.no_sync_unless(ddp, last=micro == hw.grad_accum - 1):  # all-reduce once per step
+                before = actckpt.bytes_in_use(device) if step == meter_step and micro == 0 else None
                 with autocast():
                     loss = task.loss(forward_model, batch) / hw.grad_accum
+                if before is not None:  # what this forward left saved for backward, under the plan's policy
+                    activations = actckpt.bytes_in_use(device) - before
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
             samples += task.samples_in(batch)
@@ -253,6 +256,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
         "memory": {**memory.peak(device), "state_bytes": memory.state_bytes(model, optimizer, pruner.buffer_bytes())},
         "throughput": {"unit": f"{task.sample_unit}/s", "value": throughput},
         "mfu": _mfu(task, spec, hw, device, throughput),
+        "activations": plan_actckpt.record(task, spec, hw, activations),
         "hardware": {"micro_batch": hw.micro_batch, "grad_accum": hw.grad_accum, "world_size": hw.world_size,
                      "planned_micro_batch": spec.hardware.micro_batch, "probe": probe_tries},
         "wall_time_s": wall,

@@ -11,13 +11,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_pruning", ROOT / "scripts" / "bench_pruning.py")
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench_pruning")
 
 
 def test_tiny_run_writes_table_and_json(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,10 +79,7 @@ def test_met(bench, value, target, expected: str) -> None:
 
 def test_checkpoint_bench_structure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """scripts/bench_checkpoint.py on the tiny GPT-2: the fields and the printout (never the timings)."""
-    spec = importlib.util.spec_from_file_location("bench_checkpoint", ROOT / "scripts" / "bench_checkpoint.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench_checkpoint")
     out = tmp_path / "bench_checkpoint.json"
     assert module.main(["--size", "tiny", "--repeats", "1", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
@@ -85,3 +87,18 @@ def test_checkpoint_bench_structure(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert data["write_s"] > 0 and data["load_verify_s"] > 0 and data["write_over_train_step"] > 0
     assert not list(tmp_path.glob("bench_checkpoint_*"))  # the checkpoints it wrote are gone
     assert "x the weights" in capsys.readouterr().out
+
+
+def test_the_activation_checkpointing_bench_writes_its_table(tmp_path: Path, capsys) -> None:
+    """scripts/bench_activation_ckpt.py on the tiny GPT only, one round: every policy's row and the verdict."""
+    module = load_script("bench_activation_ckpt")
+    out = tmp_path / "ac.json"
+    assert module.main(["--only", "tiny", "--repeats", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["results"]["tiny GPT (8x64 tokens)"]
+    assert [r["policy"] for r in rows] == ["none", "uniform", "sqrt", "selective", "budget"]
+    assert rows[0]["time_ratio"] == 1.0 and all(r["estimated_bytes"] > 0 for r in rows)
+    assert rows[2]["estimated_bytes"] < 0.5 * rows[0]["estimated_bytes"]  # sqrt keeps segment inputs only
+    printed = capsys.readouterr().out
+    assert "tiny GPT (8x64 tokens): sqrt memory" in printed and "met " in printed
+    assert module.main(["--only", "nothing"]) == 2

@@ -52,8 +52,12 @@ def launch(spec: RunSpec, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
 
 def test_two_rank_gloo_run_matches_one_process(tmp_path: Path) -> None:
     t0 = time.perf_counter()
-    # 2 ranks x micro 2 x accum 2 (no_sync on the first micro-step) against 1 process x micro 4 x accum 2
-    proc, ddp_dir = launch(state_pruned(tmp_path, "ddp", micro=2, world=2), tmp_path)
+    # 2 ranks x micro 2 x accum 2 (no_sync on the first micro-step) against 1 process x micro 4 x accum 2;
+    # the ranks checkpoint their activations (sqrt: two segments of two blocks), which changes no number
+    ddp_spec = state_pruned(tmp_path, "ddp", micro=2, world=2)
+    ddp_spec = dataclasses.replace(ddp_spec, hardware=dataclasses.replace(
+        ddp_spec.hardware, act_ckpt="sqrt", act_ckpt_segments=((0, 1, False), (2, 3, False))))
+    proc, ddp_dir = launch(ddp_spec, tmp_path)
     ddp_s = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     t0 = time.perf_counter()
@@ -65,6 +69,7 @@ def test_two_rank_gloo_run_matches_one_process(tmp_path: Path) -> None:
 
     ddp, single = (json.loads((d / "summary.json").read_text()) for d in (ddp_dir, single_dir))
     assert ddp["status"] == "ok" and not ddp["flags"], ddp
+    assert ddp["activations"]["policy"] == "sqrt" and single["activations"]["policy"] == "none"
     info = ddp["distributed"]
     assert info["world_size"] == 2 and info["backend"] == "gloo" and info["masks_identical"]
     assert len(info["mask_digests"]) == 2 and info["mask_digests"][0] == info["mask_digests"][1]

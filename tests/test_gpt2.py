@@ -203,10 +203,14 @@ def test_spam_vs_bitter7_matrix_is_exactly_two_runs(tmp_path: Path) -> None:
 
 def test_activation_checkpointing_trains_to_the_same_numbers(tmp_path: Path) -> None:
     """The trainer applies the plan's policy (lib/actckpt.py); the loss curve is bit-identical on the CPU."""
-    curves = {}
+    from lib import hardware
+
+    curves, records = {}, {}
     for policy in ("none", "sqrt"):
         spec = synthetic_spec(tmp_path, name=f"ckpt-{policy}", max_iters=6)
-        spec = dataclasses.replace(spec, hardware=dataclasses.replace(spec.hardware, act_ckpt=policy))
+        plan = hardware.plan(spec, hardware.HardwareSettings(act_ckpt=policy), hardware.Devices("cpu", cpu_cores=2))
+        spec = dataclasses.replace(spec, hardware=dataclasses.replace(
+            spec.hardware, act_ckpt=plan.act_ckpt, act_ckpt_segments=plan.act_ckpt_segments))
         run_dir = tmp_path / spec.name
         run_dir.mkdir()
         spec.write(run_dir / "spec.json")
@@ -214,4 +218,10 @@ def test_activation_checkpointing_trains_to_the_same_numbers(tmp_path: Path) -> 
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "ok" and summary["spec"]["hardware"]["act_ckpt"] == policy
         curves[policy] = [json.loads(line)["val"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records[policy] = summary["activations"]
     assert curves["none"] and curves["none"] == curves["sqrt"]
+    assert records["sqrt"]["policy"] == "sqrt" and records["sqrt"]["segments"] == [[0, 1, False], [2, 3, False]]
+    assert records["none"]["segments"] == [] and "estimated_bytes" not in records["none"]
+    if records["none"]["measured_bytes"] is not None:  # glibc's malloc count (mallinfo2, glibc >= 2.33)
+        assert records["sqrt"]["measured_bytes"] < 0.75 * records["none"]["measured_bytes"]
+    assert records["sqrt"]["estimated_bytes"] < 0.75 * records["sqrt"]["estimated_bytes_without"]
