@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.errors import ConfigError
+from lib.structures import Part, ResidualBlock, Structure, rows_and_columns
 
 PADDED_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64: faster matmuls, unused rows never seen
 
@@ -130,6 +131,24 @@ class GPT(nn.Module):
         for block in self.h:
             for proj in (block.attn.c_proj, block.mlp.c_proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
+
+    def structures(self) -> list[Structure]:
+        """Heads and MLP neurons of every block (lib/structures.py)."""
+        width, found = self.config.n_embd, []
+        per_head = width // self.config.n_head
+        for i in range(self.config.n_layer):
+            attn, mlp = f"h.{i}.attn", f"h.{i}.mlp"
+            for h in range(self.config.n_head):
+                cols = tuple(range(h * per_head, (h + 1) * per_head))
+                qkv = tuple(k * width + c for k in range(3) for c in cols)  # its rows of q, k and v
+                found.append(Structure("head", attn, (Part(f"{attn}.c_attn.weight", 0, qkv),
+                                                      Part(f"{attn}.c_proj.weight", 1, cols))))
+            found += rows_and_columns("neuron", mlp, f"{mlp}.c_fc.weight", f"{mlp}.c_proj.weight", 4 * width)
+        return found
+
+    def residual_blocks(self) -> list[ResidualBlock]:
+        """Every transformer block: with all its parameters zero both branches add exactly 0."""
+        return [ResidualBlock(f"h.{i}", block) for i, block in enumerate(self.h)]
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.structures import Structure, rows_and_columns
+
 
 class LeNet5(nn.Module):
     """conv5-pool-conv5-pool then three fully connected layers; 61,706 parameters for 10 classes.
@@ -30,3 +32,13 @@ class LeNet5(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
+
+    def structures(self) -> list[Structure]:
+        """Channels of both convolutions and units of the two hidden fully connected layers
+        (lib/structures.py); conv2's channel c feeds fc1's 25 inputs c*25 .. c*25+24 (5x5 pixels)."""
+        pixels = 5 * 5
+        return (rows_and_columns("channel", "conv1", "conv1.weight", "conv2.weight", self.conv1.out_channels)
+                + rows_and_columns("channel", "conv2", "conv2.weight", "fc1.weight", self.conv2.out_channels,
+                                   columns=pixels)
+                + rows_and_columns("unit", "fc1", "fc1.weight", "fc2.weight", self.fc1.out_features)
+                + rows_and_columns("unit", "fc2", "fc2.weight", "fc3.weight", self.fc2.out_features))

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.structures import ResidualBlock, Structure, rows_and_columns
+
 STAGE_WIDTHS = (64, 128, 256, 512)
 
 
@@ -95,6 +97,27 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.fc = nn.Linear(in_planes, num_classes)
         self._init_weights()
+
+    def _blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(f"layer{i}.{j}", b) for i, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4),
+                                                                1) for j, b in enumerate(stage)]
+
+    def structures(self) -> list[Structure]:
+        """The channels inside each residual block (lib/structures.py): a conv's output channel and the
+        next conv's matching input channel. Channels on the residual path are coupled across the
+        additions of a whole stage and are left to surgery's dependency graph."""
+        found = []
+        for name, block in self._blocks():
+            convs = [f"{name}.conv{k}" for k in (1, 2, 3) if hasattr(block, f"conv{k}")]
+            for k, (producer, consumer) in enumerate(zip(convs, convs[1:], strict=False), 1):
+                found += rows_and_columns("channel", f"{name}.conv{k}", f"{producer}.weight", f"{consumer}.weight",
+                                          getattr(block, f"conv{k}").out_channels)
+        return found
+
+    def residual_blocks(self) -> list[ResidualBlock]:
+        """Blocks with an identity shortcut: all parameters zero, the block returns relu(0 + x) = x, x >= 0
+        being a ReLU's output. Blocks that change the shape (a projection shortcut) cannot be dropped."""
+        return [ResidualBlock(name, b) for name, b in self._blocks() if isinstance(b.shortcut, nn.Identity)]
 
     def _init_weights(self) -> None:
         # He initialisation for ReLU networks (as torchvision does); BatchNorm starts as identity.

@@ -17,6 +17,7 @@ from lib.pruning.none import NonePruner
 from lib.pruning.prunable import prunable_parameters
 from lib.pruning.schedule import SparsitySchedule
 from lib.pruning.state import StatePruner
+from lib.pruning.structured import LayerDropoutPruner, StructuredPruner
 from lib.registry import lookup
 from lib.spec import PruneSettings
 
@@ -27,6 +28,8 @@ PRUNERS: dict[str, type[Pruner]] = {
     "magnitude": MagnitudePruner,
     "movement": MovementPruner,
     "state": StatePruner,
+    "structured": StructuredPruner,
+    "layer_dropout": LayerDropoutPruner,
 }
 
 

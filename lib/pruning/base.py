@@ -249,6 +249,10 @@ class Pruner:
         zeros = sum(int((param == 0).sum()) for _, param in self.params)
         return zeros / total
 
+    def report(self) -> dict[str, Any]:
+        """Method-specific facts for summary.json's sparsity entry (structures removed, ...)."""
+        return {}
+
     def prunable_count(self) -> int:
         """Number of weights this pruner may prune."""
         return sum(param.numel() for _, param in self.params)
