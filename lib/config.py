@@ -208,7 +208,7 @@ def _spam(r: Reader) -> dict[str, Any]:
 def _prune(r: Reader, prunings: tuple[str, ...]) -> PruneSettings:
     """Schedule and threshold, plus the options of each pruning method in the matrix."""
     options: dict[str, Any] = {}
-    if "magnitude" in prunings:
+    if {"magnitude", "structured", "layer-dropout"} & set(prunings):  # the metric they rank by
         options["importance"] = r.choice("PRUNING_IMPORTANCE")
     if "movement" in prunings:
         options["movement_form"] = r.choice("MOVEMENT_FORM")

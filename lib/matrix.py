@@ -30,6 +30,7 @@ from lib.kconf import ROOT
 from lib.results import read_json, record_problem, results_folders, unreadable_record
 from lib.run import DISK_FULL_EXIT, RANK_FAILED, STOPPED_EXIT, failed_summary
 from lib.spec import HardwarePlan, PruneSettings, RunSpec
+from lib.task import get_task
 
 FINISHED = ("ok", "diverged")
 
@@ -93,11 +94,32 @@ def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunS
         )
         if model not in plans:  # the plan depends on the model, its options and the batch only
             plans[model] = hardware.plan(draft, config.hardware, devices, config.jobs)
+        if pruning in WHOLE_UNITS:  # a target the method cannot reach on this model fails before any run
+            _check_units(draft)
         specs.append(dataclasses.replace(draft, hardware=plans[model]))
     return specs
 
 
 UNPLANNED = HardwarePlan(device="cpu", micro_batch=1, grad_accum=1)
+WHOLE_UNITS = ("structured", "layer-dropout")  # methods whose reach depends on the model's structures
+
+
+def _check_units(spec: RunSpec) -> None:
+    """``spec``'s pruner, built once per model and method on the meta device, refuses in one line a
+    target it cannot reach."""
+    import torch
+
+    from lib.pruning import build_pruner
+
+    key = (spec.model, json.dumps(spec.model_options, sort_keys=True, default=str), spec.prune.method)
+    if key not in _UNIT_PRUNERS:
+        with torch.device("meta"):
+            model = get_task(spec.model).build_model(spec)
+        _UNIT_PRUNERS[key] = build_pruner(model, None, dataclasses.replace(spec.prune, target=0.0))
+    _UNIT_PRUNERS[key].check_target(spec.prune.target)
+
+
+_UNIT_PRUNERS: dict[tuple[str, str, str], Any] = {}
 
 
 def dry_run_table(specs: list[RunSpec]) -> str:

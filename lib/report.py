@@ -87,7 +87,19 @@ def _model_section(model: str, runs: list[Run], metric: Metric | None) -> list[s
     lines += [""]
     lines += ["Mean ± sample std (n-1) over the seeds that finished ok; a single seed shows no ±. "
               "Failed and diverged runs are excluded from the means and listed under Flags.", ""]
-    return lines + _best_per_sparsity(runs, metric)
+    return lines + _best_per_sparsity(runs, metric) + _structures(runs)
+
+
+def _structures(runs: list[Run]) -> list[str]:
+    """What structured and layer-dropout runs removed, unit by unit kind (summary.json's sparsity entry)."""
+    found = [(r, (r.summary.get("sparsity") or {}).get("structures")) for r in runs]
+    rows = [[r.name] + [", ".join(f"{kind}: {c.get('removed', '?')} of {c.get('total', '?')}"
+                                  for kind, c in counts.items())] for r, counts in found if isinstance(counts, dict)]
+    if not rows:
+        return []
+    return ["### Whole units removed", ""] + _table(["run", "units removed"], rows) + [
+        "", "Masked during training: the weights of these units, their gradients and optimizer state are zero, "
+        "so the model computes what the smaller model without them computes.", ""]
 
 
 def _best_per_sparsity(runs: list[Run], metric: Metric | None) -> list[str]:

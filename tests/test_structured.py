@@ -83,7 +83,7 @@ def test_removed_units_contribute_nothing(family: str) -> None:
 
 @pytest.mark.parametrize("family", ["gpt2"])
 def test_a_dropped_block_passes_its_input_through(family: str) -> None:
-    model, optimizer, pruner, data = pruned(family, "layer_dropout", 0.5)
+    model, optimizer, pruner, data = pruned(family, "layer-dropout", 0.5)
     dropped = [b for b, u in zip(pruner.blocks, pruner.units, strict=True)
                if pruner._gone(u, {n: pruner.mask(n) for n, _ in pruner.params})]
     assert len(dropped) == 2 and pruner.report()["structures"]["block"] == {"removed": 2, "total": 4}
@@ -103,10 +103,11 @@ def test_a_dropped_block_passes_its_input_through(family: str) -> None:
 def test_bad_inputs_are_one_line() -> None:
     with torch.device("meta"):
         lenet, resnet = LeNet5(), resnet18()
-    with pytest.raises(ConfigError, match="needs residual blocks that can be dropped; LeNet5 has none"):
-        build_pruner(lenet, None, PruneSettings(method="layer_dropout", target=0.5, start=1, end=2, frequency=1))
+    with pytest.raises(ConfigError,
+                       match="layer-dropout pruning needs residual blocks that can be dropped; LeNet5 has none"):
+        build_pruner(lenet, None, PruneSettings(method="layer-dropout", target=0.5, start=1, end=2, frequency=1))
     with pytest.raises(ConfigError, match=r"can remove at most 14\.5 % of ResNet's prunable weights .*not 50 %"):
-        build_pruner(resnet, None, PruneSettings(method="layer_dropout", target=0.5, start=1, end=2, frequency=1))
+        build_pruner(resnet, None, PruneSettings(method="layer-dropout", target=0.5, start=1, end=2, frequency=1))
     with pytest.raises(ConfigError, match="describes none"):
         build_pruner(nn.Sequential(nn.Linear(4, 4)), None,
                      PruneSettings(method="structured", target=0.5, start=1, end=2, frequency=1))
@@ -139,3 +140,27 @@ def test_a_structured_lenet_run_reaches_its_target_and_resumes_its_masks(tmp_pat
     again = build_pruner(copy.deepcopy(model), None, dataclasses.replace(pruner.settings))
     again.load_state_dict(pruner.state_dict())
     assert all(torch.equal(again.mask(n), pruner.mask(n)) for n, _ in pruner.params)
+
+
+def test_the_matrix_refuses_a_target_the_method_cannot_reach(make_config) -> None:
+    from lib import config, matrix
+    from lib.hardware import Devices
+
+    text = ("CONFIG_MODEL_GPT2=y\nCONFIG_GPT2_SIZE_TINY=y\nCONFIG_PRUNING_STRUCTURED=y\n"
+            "CONFIG_TARGET_SPARSITY=\"0.95\"\n")
+    with pytest.raises(ConfigError, match=r"^structured pruning can remove at most 91\.5 % of GPT's prunable "
+                                          r"weights \(one unit of every layer stays.*not 95 %; lower the sparsity"):
+        matrix.expand(config.load(make_config(text)), Devices("cpu", cpu_cores=2))
+    specs = matrix.expand(config.load(make_config("CONFIG_MODEL_GPT2=y\nCONFIG_GPT2_SIZE_TINY=y\n"
+                                                  "CONFIG_PRUNING_LAYER_DROPOUT=y\n")), Devices("cpu", cpu_cores=2))
+    assert [s.prune.method for s in specs] == ["layer-dropout"] and specs[0].prune.importance == "magnitude"
+
+
+def test_the_report_lists_the_units_removed() -> None:
+    from lib.report import _structures
+    from lib.results import Run
+
+    counts = {"channel": {"removed": 3, "total": 22}, "unit": {"removed": 75, "total": 204}}
+    lines = _structures([Run({"name": "a", "sparsity": {"structures": counts}}), Run({"name": "b", "sparsity": {}})])
+    assert "| a | channel: 3 of 22, unit: 75 of 204 |" in lines and not any("| b |" in line for line in lines)
+    assert _structures([Run({"name": "b"})]) == []

@@ -29,7 +29,7 @@ PRUNERS: dict[str, type[Pruner]] = {
     "movement": MovementPruner,
     "state": StatePruner,
     "structured": StructuredPruner,
-    "layer_dropout": LayerDropoutPruner,
+    "layer-dropout": LayerDropoutPruner,
 }
 
 

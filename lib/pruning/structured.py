@@ -46,12 +46,16 @@ class StructuredPruner(MagnitudePruner):
         self.units = self.describe(model)
         if not self.units:
             raise ConfigError(self.nothing_to_remove(model))
-        self.index = {part: torch.tensor(part.index, dtype=torch.long) for u in self.units for part in u.parts}
-        reachable = self._reachable()
-        if settings.target > reachable:
-            raise ConfigError(f"{self.name} pruning can remove at most {100 * reachable:.1f} % of "
-                              f"{type(model).__name__}'s prunable weights ({self.limits}), not "
-                              f"{100 * settings.target:g} %; lower the sparsity target")
+        self.index = _Indices()
+        self.reachable = self._reachable()
+        self.check_target(settings.target)
+
+    def check_target(self, target: float) -> None:
+        """One line when ``target`` is beyond what this method can remove from this model."""
+        if target > self.reachable:
+            raise ConfigError(f"{self.name} pruning can remove at most {100 * self.reachable:.1f} % of "
+                              f"{type(self.model).__name__}'s prunable weights ({self.limits}), not "
+                              f"{100 * target:g} %; lower the sparsity target")
 
     # -- what layer_dropout overrides ----------------------------------------------------------
 
@@ -124,19 +128,28 @@ class StructuredPruner(MagnitudePruner):
         return mask.clone()
 
     def _reachable(self) -> float:
-        """The largest fraction of prunable weights this method can remove (overlaps counted once)."""
+        """The largest fraction of prunable weights this method can remove: every unit but the largest
+        of each group. A unit's parts are whole rows or columns, so a weight survives exactly when each
+        of its indices does, and the count is a product per tensor (no masks built)."""
         keep = {}
-        for unit in self.units:  # the unit that stays in each group: its largest
+        for unit in self.units:
             if unit.group not in keep or self._size(unit) > self._size(keep[unit.group]):
                 keep[unit.group] = unit
-        masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in self.shapes.items()}
         kept = set(map(id, keep.values()))
+        alive = {(p.param, p.dim): torch.ones(self.shapes[p.param][p.dim], dtype=torch.bool)
+                 for u in self.units for p in u.parts}
         for unit in self.units:
             if id(unit) not in kept:
                 for part in unit.parts:
-                    masks[part.param].index_fill_(part.dim, self.index[part], False)
-        total = self.prunable_count()
-        return (total - sum(int(m.sum()) for m in masks.values())) / total
+                    alive[(part.param, part.dim)][list(part.index)] = False
+        removed = 0
+        for name, shape in self.shapes.items():
+            survivors = shape.numel()
+            for dim, size in enumerate(shape):
+                if (name, dim) in alive:
+                    survivors = survivors // size * int(alive[(name, dim)].sum())
+            removed += shape.numel() - survivors
+        return removed / self.prunable_count()
 
     def report(self) -> dict[str, Any]:
         """How many units of each kind the masks remove, for summary.json."""
@@ -153,7 +166,7 @@ class LayerDropoutPruner(StructuredPruner):
     """Masks whole residual blocks: every parameter of a dropped block is zero, so it passes its input
     through unchanged (lib/structures.ResidualBlock), exactly as if it were removed."""
 
-    name = "layer_dropout"
+    name = "layer-dropout"
     limits = "one block always stays, and blocks that change the shape cannot be dropped"
 
     def describe(self, model: nn.Module) -> list[Structure]:
@@ -169,7 +182,7 @@ class LayerDropoutPruner(StructuredPruner):
         return units
 
     def nothing_to_remove(self, model: nn.Module) -> str:
-        return (f"layer_dropout pruning needs residual blocks that can be dropped; {type(model).__name__} has "
+        return (f"layer-dropout pruning needs residual blocks that can be dropped; {type(model).__name__} has "
                 f"none: choose structured or magnitude pruning")
 
     def _dropped(self) -> list[nn.Parameter]:
@@ -196,3 +209,11 @@ class LayerDropoutPruner(StructuredPruner):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.silent = self._dropped()
+
+
+class _Indices(dict):
+    """``part -> LongTensor of its positions``, made on first use (GPT-2 124M has 74k parts)."""
+
+    def __missing__(self, part: Part) -> Tensor:
+        self[part] = index = torch.tensor(part.index, dtype=torch.long)
+        return index
