@@ -23,7 +23,7 @@ CLI := HARNESS_COMMAND='$(RECORDED)' \
 DEFCONFIG_OUT ?= defconfig
 RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
-.PHONY: help all run dry-run hwinfo continue report graphs compare publish export prepare-data test bench lint quickstart venv \
+.PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
 	allnoconfig randconfig clean mrproper
 
@@ -57,8 +57,8 @@ dry-run: $(STAMP) ## Print the matrix and each run's hardware plan; train nothin
 hwinfo: $(STAMP) ## Print the detected devices and each run's hardware plan with its rationale
 	@$(CLI) hwinfo
 
-continue: $(STAMP) ## Finish the newest unfinished results folder (finished runs kept; unfinished ones restart from step 0)
-	@$(CLI) continue
+continue: $(STAMP) ## Finish the newest unfinished results folder, or RESULTS=dir (each run from its newest checkpoint)
+	@$(CLI) continue $(if $(RESULTS),--results $(RESULTS))
 
 report: $(STAMP) ## Rewrite summary.json, graphs/ and report.md of RESULTS=dir (default: newest)
 	@$(CLI) report $(if $(RESULTS),--results $(RESULTS))
@@ -74,6 +74,9 @@ publish: $(STAMP) ## Copy RESULTS=dir (default: newest) into key_results/<date>_
 
 export: $(STAMP) ## Export RUN=<run dir>'s best checkpoint as safetensors + a JSON model card (RUN/export/)
 	@$(CLI) export --run '$(RUN)'
+
+surgery: $(STAMP) ## Cut RUN=<run dir>'s checkpoint smaller [FRACTION=0.3] [STRUCTURE=heads|neurons|channels|units|blocks]
+	@$(CLI) surgery --run '$(RUN)' $(if $(FRACTION),--fraction '$(FRACTION)') $(if $(STRUCTURE),--structure '$(STRUCTURE)')
 
 prepare-data: $(STAMP) ## Prepare the datasets .config needs (GPT-2 pydoc/text offline; downloads need the network)
 	@$(CLI) prepare-data
@@ -112,11 +115,12 @@ test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes
 	@echo "again with AdamWPrune's fused masked step forced on (the pass above runs it as each test built it):"
 	@$(PY) -m pytest -q --fused-step=on tests/test_adamwprune.py tests/test_pruning.py tests/test_trainer.py
 
-bench: $(STAMP) ## Pruning, trainer, checkpoint and activation-checkpointing benchmarks (ratios side by side; JSON in results/)
+bench: $(STAMP) ## Pruning, trainer, checkpoint, activation-checkpointing and surgery benchmarks (ratios side by side; JSON in results/)
 	@$(PY) scripts/bench_pruning.py
 	@$(PY) scripts/bench_trainer.py
 	@$(PY) scripts/bench_checkpoint.py
 	@$(PY) scripts/bench_activation_ckpt.py
+	@$(PY) scripts/bench_surgery.py
 
 lint: $(STAMP) ## ruff over the project
 	@$(VENV)/bin/ruff check .

@@ -121,9 +121,9 @@ class GPT2Task:
         """The transformer blocks (``model.h``), for activation checkpointing."""
         return list(model.h)
 
-    def build_model(self, spec: RunSpec) -> nn.Module:
+    def build_model(self, spec: RunSpec, architecture: dict | None = None) -> nn.Module:
         o = Options.of(spec)
-        return GPT(config_for(o.size, o.vocab_size, o.block_size))
+        return GPT(config_for(o.size, o.vocab_size, o.block_size, architecture))
 
     def cpu_micro_batch(self, spec: RunSpec) -> int:
         return CPU_MICRO_BATCH

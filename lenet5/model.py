@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lib.structures import Structure, rows_and_columns
+
+WIDTHS = {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
 
 
 class LeNet5(nn.Module):
@@ -16,13 +20,28 @@ class LeNet5(nn.Module):
     address them by name: conv1, conv2, fc1, fc2, fc3.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: dict[str, int] | None = None) -> None:
+        """``widths``: channels of conv1 and conv2 and units of fc1 and fc2, as ``architecture()`` gives
+        them after surgery; None for the classic 6, 16, 120, 84."""
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5)
-        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
+        w = {**WIDTHS, **(widths or {})}
+        self.conv1 = nn.Conv2d(in_channels, w["conv1"], kernel_size=5)
+        self.conv2 = nn.Conv2d(w["conv1"], w["conv2"], kernel_size=5)
+        self.fc1 = nn.Linear(w["conv2"] * 5 * 5, w["fc1"])
+        self.fc2 = nn.Linear(w["fc1"], w["fc2"])
+        self.fc3 = nn.Linear(w["fc2"], num_classes)
+
+    def architecture(self) -> dict[str, Any]:
+        """The widths of the four layers surgery can narrow (lib/surgery.py; the task rebuilds from it)."""
+        return {"conv1": self.conv1.out_channels, "conv2": self.conv2.out_channels,
+                "fc1": self.fc1.out_features, "fc2": self.fc2.out_features}
+
+    def architecture_without(self, removed: list[Structure], blocks: list[str]) -> dict[str, Any]:
+        """The widths once the ``removed`` channels and units are gone (LeNet-5 has no residual blocks)."""
+        arch = self.architecture()
+        for unit in removed:
+            arch[unit.group] -= 1
+        return arch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N, num_classes) for images of shape (N, C, 32, 32)."""

@@ -16,7 +16,7 @@ from lenet5.data import (
     load_mnist5k,
     mnist5k_path,
 )
-from lenet5.model import LeNet5
+from lenet5.model import WIDTHS, LeNet5
 from lib import classification
 from lib.distributed import SINGLE, Shard
 from lib.errors import ConfigError, DataMissingError
@@ -74,8 +74,10 @@ class LeNet5Task(classification.ClassificationTask):
         """None: two small conv layers; checkpointing would only add recomputation."""
         return []
 
-    def build_model(self, spec: RunSpec) -> nn.Module:
-        return LeNet5(num_classes=10)
+    def build_model(self, spec: RunSpec, architecture: dict | None = None) -> nn.Module:
+        if architecture is not None and (set(architecture) != set(WIDTHS) or min(architecture.values()) < 1):
+            raise ConfigError(f"LeNet-5 architecture {architecture!r} is not one LeNet5.architecture() wrote")
+        return LeNet5(num_classes=10, widths=architecture)
 
     def examples_per_epoch(self, spec: RunSpec) -> int:
         return len(self._data(spec).train)

@@ -5,7 +5,9 @@ Commands: check (validate .config), dry-run (print the matrix and plans), hwinfo
 (train the matrix), continue (finish the newest unfinished results folder),
 report (rewrite summary.json, graphs/ and report.md of a results folder), graphs
 (redraw graphs/ only), compare (Markdown ranking of methods, or two folders side
-by side), publish (copy a results folder into key_results/), prepare-data.
+by side), publish (copy a results folder into key_results/), prepare-data,
+export (a run's best checkpoint as safetensors), surgery (cut a run's checkpoint
+smaller, lib/surgery_command.py).
 A HarnessError prints as one line ``error: ...`` with exit status 2.
 """
 
@@ -23,14 +25,16 @@ from lib.errors import HarnessError
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lib.cli", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["check", "dry-run", "hwinfo", "run", "continue", "report", "graphs",
-                                            "compare", "publish", "prepare-data", "export"])
+                                            "compare", "publish", "prepare-data", "export", "surgery"])
     parser.add_argument("--config", default=".config", help="the .config to read (default: .config)")
     parser.add_argument("--set", action="append", default=[], metavar="SYMBOL=VALUE",
                         help="override a symbol for this invocation only (make MAX_ITERS=... etc.)")
     parser.add_argument("--results", help="results folder for report/graphs/compare/publish (default: the newest)")
     parser.add_argument("--against", help="compare: a second results folder, shown side by side")
     parser.add_argument("--name", help="publish: the name of the key_results/<date>_<name>/ folder")
-    parser.add_argument("--run", help="export: the run folder whose best checkpoint to export")
+    parser.add_argument("--run", help="export, surgery: the run folder whose checkpoint to export or cut")
+    parser.add_argument("--fraction", help="surgery: share of each layer's structures to remove (0 < f < 1)")
+    parser.add_argument("--structure", help="surgery: all, heads, neurons, channels, units or blocks")
     parser.add_argument("--gpus", help="dry-run/hwinfo: plan for made-up GPUs instead of the ones here, "
                                        "COUNTx NAME:TOTAL_GIB[:FREE_GIB] (make dry-run GPUS=\"1x NVIDIA A10G:24:8\")")
     return parser.parse_args(argv)
@@ -68,6 +72,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         return _results_command(args)
     if args.command == "export":
         return _export(args.run)
+    if args.command == "surgery":
+        return _surgery(args)
     config = config_mod.load(args.config, _overrides(args.set))
     if args.command == "check":
         print(f"{args.config}: ok ({len(matrix.expand(config))} run(s))")
@@ -75,7 +81,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
     if args.command == "prepare-data":
         return _prepare_data(config)
     if args.command == "continue":
-        folder = matrix.newest_unfinished(config.results_dir)
+        folder = Path(args.results) if args.results else matrix.newest_unfinished(config.results_dir)
         runs = matrix.run_folder(folder, config.jobs, only_unfinished=True)
         return _finish(folder, runs)
     devices = hardware.detect()
@@ -112,6 +118,15 @@ def _export(run: str | None) -> int:
         raise HarnessError(f"{run}: not a run folder (no spec.json); give RUN=results/<folder>/<run>")
     out = export(Path(run))
     print(f"exported {run} to {out / 'model.safetensors'} and {out / 'model_card.json'}")
+    return 0
+
+
+def _surgery(args: argparse.Namespace) -> int:
+    from lib.surgery_command import operate
+
+    if not args.run:
+        raise HarnessError("surgery needs a run folder: `make surgery RUN=results/<folder>/<run> [FRACTION=0.3]`")
+    operate(Path(args.run), args.fraction, args.structure)
     return 0
 
 

@@ -26,7 +26,7 @@ from lib.kconf import (
     open_kconfig,
     raise_on_load_warnings,
 )
-from lib.spec import OptimSettings, PruneSettings, TrainSettings
+from lib.spec import OptimSettings, PruneSettings, SurgerySettings, TrainSettings
 from lib.task import model_folder
 
 SPARSITY_CHOICES = (50, 70, 90, 95, 99)
@@ -46,6 +46,7 @@ class Config:
     optim: Mapping[str, OptimSettings]
     prune: PruneSettings
     train: TrainSettings
+    surgery: SurgerySettings
     model_options: Mapping[str, dict[str, Any]]
     hardware: HardwareSettings
     jobs: int
@@ -153,6 +154,7 @@ def _build(r: Reader, path: Path, overrides: dict[str, str], text: str) -> Confi
         optim={name: _optim(r, name) for name in optimizers},
         prune=_prune(r, prunings),
         train=train,
+        surgery=_surgery(r),
         model_options={m: _model_options(r, m) for m in models},
         hardware=_hardware(r),
         jobs=r.int("MATRIX_JOBS"),
@@ -306,11 +308,29 @@ def _train(r: Reader) -> TrainSettings:
         ckpt_time_s=parse_duration(r.str("CKPT_TIME"), "CKPT_TIME"),
         ckpt_keep_last=r.int("CKPT_KEEP_LAST"),
         ckpt_milestone=r.int("CKPT_MILESTONE"),
+        structure_stats_every=r.int("STRUCTURE_STATS_EVERY"),
     )
     if not (settings.epochs or settings.max_iters or settings.time_budget_s):  # Kconfig misses "0s", "0m"
         raise ConfigError("no training budget: CONFIG_EPOCHS, CONFIG_MAX_ITERS and CONFIG_TIME_BUDGET are all 0; "
                           "set one (e.g. `make EPOCHS=5`)")
     return settings
+
+
+SURGERY_KINDS = ("all", "heads", "neurons", "channels", "units", "blocks")
+
+
+def _surgery(r: Reader) -> SurgerySettings:
+    return SurgerySettings(fraction=r.float("SURGERY_FRACTION", 0.0, 1.0, open_low=True, open_high=True),
+                           structure=surgery_structure(r.str("SURGERY_STRUCTURE")),
+                           max_loss_increase=r.float("SURGERY_MAX_LOSS_INCREASE", 0.0))
+
+
+def surgery_structure(text: str) -> str:
+    """A structure kind for surgery (CONFIG_SURGERY_STRUCTURE or STRUCTURE=); one line if unknown."""
+    if text not in SURGERY_KINDS:
+        raise ConfigError(f"surgery structure {text!r} is not one of {', '.join(SURGERY_KINDS)} "
+                          f"(CONFIG_SURGERY_STRUCTURE or STRUCTURE=)")
+    return text
 
 
 def _model_options(r: Reader, model: str) -> dict[str, Any]:

@@ -91,6 +91,7 @@ def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunS
             tracker=config.tracker,
             tracker_project=config.tracker_project,
             wandb_mode=config.wandb_mode,
+            surgery=config.surgery,
         )
         if model not in plans:  # the plan depends on the model, its options and the batch only
             plans[model] = hardware.plan(draft, config.hardware, devices, config.jobs)

@@ -87,7 +87,7 @@ def _model_section(model: str, runs: list[Run], metric: Metric | None) -> list[s
     lines += [""]
     lines += ["Mean ± sample std (n-1) over the seeds that finished ok; a single seed shows no ±. "
               "Failed and diverged runs are excluded from the means and listed under Flags.", ""]
-    return lines + _best_per_sparsity(runs, metric) + _structures(runs)
+    return lines + _best_per_sparsity(runs, metric) + _structures(runs) + _surgeries(runs)
 
 
 def _structures(runs: list[Run]) -> list[str]:
@@ -100,6 +100,23 @@ def _structures(runs: list[Run]) -> list[str]:
     return ["### Whole units removed", ""] + _table(["run", "units removed"], rows) + [
         "", "Masked during training: the weights of these units, their gradients and optimizer state are zero, "
         "so the model computes what the smaller model without them computes.", ""]
+
+
+def _surgeries(runs: list[Run]) -> list[str]:
+    """Checkpoint-time surgeries the runs went through (summary.json's "surgery"; `make surgery`)."""
+    rows = []
+    for r in runs:
+        for s in r.summary.get("surgery") or []:
+            removed = ", ".join(f"{n} {kind}s" for kind, n in (s.get("removed") or {}).items())
+            loss = s.get("val_loss") or {}
+            rows.append([r.name, str(s.get("step", "?")), s.get("source", "?"), removed,
+                         f"{loss.get('before', float('nan')):.4f} -> {loss.get('after', float('nan')):.4f}"])
+    if not rows:
+        return []
+    return ["### Checkpoint-time surgery", ""] + _table(
+        ["run", "at step", "chosen from", "removed", "val loss before -> after the cut"], rows) + [
+        "", "Structures physically removed at a checkpoint, training then resumed on the smaller model; "
+        "each run's surgery.json holds the before/after measurements.", ""]
 
 
 def _best_per_sparsity(runs: list[Run], metric: Metric | None) -> list[str]:

@@ -76,6 +76,16 @@ class TrainSettings:
     ckpt_time_s: float = 0.0  # ... and/or every T seconds (0 = not by time)
     ckpt_keep_last: int = 3
     ckpt_milestone: int = 0  # keep a copy every M steps for good (0 = none)
+    structure_stats_every: int = 0  # structure statistics for surgery every N steps (0 = none)
+
+
+@dataclass(frozen=True)
+class SurgerySettings:
+    """What `make surgery` does to a run's checkpoint (lib/surgery_command.py); training ignores them."""
+
+    fraction: float = 0.3  # share of each layer's structures removed
+    structure: str = "all"  # of which kind: "all", "heads", "neurons", "channels", "units", "blocks"
+    max_loss_increase: float = 0.5  # accepted only if the validation loss rises by at most this
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,7 @@ class RunSpec:
     tracker: str = "none"  # "none", "wandb" or "trackio"
     tracker_project: str = ""
     wandb_mode: str = ""  # "online", "offline" or "disabled"
+    surgery: SurgerySettings = field(default_factory=SurgerySettings)
 
     @property
     def optimizer(self) -> str:
@@ -154,10 +165,12 @@ class RunSpec:
             "prune": PruneSettings,
             "train": TrainSettings,
             "hardware": HardwarePlan,
+            "surgery": SurgerySettings,
         }
         kwargs = dict(data)
         for key, kind in parts.items():
-            kwargs[key] = kind(**data[key])
+            if key in data:  # specs written before a part existed take its defaults
+                kwargs[key] = kind(**data[key])
         return cls(**kwargs)
 
     def write(self, path: Path) -> None:

@@ -59,8 +59,9 @@ class Task(Protocol):
     def prepare(self, spec: RunSpec) -> None:
         """Load the data into memory; raise DataMissingError naming `make prepare-data` if absent."""
 
-    def build_model(self, spec: RunSpec) -> nn.Module:
-        """A freshly initialised model (the trainer has seeded torch already)."""
+    def build_model(self, spec: RunSpec, architecture: dict | None = None) -> nn.Module:
+        """A freshly initialised model (the trainer has seeded torch already); with ``architecture`` (what
+        ``model.architecture()`` of a model cut by lib/surgery.py returned) the smaller model it describes."""
 
     def examples_per_epoch(self, spec: RunSpec) -> int:
         """Training examples in one epoch, used to turn EPOCHS into steps."""

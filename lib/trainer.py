@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from lib.optim import build_optimizer, masked_step
 from lib.optim.adamwprune import AdamWPrune
 from lib.pruning import build_pruner
 from lib.spec import HardwarePlan, RunSpec, TrainSettings
+from lib.structure_stats import StructureStats
 from lib.task import Task, get_task
 from lib.tracking import NullTracker, open_tracker
 
@@ -92,7 +94,13 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
     with distributed.main_first(shard):  # rank 0 alone writes data files a task prepares on first use
         task.prepare(spec)
 
-    model = task.build_model(spec).to(device)
+    ckpt_dir = run_dir / "checkpoints"
+    manager = Manager(ckpt_dir, Policy(cfg.ckpt_interval, cfg.ckpt_time_s, cfg.ckpt_keep_last, cfg.ckpt_milestone),
+                      say=lambda line: _log(line, shard))
+    found = manager.latest()  # a killed or stopped run goes on from its newest valid checkpoint
+    architecture = found[1].get("architecture") if found else None  # as surgery left it (lib/surgery.py)
+    model = (task.build_model(spec, architecture) if architecture else task.build_model(spec)).to(device)
+    stats = StructureStats(model, cfg.structure_stats_every) if cfg.structure_stats_every else None
     if hw.act_ckpt_segments:  # recompute activations in backward (lib/actckpt.py); chosen by the plan
         actckpt.apply(task.blocks(model), [actckpt.Segment(*s) for s in hw.act_ckpt_segments])
     optimizer = build_optimizer(model, spec.optim)
@@ -104,14 +112,10 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
     forward_model = torch.compile(ddp) if hw.compile else ddp  # compiled forward; same parameters
     autocast, scaler = _precision(device, hw.dtype)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = hw.tf32  # the plan: Ampere+ only
-    ckpt_dir = run_dir / "checkpoints"
-    manager = Manager(ckpt_dir, Policy(cfg.ckpt_interval, cfg.ckpt_time_s, cfg.ckpt_keep_last, cfg.ckpt_milestone),
-                      say=lambda line: _log(line, shard))
-    found = manager.latest()  # a killed or stopped run goes on from its newest valid checkpoint
     probe_tries: list[dict[str, Any]] = []
     total, per_epoch = planned_steps(cfg, task.examples_per_epoch(spec), cfg.batch_size)
     if found:  # every tensor, counter and RNG as they were; the same micro-batch, not a new probe
-        done = ckpt_state.restore(found[1], found[0], spec.to_dict(), model, optimizer, pruner, scaler)
+        done = ckpt_state.restore(found[1], found[0], spec.to_dict(), model, optimizer, pruner, scaler, stats)
         hw = dataclasses.replace(hw, micro_batch=done.micro_batch, grad_accum=done.grad_accum)
         _log(f"resuming {spec.name} from {found[0].name} (step {done.step})", shard)
         done.resumed_from.append(done.step)
@@ -152,6 +156,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
         loss_sum = 0.0
         for micro in range(hw.grad_accum):
             batch = tuple(t.to(device, non_blocking=True) for t in next(stream))
+            if micro == 0:
+                first = batch  # the step's first micro-batch: what structure statistics are measured on
             with distributed.no_sync_unless(ddp, last=micro == hw.grad_accum - 1):  # all-reduce once per step
                 before = actckpt.bytes_in_use(device) if step == meter_step and micro == 0 else None
                 with autocast():
@@ -162,6 +168,9 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
             loss_sum += loss.detach()
             samples += task.samples_in(batch)
         scaler.unscale_(optimizer)  # fp16 only; a no-op otherwise
+        if stats is not None and stats.due(step):  # structure statistics for surgery: this step's grads
+            with autocast():
+                stats.record(functools.partial(task.loss, model, first))
         pruner.before_step()  # pruned weights get no gradient
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -216,7 +225,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
                     train_time=train_time, wall_before=done.wall_before + time.perf_counter() - start,
                     best_step=best.step, best_metrics=dict(best.metrics),
                     log_offsets={"metrics": metrics_file.tell(), "train": curve_file.tell()})
-                manager.save(step, ckpt_state.payload(now, spec.to_dict(), model, optimizer, pruner, scaler))
+                manager.save(step, ckpt_state.payload(now, spec.to_dict(), model, optimizer, pruner, scaler, stats))
             if stop:
                 bar.close()
                 raise ckpt_state.Stopped(step, stop)
@@ -262,6 +271,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
         "wall_time_s": wall,
         **({"resumed": {"count": len(done.resumed_from), "from_steps": done.resumed_from}}
            if done.resumed_from else {}),
+        **({"surgery": done.surgeries} if done.surgeries else {}),
+        **({"structure_stats": {"every": stats.every, "count": stats.count}} if stats else {}),
         **ranks,
     }
 

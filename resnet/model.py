@@ -8,10 +8,13 @@ ResNet-50 with 100 classes 23,705,252.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.errors import ConfigError
 from lib.structures import ResidualBlock, Structure, rows_and_columns
 
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -22,11 +25,12 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, inner: tuple[int, ...] = ()) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        (width,) = inner or (planes,)  # conv1's output channels: fewer once surgery removed some
+        self.conv1 = nn.Conv2d(in_planes, width, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
@@ -45,14 +49,15 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, inner: tuple[int, ...] = ()) -> None:
         super().__init__()
         out_planes = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        w1, w2 = inner or (planes, planes)  # conv1's and conv2's output channels (surgery may narrow them)
+        self.conv1 = nn.Conv2d(in_planes, w1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w1)
+        self.conv2 = nn.Conv2d(w1, w2, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(w2)
+        self.conv3 = nn.Conv2d(w2, out_planes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.shortcut = _shortcut(in_planes, out_planes, stride)
 
@@ -81,8 +86,11 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], blocks: tuple[int, int, int, int],
-                 num_classes: int = 10, in_channels: int = 3) -> None:
+                 num_classes: int = 10, in_channels: int = 3, inner: list[list[int]] | None = None) -> None:
+        """``inner``: each block's internal widths in forward order, as ``architecture()`` gives them after
+        surgery; None for the published widths."""
         super().__init__()
+        widths = iter(inner or [])
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         in_planes = 64
@@ -91,7 +99,7 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2  # the first stage keeps 32x32: there is no max-pool
             layers = []
             for j in range(count):
-                layers.append(block(in_planes, width, stride if j == 0 else 1))
+                layers.append(block(in_planes, width, stride if j == 0 else 1, tuple(next(widths, ()))))
                 in_planes = width * block.expansion
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -113,6 +121,23 @@ class ResNet(nn.Module):
                 found += rows_and_columns("channel", f"{name}.conv{k}", f"{producer}.weight", f"{consumer}.weight",
                                           getattr(block, f"conv{k}").out_channels)
         return found
+
+    def architecture(self) -> dict[str, Any]:
+        """Blocks per stage and each block's internal widths (lib/surgery.py; the task rebuilds from it)."""
+        return {"blocks": [len(s) for s in (self.layer1, self.layer2, self.layer3, self.layer4)],
+                "inner": [[getattr(b, f"conv{k}").out_channels for k in (1, 2) if hasattr(b, f"conv{k + 1}")]
+                          for _, b in self._blocks()]}
+
+    def architecture_without(self, removed: list[Structure], blocks: list[str]) -> dict[str, Any]:
+        """The architecture once the ``removed`` channels and the residual ``blocks`` are gone."""
+        arch, names = self.architecture(), [name for name, _ in self._blocks()]
+        for unit in removed:  # group "layer2.1.conv1": the block's first internal width
+            block, conv = unit.group.rsplit(".", 1)
+            arch["inner"][names.index(block)][int(conv.removeprefix("conv")) - 1] -= 1
+        for name in blocks:
+            arch["blocks"][int(name.split(".")[0].removeprefix("layer")) - 1] -= 1
+        arch["inner"] = [w for name, w in zip(names, arch["inner"], strict=True) if name not in blocks]
+        return arch
 
     def residual_blocks(self) -> list[ResidualBlock]:
         """Blocks with an identity shortcut: all parameters zero, the block returns relu(0 + x) = x, x >= 0
@@ -136,11 +161,26 @@ class ResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def resnet18(num_classes: int = 10) -> ResNet:
+def resnet18(num_classes: int = 10, architecture: dict[str, Any] | None = None) -> ResNet:
     """ResNet-18: BasicBlocks [2, 2, 2, 2]; 11,173,962 parameters for 10 classes."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes)
+    return _built(BasicBlock, (2, 2, 2, 2), num_classes, architecture)
 
 
-def resnet50(num_classes: int = 100) -> ResNet:
+def resnet50(num_classes: int = 100, architecture: dict[str, Any] | None = None) -> ResNet:
     """ResNet-50: Bottlenecks [3, 4, 6, 3]; 23,705,252 parameters for 100 classes."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes)
+    return _built(Bottleneck, (3, 4, 6, 3), num_classes, architecture)
+
+
+def _built(block: type[BasicBlock] | type[Bottleneck], blocks: tuple[int, int, int, int], num_classes: int,
+           architecture: dict[str, Any] | None) -> ResNet:
+    if architecture is None:
+        return ResNet(block, blocks, num_classes)
+    try:
+        counts = tuple(int(n) for n in architecture["blocks"])
+        inner = [[int(w) for w in widths] for widths in architecture["inner"]]
+        if len(counts) != 4 or len(inner) != sum(counts) or min(min(w) for w in inner) < 1:
+            raise ValueError("block counts and widths disagree")
+        return ResNet(block, counts, num_classes, inner=inner)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"ResNet architecture {architecture!r} is not one ResNet.architecture() wrote "
+                          f"({type(exc).__name__}: {exc})") from None

@@ -22,7 +22,7 @@ from resnet.data import VAL_IMAGES, CifarData, augment, layout_of, load_cifar, n
 from resnet.download import download_cifar
 from resnet.model import resnet18, resnet50
 
-BUILDERS: dict[str, Callable[[int], nn.Module]] = {"resnet18": resnet18, "resnet50": resnet50}
+BUILDERS: dict[str, Callable[..., nn.Module]] = {"resnet18": resnet18, "resnet50": resnet50}
 # Offset between the shuffling and the augmentation generators: turning augmentation
 # on or off then leaves the order of the training images unchanged.
 AUGMENT_SEED_OFFSET = 7919
@@ -73,8 +73,8 @@ class ResNetTask(classification.ClassificationTask):
         """Every residual block of the four stages, in order, for activation checkpointing."""
         return [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
 
-    def build_model(self, spec: RunSpec) -> nn.Module:
-        return BUILDERS[self.name](self.classes)
+    def build_model(self, spec: RunSpec, architecture: dict | None = None) -> nn.Module:
+        return BUILDERS[self.name](self.classes, architecture)
 
     def examples_per_epoch(self, spec: RunSpec) -> int:
         return len(self._data(spec).train)

@@ -107,7 +107,8 @@ def test_bad_inputs_are_one_line() -> None:
                        match="layer-dropout pruning needs residual blocks that can be dropped; LeNet5 has none"):
         build_pruner(lenet, None, PruneSettings(method="layer-dropout", target=0.5, start=1, end=2, frequency=1))
     with pytest.raises(ConfigError, match=r"can remove at most 14\.5 % of ResNet's prunable weights .*not 50 %"):
-        build_pruner(resnet, None, PruneSettings(method="layer-dropout", target=0.5, start=1, end=2, frequency=1))
+        build_pruner(resnet, None, PruneSettings(method="layer-dropout", target=0.5, start=1, end=2,
+                                                 frequency=1)).check_target(0.5)
     with pytest.raises(ConfigError, match="describes none"):
         build_pruner(nn.Sequential(nn.Linear(4, 4)), None,
                      PruneSettings(method="structured", target=0.5, start=1, end=2, frequency=1))

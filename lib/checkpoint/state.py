@@ -69,12 +69,19 @@ class Progress:
     grad_accum: int = 0
     log_offsets: dict[str, int] = field(default_factory=dict)  # bytes of each log at the checkpoint
     resumed_from: list[int] = field(default_factory=list)  # the step of every earlier resume
+    surgeries: list[dict[str, Any]] = field(default_factory=list)  # what each surgery removed (lib/surgery.py)
 
 
 def payload(progress: Progress, spec_dict: dict[str, Any], model: torch.nn.Module, optimizer: Any, pruner: Any,
-            scaler: Any) -> dict[str, Any]:
-    """The complete state at the end of ``progress.step`` (weights_only-safe: tensors and plain data)."""
+            scaler: Any, stats: Any = None) -> dict[str, Any]:
+    """The complete state at the end of ``progress.step`` (weights_only-safe: tensors and plain data).
+
+    ``architecture`` (a model that surgery can change describes its shape) lets the model be rebuilt
+    as it is; ``statistics`` are the structure statistics (lib/structure_stats.py) when gathered."""
+    describe = getattr(model, "architecture", None)
     return {
+        "architecture": describe() if callable(describe) else None,
+        "statistics": stats.state_dict() if stats is not None else None,
         "format": FORMAT,
         "step": progress.step,
         "progress": asdict(progress),
@@ -89,7 +96,7 @@ def payload(progress: Progress, spec_dict: dict[str, Any], model: torch.nn.Modul
 
 
 def restore(state: dict[str, Any], where: Path, spec_dict: dict[str, Any], model: torch.nn.Module, optimizer: Any,
-            pruner: Any, scaler: Any) -> Progress:
+            pruner: Any, scaler: Any, stats: Any = None) -> Progress:
     """Put ``state`` back into the run's objects; CheckpointError (one line) when it belongs to another run."""
     if state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {where} has format {state.get('format')!r}; this harness reads {FORMAT}")
@@ -99,6 +106,8 @@ def restore(state: dict[str, Any], where: Path, spec_dict: dict[str, Any], model
         optimizer.load_state_dict(state["optimizer"])
         pruner.load_state_dict(state["pruner"])
         scaler.load_state_dict(state["scaler"])
+        if stats is not None and state.get("statistics"):
+            stats.load_state_dict(state["statistics"])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {where} does not fit this run: {first_line(exc)}") from None
     set_rng_state(state["rng"])
@@ -106,7 +115,7 @@ def restore(state: dict[str, Any], where: Path, spec_dict: dict[str, Any], model
 
 
 # Fields of the RunSpec that may change between the killed run and its resume without changing the result.
-MAY_DIFFER = ("name", "data_dir", "hardware")
+MAY_DIFFER = ("name", "data_dir", "hardware", "surgery")
 
 
 def check_spec(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:

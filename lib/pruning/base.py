@@ -49,6 +49,7 @@ class Pruner:
         self.masks: dict[str, Tensor] = {}  # name -> keep-mask (bool, or packed uint8); empty until the first update
         self.step = 0  # optimizer steps completed at the last after_step()
         self.applied = 0.0  # sparsity the current masks were computed for
+        self.removed = 0  # prunable weights checkpoint-time surgery removed from the model (lib/surgery.py)
         self.total_steps: int | None = None
 
     # -- what subclasses override -------------------------------------------------------------
@@ -243,11 +244,11 @@ class Pruner:
         Measured rather than read from the masks, so a mask that was never
         applied (or an optimizer that revived pruned weights) shows up.
         """
-        total = self.prunable_count()
+        total = self.prunable_count() + self.removed  # weights surgery removed count as pruned
         if total == 0:
             return 0.0
         zeros = sum(int((param == 0).sum()) for _, param in self.params)
-        return zeros / total
+        return (zeros + self.removed) / total
 
     def report(self) -> dict[str, Any]:
         """Method-specific facts for summary.json's sparsity entry (structures removed, ...)."""
@@ -265,7 +266,7 @@ class Pruner:
 
     def state_dict(self) -> dict[str, Any]:
         """Masks and progress, for a checkpoint (plain tensors and numbers: weights_only-safe)."""
-        return {"step": self.step, "applied": self.applied, "masks": dict(self.masks)}
+        return {"step": self.step, "applied": self.applied, "masks": dict(self.masks), "removed": self.removed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()`` output; the masks must match this model's prunable weights."""
@@ -283,6 +284,7 @@ class Pruner:
         }
         self.step = int(state["step"])
         self.applied = float(state["applied"])
+        self.removed = int(state.get("removed", 0))
 
 
 def _apply_mask(tensor: Tensor, mask: Tensor) -> None:

@@ -47,8 +47,8 @@ class StructuredPruner(MagnitudePruner):
         if not self.units:
             raise ConfigError(self.nothing_to_remove(model))
         self.index = _Indices()
-        self.reachable = self._reachable()
-        self.check_target(settings.target)
+        self.reachable = self._reachable()  # the matrix checks targets against it (check_target): once
+        # surgery has cut the model, the target counts the removed weights too, and this model alone is smaller
 
     def check_target(self, target: float) -> None:
         """One line when ``target`` is beyond what this method can remove from this model."""
@@ -151,6 +151,15 @@ class StructuredPruner(MagnitudePruner):
             removed += shape.numel() - survivors
         return removed / self.prunable_count()
 
+    def removed_units(self) -> list[Structure]:
+        """The units the masks remove whole (what surgery cuts, lib/surgery.py)."""
+        masks = {name: self._bool_mask(name) for name, _ in self.params}
+        return [unit for unit in self.units if self._gone(unit, masks)]
+
+    def removed_blocks(self) -> list[str]:
+        """Residual blocks removed whole: none, for units smaller than blocks."""
+        return []
+
     def report(self) -> dict[str, Any]:
         """How many units of each kind the masks remove, for summary.json."""
         masks = {name: self._bool_mask(name) for name, _ in self.params}
@@ -184,6 +193,13 @@ class LayerDropoutPruner(StructuredPruner):
     def nothing_to_remove(self, model: nn.Module) -> str:
         return (f"layer-dropout pruning needs residual blocks that can be dropped; {type(model).__name__} has "
                 f"none: choose structured or magnitude pruning")
+
+    def removed_units(self) -> list[Structure]:
+        return []  # its units are whole blocks: removed_blocks()
+
+    def removed_blocks(self) -> list[str]:
+        gone = {id(unit) for unit in super().removed_units()}
+        return [block.name for block, unit in zip(self.blocks, self.units, strict=True) if id(unit) in gone]
 
     def _dropped(self) -> list[nn.Parameter]:
         masks = {name: self._bool_mask(name) for name, _ in self.params}

@@ -1,0 +1,89 @@
+"""What surgery changed, measured on this machine (seed 000's "measured results, not claims").
+
+For the model before and after a cut: parameters, checkpoint bytes (the serialized
+payload), optimizer-state bytes, training memory and inference latency.
+
+Training memory is counted, not sampled: exact bytes of weights, gradients, optimizer
+state and pruning buffers (lib/memory.state_bytes) plus the activation bytes one
+training forward of a micro-batch saves for backward (lib/memory.profile, hooks on
+autograd's saved tensors); on the CPU a resident-set peak would mostly measure the
+allocator. Latency is the median of ``REPEATS`` no-grad forwards at batch 1 and at
+``LARGE_BATCH``, old and new interleaved so that both see the same machine state.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from lib import memory
+from lib.spec import RunSpec
+from lib.task import Task
+
+REPEATS = 5
+LARGE_BATCH = 16
+
+
+def before_after(task: Task, spec: RunSpec, old: tuple[Any, dict], new: tuple[Any, dict]) -> dict[str, Any]:
+    """{quantity: {"before": ..., "after": ..., "ratio": after / before}} for a cut's two sides
+    (each side: a lib.surgery_command.Trained and its checkpoint payload)."""
+    sides = [_static(task, spec, trained, payload) for trained, payload in (old, new)]
+    for batch in (1, LARGE_BATCH):
+        times = _latency(task, spec, [old[0].model, new[0].model], batch)
+        for side, t in zip(sides, times, strict=True):
+            side[f"latency_ms_batch_{batch}"] = t
+    return {key: {"before": sides[0][key], "after": sides[1][key],
+                  "ratio": sides[1][key] / sides[0][key] if sides[0][key] else None} for key in sides[0]}
+
+
+def _static(task: Task, spec: RunSpec, trained: Any, payload: dict) -> dict[str, float]:
+    model, optimizer = trained.model, trained.optimizer
+    state = memory.state_bytes(model, optimizer, trained.pruner.buffer_bytes())
+    batch = task.example_batch(spec, spec.hardware.micro_batch, torch.device("cpu"))
+    model.train()
+    saved = memory.profile(model, task.blocks(model), lambda: task.loss(model, batch)).total
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "checkpoint_bytes": buffer.tell(),
+            "optimizer_state_bytes": state["optimizer_state"],
+            "training_memory_bytes": sum(state.values()) + saved}
+
+
+@torch.no_grad()
+def _latency(task: Task, spec: RunSpec, models: list[torch.nn.Module], batch: int) -> list[float]:
+    inputs = task.example_batch(spec, batch, torch.device("cpu"))[0]
+    times: list[list[float]] = [[] for _ in models]
+    for model in models:
+        model.eval()
+        model(inputs)  # warm-up: first-call allocations
+    for _ in range(REPEATS):
+        for i, model in enumerate(models):
+            start = time.perf_counter()
+            model(inputs)
+            times[i].append(1000 * (time.perf_counter() - start))
+    return [statistics.median(t) for t in times]
+
+
+def table(record: dict[str, Any]) -> str:
+    """The before/after table of a surgery record, as Markdown."""
+    rows = ["| quantity | before | after | after / before |", "|---|---:|---:|---:|"]
+    for key, value in record["measured"].items():
+        ratio = f"{value['ratio']:.3f}" if value["ratio"] is not None else "-"
+        rows.append(f"| {key.replace('_', ' ')} | {_fmt(key, value['before'])} | {_fmt(key, value['after'])} "
+                    f"| {ratio} |")
+    loss = record.get("val_loss")
+    if loss:
+        rows.append(f"| validation loss | {loss['before']:.4f} | {loss['after']:.4f} | rise {loss['rise']:+.4f} |")
+    return "\n".join(rows)
+
+
+def _fmt(key: str, value: float) -> str:
+    if key.endswith("_bytes"):
+        return f"{value / 2**20:.2f} MiB"
+    if key.startswith("latency"):
+        return f"{value:.2f} ms"
+    return f"{int(value):,}"
