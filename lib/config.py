@@ -309,6 +309,7 @@ def _train(r: Reader) -> TrainSettings:
         ckpt_keep_last=r.int("CKPT_KEEP_LAST"),
         ckpt_milestone=r.int("CKPT_MILESTONE"),
         structure_stats_every=r.int("STRUCTURE_STATS_EVERY"),
+        surgery_every=r.int("SURGERY_EVERY") if r.int("STRUCTURE_STATS_EVERY") else 0,  # it cuts by them
     )
     if not (settings.epochs or settings.max_iters or settings.time_budget_s):  # Kconfig misses "0s", "0m"
         raise ConfigError("no training budget: CONFIG_EPOCHS, CONFIG_MAX_ITERS and CONFIG_TIME_BUDGET are all 0; "

@@ -50,9 +50,7 @@ def run(run_dir: Path) -> int:
     try:
         shard = distributed.setup(spec.hardware)  # joins the process group when torchrun started several ranks
         joined = True
-        from lib.trainer import train
-
-        summary = train(spec, run_dir, shard)
+        summary = _train_and_cut(spec, run_dir, shard)
     except ckpt_state.Stopped as stopped:  # not an outcome: `make continue` resumes from the checkpoint
         distributed.teardown()
         if shard.main:
@@ -92,6 +90,30 @@ def run(run_dir: Path) -> int:
 RANK_FAILED = "rank {rank} failed: "  # the line lib/matrix.py looks for in a log that has no summary
 DISK_FULL_EXIT = 3  # the matrix stops every run on this status: its siblings would fill the same disk
 STOPPED_EXIT = 4  # stopped on SIGTERM/SIGUSR1 after writing a checkpoint; unfinished, resumable
+
+
+def _train_and_cut(spec: RunSpec, run_dir: Path, shard: distributed.Shard) -> dict:
+    """Train; with CONFIG_SURGERY_EVERY, cut each checkpoint the trainer stops at and train on from it."""
+    from lib.trainer import train
+
+    after_surgery = False
+    while True:
+        try:
+            return train(spec, run_dir, shard, after_surgery)
+        except ckpt_state.SurgeryDue as due:
+            with distributed.main_first(shard):  # rank 0 cuts; the others wait, then load what it wrote
+                if shard.main:
+                    _cut(spec, run_dir, due.step)
+            after_surgery = True
+
+
+def _cut(spec: RunSpec, run_dir: Path, step: int) -> None:
+    from lib.surgery_command import operate
+
+    try:
+        operate(run_dir, locked=True)
+    except HarnessError as exc:  # refused or rolled back: the checkpoint is untouched, training goes on
+        print(f"{spec.name}: no cut at step {step}: {exc}; training goes on uncut", flush=True)
 
 
 def _wait_for_record(path: Path, since: float, patience_s: float = 20.0) -> None:

@@ -77,6 +77,7 @@ class TrainSettings:
     ckpt_keep_last: int = 3
     ckpt_milestone: int = 0  # keep a copy every M steps for good (0 = none)
     structure_stats_every: int = 0  # structure statistics for surgery every N steps (0 = none)
+    surgery_every: int = 0  # cut the run's checkpoint every N steps and train on (0 = never)
 
 
 @dataclass(frozen=True)

@@ -67,10 +67,12 @@ class Trained:
 
 
 def operate(run_dir: Path, fraction: str | None = None, structure: str | None = None,
-            say: Any = print) -> dict[str, Any]:
+            say: Any = print, locked: bool = False) -> dict[str, Any]:
     """Cut the run in ``run_dir`` and return the surgery record; HarnessError (one line) when it is refused
-    or rolled back, the checkpoints untouched."""
+    or rolled back, the checkpoints untouched. ``locked``: the caller is the run's own trainer process."""
     spec = _spec(run_dir)
+    if locked:
+        return _operate(run_dir, spec, fraction, structure, say)
     held = runlock.lock(run_dir)  # no trainer may write this folder's checkpoints meanwhile
     try:
         return _operate(run_dir, spec, fraction, structure, say)
@@ -103,6 +105,8 @@ def _operate(run_dir: Path, spec: RunSpec, fraction: str | None, structure: str 
     smaller = {**payload, "model": new.model.state_dict(), "optimizer": new.optimizer.state_dict(),
                "pruner": new.pruner.state_dict(), "architecture": cut.architecture,
                "statistics": None}  # statistics describe the old shapes: gathering starts again
+    say(f"surgery: {path.relative_to(run_dir)} (step {step}): removing {_removed_line({'removed': cut.counts()})} "
+        f"chosen from {source}; evaluating both models on the validation split and measuring them (CPU)")
     task.prepare(spec)
     before = task.evaluate(old.model, spec, "val")
     after = task.evaluate(new.model, spec, "val")
@@ -111,7 +115,8 @@ def _operate(run_dir: Path, spec: RunSpec, fraction: str | None, structure: str 
               "removed": cut.counts(), "removed_blocks": blocks, "prunable_weights_removed": cut_weights,
               "architecture": {"before": payload.get("architecture"), "after": cut.architecture},
               "val_loss": {"before": before["loss"], "after": after["loss"], "rise": rise, "limit": limit},
-              "accepted": rise <= limit,
+              "accepted": rise <= limit, "measured_at": {"micro_batch": surgery_measure.profile_batch(spec),
+                                                         "large_batch": surgery_measure.LARGE_BATCH},
               "measured": surgery_measure.before_after(task, spec, (old, payload), (new, smaller))}
     _append_record(run_dir, record)
     if rise > limit:

@@ -7,8 +7,9 @@ Training memory is counted, not sampled: exact bytes of weights, gradients, opti
 state and pruning buffers (lib/memory.state_bytes) plus the activation bytes one
 training forward of a micro-batch saves for backward (lib/memory.profile, hooks on
 autograd's saved tensors); on the CPU a resident-set peak would mostly measure the
-allocator. Latency is the median of ``REPEATS`` no-grad forwards at batch 1 and at
-``LARGE_BATCH``, old and new interleaved so that both see the same machine state.
+allocator. Activations are counted at the run's micro-batch, at most ``PROFILE_BATCH``.
+Latency is the median of ``REPEATS`` no-grad forwards at batch 1 and at ``LARGE_BATCH``,
+old and new interleaved so that both see the same machine state.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lib.task import Task
 
 REPEATS = 5
 LARGE_BATCH = 16
+PROFILE_BATCH = 8  # at most: a GPU run's micro-batch (64 x 1024 tokens of GPT-2) would not fit a CPU forward
 
 
 def before_after(task: Task, spec: RunSpec, old: tuple[Any, dict], new: tuple[Any, dict]) -> dict[str, Any]:
@@ -43,7 +45,7 @@ def before_after(task: Task, spec: RunSpec, old: tuple[Any, dict], new: tuple[An
 def _static(task: Task, spec: RunSpec, trained: Any, payload: dict) -> dict[str, float]:
     model, optimizer = trained.model, trained.optimizer
     state = memory.state_bytes(model, optimizer, trained.pruner.buffer_bytes())
-    batch = task.example_batch(spec, spec.hardware.micro_batch, torch.device("cpu"))
+    batch = task.example_batch(spec, profile_batch(spec), torch.device("cpu"))
     model.train()
     saved = memory.profile(model, task.blocks(model), lambda: task.loss(model, batch)).total
     buffer = io.BytesIO()
@@ -51,6 +53,11 @@ def _static(task: Task, spec: RunSpec, trained: Any, payload: dict) -> dict[str,
     return {"parameters": sum(p.numel() for p in model.parameters()), "checkpoint_bytes": buffer.tell(),
             "optimizer_state_bytes": state["optimizer_state"],
             "training_memory_bytes": sum(state.values()) + saved}
+
+
+def profile_batch(spec: RunSpec) -> int:
+    """The micro-batch whose saved activations count into training memory."""
+    return min(spec.hardware.micro_batch, PROFILE_BATCH)
 
 
 @torch.no_grad()

@@ -83,8 +83,10 @@ def lr_at(step: int, peak: float, total: int, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]:
-    """Train one run as rank ``shard``; return its summary (status ok or diverged). Exceptions mean failed."""
+def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bool = False) -> dict[str, Any]:
+    """Train one run as rank ``shard``; return its summary (status ok or diverged). Exceptions mean failed,
+    except ``SurgeryDue`` (CONFIG_SURGERY_EVERY): lib/run.py cuts the checkpoint just written and calls
+    again with ``after_surgery`` (which is not counted as a resume)."""
     hw, cfg = spec.hardware, spec.train
     if hw.threads:
         torch.set_num_threads(hw.threads)
@@ -118,7 +120,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
         done = ckpt_state.restore(found[1], found[0], spec.to_dict(), model, optimizer, pruner, scaler, stats)
         hw = dataclasses.replace(hw, micro_batch=done.micro_batch, grad_accum=done.grad_accum)
         _log(f"resuming {spec.name} from {found[0].name} (step {done.step})", shard)
-        done.resumed_from.append(done.step)
+        if not after_surgery:
+            done.resumed_from.append(done.step)
     else:
         if hw.probe:  # CONFIG_PROBE_BATCH: halve the micro-batch on out-of-memory, before any real step
             hw, probe_tries = probe.fit_micro_batch(task, model, spec, device, autocast)
@@ -216,7 +219,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
                 if shard.main:
                     _save_checkpoint(ckpt_dir / "best.pt", model, pruner, step)
         stop = _stop_agreed(shard)
-        if step < provisional and (stop or manager.due(step)):  # the end of a step: a clean point to resume
+        cut_now = cfg.surgery_every > 0 and step % cfg.surgery_every == 0
+        if step < provisional and (stop or cut_now or manager.due(step)):  # the end of a step: a clean point to resume
             if shard.main:
                 metrics_file.flush()
                 curve_file.flush()
@@ -229,6 +233,9 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE) -> dict[str, Any]
             if stop:
                 bar.close()
                 raise ckpt_state.Stopped(step, stop)
+            if cut_now:
+                bar.close()
+                raise ckpt_state.SurgeryDue(step)
     bar.close()
     metrics_file.close()
     curve_file.close()

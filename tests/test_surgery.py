@@ -195,17 +195,20 @@ def test_pruner_state_is_cut_and_counts_the_removed_weights() -> None:
 # -- the command --------------------------------------------------------------------------------
 
 
-def _trained_run(tmp_path: Path, prune: PruneSettings | None = None, **train) -> Path:
+def _trained_run(tmp_path: Path, prune: PruneSettings | None = None, max_loss_increase: float = 0.5,
+                 **train) -> Path:
+    """A trained tiny-GPT run folder (its output in tmp_path/stdout.txt)."""
     settings = {"max_iters": 20, "structure_stats_every": 5, "ckpt_interval": 10, "ckpt_milestone": 10, **train}
     spec = synthetic_spec(tmp_path, **settings)
-    if prune is not None:
-        spec = dataclasses.replace(spec, prune=prune)
+    spec = dataclasses.replace(spec, prune=prune or spec.prune,
+                               surgery=dataclasses.replace(spec.surgery, max_loss_increase=max_loss_increase))
     run_dir = tmp_path / spec.name
     run_dir.mkdir()
     spec.write(run_dir / "spec.json")
     done = subprocess.run([sys.executable, "-m", "lib.run", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    (tmp_path / "stdout.txt").write_text(done.stdout)
     return run_dir
 
 
@@ -237,7 +240,9 @@ def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path:
     measured = record["measured"]
     for key in ("parameters", "checkpoint_bytes", "optimizer_state_bytes", "training_memory_bytes"):
         assert measured[key]["after"] < measured[key]["before"], key
-    assert "| parameters |" in lines[0] and lines[1].startswith("surgery accepted: 4 heads, 512 neurons")
+    assert lines[0].startswith("surgery: checkpoints/milestones/step_00000010.ckpt (step 10): removing 4 heads, "
+                               "512 neurons chosen from statistics")
+    assert "| parameters |" in lines[1] and lines[2].startswith("surgery accepted: 4 heads, 512 neurons")
     assert (run_dir / "checkpoints" / "before_surgery" / "step_00000010.ckpt").is_file()
     assert not (run_dir / "summary.json").exists() and (run_dir / "summary.before_surgery.json").exists()
     done = subprocess.run([sys.executable, "-m", "lib.run", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
@@ -332,3 +337,53 @@ def test_the_report_lists_the_surgeries() -> None:
     lines = _surgeries([Run({"name": "a", "surgery": [entry]}), Run({"name": "b"})])
     assert "| a | 200 | statistics | 4 heads, 616 neurons | 5.5473 -> 5.5799 |" in lines
     assert not any("| b |" in line for line in lines) and _surgeries([Run({"name": "b"})]) == []
+
+
+def test_surgery_every_cuts_inside_the_run_and_a_rollback_trains_on_uncut(tmp_path: Path) -> None:
+    run_dir = _trained_run(tmp_path / "cut", max_iters=20, surgery_every=10, ckpt_interval=0, ckpt_milestone=0)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["steps"]["done"] == 20 and "resumed" not in summary
+    assert [s["step"] for s in summary["surgery"]] == [10] and summary["surgery"][0]["source"] == "statistics"
+    assert summary["sparsity"]["total_params"] < 803_584  # the tiny GPT at vocabulary 256 has 803,584
+    run_dir = _trained_run(tmp_path / "uncut", max_loss_increase=0.0, surgery_every=10, ckpt_interval=0,
+                           ckpt_milestone=0)
+    stdout = (tmp_path / "uncut" / "stdout.txt").read_text()
+    assert "gpt2_tiny: no cut at step 10: surgery rolled back: validation loss rose" in stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" and "surgery" not in summary and summary["sparsity"]["total_params"] == 803_584
+
+
+def test_lenet5_is_cut_through_the_dependency_graph_and_trains_on(tmp_path: Path) -> None:
+    from tests.conftest import tiny_spec
+
+    spec = tiny_spec("lenet", max_iters=12, structure_stats_every=2, ckpt_interval=6, ckpt_milestone=6)
+    spec = dataclasses.replace(spec, surgery=dataclasses.replace(spec.surgery, max_loss_increase=10.0))
+    run_dir = tmp_path / spec.name
+    run_dir.mkdir()
+    spec.write(run_dir / "spec.json")
+    assert subprocess.run([sys.executable, "-m", "lib.run", str(run_dir)], cwd=ROOT, timeout=300).returncode == 0
+    with pytest.raises(HarnessError, match="LeNet5 has no heads; it has channels, units"):
+        operate(run_dir, "0.3", "heads")
+    with pytest.raises(HarnessError, match="LeNet5 has no residual blocks to remove"):
+        operate(run_dir, "0.3", "blocks")
+    record = operate(run_dir, "0.25", "channels", say=lambda line: None)
+    assert record["removed"] == {"channel": 6} and record["architecture"]["after"]["conv2"] == 12
+    assert subprocess.run([sys.executable, "-m", "lib.run", str(run_dir)], cwd=ROOT, timeout=300).returncode == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["surgery"][0]["removed"] == {"channel": 6}
+
+
+def test_layer_dropout_masks_cut_into_fewer_blocks() -> None:
+    torch.manual_seed(0)
+    model = GPT(config_for("tiny", vocab_size=256, block_size=16))
+    pruner = build_pruner(model, None, PruneSettings(method="layer-dropout", target=0.5, start=1, end=2, frequency=1))
+    pruner.prune_to(0.5)
+    blocks = pruner.removed_blocks()
+    assert len(blocks) == 2 and pruner.removed_units() == []
+    cut = surgery.plan(model, [], blocks)
+    assert cut.architecture == {"n_layer": 2, "heads": [4, 4], "mlp": [512, 512]}
+    small = GPT(config_for("tiny", 256, 16, cut.architecture))
+    small.load_state_dict(surgery.carry_model(model.state_dict(), cut))
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)

@@ -37,6 +37,15 @@ class Stopped(Exception):
         self.step = step
 
 
+class SurgeryDue(Exception):
+    """CONFIG_SURGERY_EVERY: a checkpoint was written at the end of ``step`` for surgery to cut
+    (lib/run.py cuts it, then trains on from the result)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"surgery due after step {step}")
+        self.step = step
+
+
 def request_stop(signum: int, frame: Any = None) -> None:
     """Signal handler: finish the current step, write a checkpoint, then stop."""
     _stop["signal"] = signum
