@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.errors import ConfigError
-from lib.structures import ResidualBlock, Structure, rows_and_columns
+from lib.structures import Part, ResidualBlock, Structure, rows_and_columns
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 
@@ -25,14 +25,18 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, inner: tuple[int, ...] = ()) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, inner: tuple[int, ...] = (),
+                 out_planes: int = 0, projection: bool | None = None) -> None:
+        """``inner``, ``out_planes``: widths surgery narrowed (default: ``planes``); ``projection``: whether
+        the shortcut projects (default: when the published shapes differ)."""
         super().__init__()
         (width,) = inner or (planes,)  # conv1's output channels: fewer once surgery removed some
+        out_planes = out_planes or planes * self.expansion
         self.conv1 = nn.Conv2d(in_planes, width, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+        self.conv2 = nn.Conv2d(width, out_planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.shortcut = _shortcut(in_planes, out_planes, stride, projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -49,9 +53,10 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, inner: tuple[int, ...] = ()) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, inner: tuple[int, ...] = (),
+                 out_planes: int = 0, projection: bool | None = None) -> None:
         super().__init__()
-        out_planes = planes * self.expansion
+        out_planes = out_planes or planes * self.expansion
         w1, w2 = inner or (planes, planes)  # conv1's and conv2's output channels (surgery may narrow them)
         self.conv1 = nn.Conv2d(in_planes, w1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(w1)
@@ -59,7 +64,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(w2)
         self.conv3 = nn.Conv2d(w2, out_planes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
-        self.shortcut = _shortcut(in_planes, out_planes, stride)
+        self.shortcut = _shortcut(in_planes, out_planes, stride, projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -68,9 +73,12 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
-    """Identity when shapes match, else a strided 1x1 projection with BatchNorm (option B)."""
-    if stride == 1 and in_planes == out_planes:
+def _shortcut(in_planes: int, out_planes: int, stride: int, projection: bool | None = None) -> nn.Module:
+    """Identity when shapes match, else a strided 1x1 projection with BatchNorm (option B). After surgery
+    the widths may meet by chance: ``projection`` then keeps the published kind."""
+    if projection is None:
+        projection = stride != 1 or in_planes != out_planes
+    if not projection:
         return nn.Identity()
     return nn.Sequential(
         nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
@@ -86,21 +94,29 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], blocks: tuple[int, int, int, int],
-                 num_classes: int = 10, in_channels: int = 3, inner: list[list[int]] | None = None) -> None:
-        """``inner``: each block's internal widths in forward order, as ``architecture()`` gives them after
-        surgery; None for the published widths."""
+                 num_classes: int = 10, in_channels: int = 3, inner: list[list[int]] | None = None,
+                 streams: list[int] | None = None) -> None:
+        """``inner``: each block's internal widths in forward order; ``streams``: the residual streams'
+        widths (the stem's, then one per stage whose first block projects), as ``architecture()`` gives
+        them after surgery; None for the published widths."""
         super().__init__()
-        widths = iter(inner or [])
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        in_planes = 64
+        widths, published = iter(inner or []), _published_streams(block)
+        stream = iter(streams or published)
+        in_planes = next(stream)
+        self.conv1 = nn.Conv2d(in_channels, in_planes, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        published_in = 64
         stages = []
         for i, (width, count) in enumerate(zip(STAGE_WIDTHS, blocks, strict=True)):
             stride = 1 if i == 0 else 2  # the first stage keeps 32x32: there is no max-pool
+            projection = stride != 1 or published_in != width * block.expansion
+            out_planes = next(stream) if projection else in_planes
             layers = []
             for j in range(count):
-                layers.append(block(in_planes, width, stride if j == 0 else 1, tuple(next(widths, ()))))
-                in_planes = width * block.expansion
+                layers.append(block(in_planes, width, stride if j == 0 else 1, tuple(next(widths, ())), out_planes,
+                                    projection and j == 0))
+                in_planes = out_planes
+            published_in = width * block.expansion
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.fc = nn.Linear(in_planes, num_classes)
@@ -111,9 +127,35 @@ class ResNet(nn.Module):
                                                                 1) for j, b in enumerate(stage)]
 
     def structures(self) -> list[Structure]:
-        """The channels inside each residual block (lib/structures.py): a conv's output channel and the
-        next conv's matching input channel. Channels on the residual path are coupled across the
-        additions of a whole stage and are left to surgery's dependency graph."""
+        """Channels (lib/structures.py): inside each residual block, a conv's output channel and the next
+        conv's matching input channel; on each residual stream, one channel of every conv that writes
+        the stream (the stem or a projection, and each block's last conv) with the matching input
+        channel of every conv (and of the head) that reads it: coupled across the additions."""
+        return self._inner_channels() + self._stream_channels()
+
+    def _streams(self) -> list[dict[str, Any]]:
+        """The residual streams in forward order: who writes them (rows) and who reads them (columns)."""
+        current: dict[str, Any] = {"group": "conv1", "write": ["conv1.weight"], "read": [],
+                                   "width": self.conv1.out_channels}
+        streams = [current]
+        for name, block in self._blocks():
+            current["read"] += [f"{name}.conv1.weight"]
+            if not isinstance(block.shortcut, nn.Identity):
+                current["read"] += [f"{name}.shortcut.0.weight"]
+                current = {"group": f"{name}.shortcut", "write": [f"{name}.shortcut.0.weight"], "read": [],
+                           "width": block.shortcut[0].out_channels}
+                streams.append(current)
+            last = "conv3" if hasattr(block, "conv3") else "conv2"
+            current["write"] += [f"{name}.{last}.weight"]
+        current["read"] += ["fc.weight"]
+        return streams
+
+    def _stream_channels(self) -> list[Structure]:
+        return [Structure("channel", s["group"], tuple(Part(w, 0, (c,)) for w in s["write"])
+                          + tuple(Part(r, 1, (c,)) for r in s["read"]))
+                for s in self._streams() for c in range(s["width"])]
+
+    def _inner_channels(self) -> list[Structure]:
         found = []
         for name, block in self._blocks():
             convs = [f"{name}.conv{k}" for k in (1, 2, 3) if hasattr(block, f"conv{k}")]
@@ -123,16 +165,22 @@ class ResNet(nn.Module):
         return found
 
     def architecture(self) -> dict[str, Any]:
-        """Blocks per stage and each block's internal widths (lib/surgery.py; the task rebuilds from it)."""
+        """Blocks per stage, each block's internal widths and each residual stream's width (lib/surgery.py;
+        the task rebuilds from it)."""
         return {"blocks": [len(s) for s in (self.layer1, self.layer2, self.layer3, self.layer4)],
                 "inner": [[getattr(b, f"conv{k}").out_channels for k in (1, 2) if hasattr(b, f"conv{k + 1}")]
-                          for _, b in self._blocks()]}
+                          for _, b in self._blocks()],
+                "streams": [s["width"] for s in self._streams()]}
 
     def architecture_without(self, removed: list[Structure], blocks: list[str]) -> dict[str, Any]:
         """The architecture once the ``removed`` channels and the residual ``blocks`` are gone."""
         arch, names = self.architecture(), [name for name, _ in self._blocks()]
-        for unit in removed:  # group "layer2.1.conv1": the block's first internal width
-            block, conv = unit.group.rsplit(".", 1)
+        streams = [s["group"] for s in self._streams()]
+        for unit in removed:
+            if unit.group in streams:  # a residual stream's channel
+                arch["streams"][streams.index(unit.group)] -= 1
+                continue
+            block, conv = unit.group.rsplit(".", 1)  # group "layer2.1.conv1": the block's first internal width
             arch["inner"][names.index(block)][int(conv.removeprefix("conv")) - 1] -= 1
         for name in blocks:
             arch["blocks"][int(name.split(".")[0].removeprefix("layer")) - 1] -= 1
@@ -161,6 +209,16 @@ class ResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+def _published_streams(block: type[BasicBlock] | type[Bottleneck]) -> list[int]:
+    """The residual streams' published widths: the stem's, then each stage's whose first block projects."""
+    widths, current = [64], 64
+    for i, width in enumerate(STAGE_WIDTHS):
+        if i > 0 or current != width * block.expansion:
+            widths.append(width * block.expansion)
+        current = width * block.expansion
+    return widths
+
+
 def resnet18(num_classes: int = 10, architecture: dict[str, Any] | None = None) -> ResNet:
     """ResNet-18: BasicBlocks [2, 2, 2, 2]; 11,173,962 parameters for 10 classes."""
     return _built(BasicBlock, (2, 2, 2, 2), num_classes, architecture)
@@ -178,9 +236,11 @@ def _built(block: type[BasicBlock] | type[Bottleneck], blocks: tuple[int, int, i
     try:
         counts = tuple(int(n) for n in architecture["blocks"])
         inner = [[int(w) for w in widths] for widths in architecture["inner"]]
-        if len(counts) != 4 or len(inner) != sum(counts) or min(min(w) for w in inner) < 1:
+        streams = [int(w) for w in architecture["streams"]]
+        if (len(counts) != 4 or len(inner) != sum(counts) or len(streams) != len(_published_streams(block))
+                or min(min(w) for w in [*inner, streams]) < 1):
             raise ValueError("block counts and widths disagree")
-        return ResNet(block, counts, num_classes, inner=inner)  # type: ignore[arg-type]
+        return ResNet(block, counts, num_classes, inner=inner, streams=streams)  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"ResNet architecture {architecture!r} is not one ResNet.architecture() wrote "
                           f"({type(exc).__name__}: {exc})") from None

@@ -8,10 +8,10 @@
    nothing extra (no hooks), so the overhead at CONFIG_STRUCTURE_STATS_EVERY=N is the extra
    time of one recorded step divided by N steps.
 2. Before and after surgery, per family: the tiny GPT, GPT-2 124M (block 128, micro-batch 4),
-   ResNet-18 (CIFAR-10, micro-batch 32)
-   and LeNet-5 (micro-batch 32), each after 2 AdamW steps with statistics, cut by 30 % of
+   ResNet-18 (CIFAR-10, micro-batch 8)
+   and LeNet-5 (micro-batch 8), each after 2 AdamW steps with statistics, cut by 30 % of
    every layer's structures (lowest statistics score first; GPT-2 heads and neurons, ResNet
-   channels inside blocks, LeNet channels and units) with lib/surgery.py and measured with
+   channels inside blocks and of the residual streams, LeNet channels and units) with lib/surgery.py and measured with
    lib/surgery_measure.py: parameters, checkpoint bytes, optimizer-state bytes, training memory
    (state + saved activations of one micro-batch, counted) and no-grad forward latency at
    batch 1 and 16 (medians of 5, interleaved).
@@ -46,8 +46,8 @@ FRACTION = 0.3
 FAMILIES = {  # model, options, micro-batch
     "tiny GPT": ("gpt2", {"size": "tiny", "dataset": "pydoc", "block_size": 128}, 8),
     "GPT-2 124M": ("gpt2", {"size": "124m", "dataset": "pydoc", "block_size": 128}, 4),
-    "ResNet-18": ("resnet18", {"dataset": "cifar10"}, 32),
-    "LeNet-5": ("lenet5", {"dataset": "mnist5k"}, 32),
+    "ResNet-18": ("resnet18", {"dataset": "cifar10"}, 8),
+    "LeNet-5": ("lenet5", {"dataset": "mnist5k"}, 8),
 }
 
 

@@ -60,7 +60,7 @@ def test_a_run_that_hits_a_full_disk_exits_with_its_own_status(tmp_path, monkeyp
     run_dir.mkdir()
     tiny_spec("r").write(run_dir / "spec.json")
 
-    def full(spec, where, shard):
+    def full(spec, where, shard, after_surgery=False):
         raise OSError(errno.ENOSPC, "No space left on device", str(where / "metrics.jsonl"))
 
     monkeypatch.setattr(lib.trainer, "train", full)

@@ -387,3 +387,21 @@ def test_layer_dropout_masks_cut_into_fewer_blocks() -> None:
     x = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_streams_couple_every_writer_and_reader_and_keep_the_shortcut_kind() -> None:
+    from resnet.model import resnet50
+
+    model = resnet18()
+    stem = next(u for u in structures(model) if u.group == "conv1")
+    assert {(p.param, p.dim) for p in stem.parts} == {
+        ("conv1.weight", 0), ("layer1.0.conv2.weight", 0), ("layer1.1.conv2.weight", 0),
+        ("layer1.0.conv1.weight", 1), ("layer1.1.conv1.weight", 1), ("layer2.0.conv1.weight", 1),
+        ("layer2.0.shortcut.0.weight", 1)}
+    assert model.architecture()["streams"] == [64, 128, 256, 512]
+    wide = resnet50(100)
+    arch = wide.architecture()
+    arch["streams"] = [64, 64, 512, 1024, 2048]  # layer1's stream narrowed to the stem's width by chance
+    narrow = resnet50(100, arch)
+    assert not isinstance(narrow.layer1[0].shortcut, nn.Identity)  # still a projection, as published
+    assert narrow(torch.randn(1, 3, 32, 32)).shape == (1, 100)
