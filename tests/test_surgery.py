@@ -405,3 +405,36 @@ def test_resnet_streams_couple_every_writer_and_reader_and_keep_the_shortcut_kin
     narrow = resnet50(100, arch)
     assert not isinstance(narrow.layer1[0].shortcut, nn.Identity)  # still a projection, as published
     assert narrow(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+
+
+def test_adamwprune_state_pruning_masks_are_cut_in_optimizer_and_pruner() -> None:
+    from lib.pruning import bitmask
+
+    torch.manual_seed(0)
+    model = GPT(config_for("tiny", vocab_size=256, block_size=16))
+    settings = OptimSettings("adamwprune", 1e-3, 0.0)
+    opt = build_optimizer(model, settings)
+    pruner = build_pruner(model, opt, PruneSettings(method="state", target=0.5, start=1, end=2, frequency=1))
+    pruner.set_total_steps(3)
+    for step in (1, 2, 3):
+        _loss(model, torch.randint(0, 256, (2, 16))).backward()
+        pruner.before_step()
+        opt.step()
+        opt.zero_grad()
+        pruner.after_step(step)
+    assert opt.masks
+    heads = [u for u in structures(model) if u.kind == "head" and u.group == "h.2.attn"][:1]
+    cut = surgery.plan(model, heads, [])
+    small = GPT(config_for("tiny", 256, 16, cut.architecture))
+    small.load_state_dict(surgery.carry_model(model.state_dict(), cut))
+    small_opt = build_optimizer(small, settings)
+    small_opt.load_state_dict(surgery.carry_optimizer(opt.state_dict(), model, opt, small, small_opt, cut))
+    small_pruner = build_pruner(small, small_opt, PruneSettings(method="state", target=0.5, start=1, end=2,
+                                                                frequency=1))
+    small_pruner.load_state_dict(surgery.carry_pruner(pruner.state_dict(), model, cut, 0))
+    old_proj, new_proj = model.h[2].attn.c_proj.weight, small.h[2].attn.c_proj.weight
+    old_mask = bitmask.unpack(opt.masks[old_proj], old_proj.shape)
+    assert torch.equal(bitmask.unpack(small_opt.masks[new_proj], new_proj.shape), old_mask[:, 32:])
+    assert torch.equal(small_pruner.mask("h.2.attn.c_proj.weight"), old_mask[:, 32:])
+    zeros = sum(int((p == 0).sum()) for _, p in small_pruner.params)
+    assert zeros > 0 and small_pruner.sparsity() == pytest.approx(zeros / small_pruner.prunable_count())
