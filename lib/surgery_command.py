@@ -125,6 +125,7 @@ def _operate(run_dir: Path, spec: RunSpec, fraction: str | None, structure: str 
                            f"{path} is untouched (remove less: a smaller FRACTION)")
     progress["surgeries"] = [*progress.get("surgeries", []), {k: record[k] for k in (
         "step", "source", "removed", "removed_blocks", "prunable_weights_removed", "val_loss")}]
+    progress["best_step"], progress["best_metrics"] = 0, {}  # "best" is chosen again, among the cut model's
     smaller["progress"] = progress
     written = _write(run_dir, path, step, smaller)
     say(surgery_measure.table(record))
@@ -264,6 +265,8 @@ def _write(run_dir: Path, source: Path, step: int, payload: dict[str, Any]) -> P
     os.link(source, kept)  # the same bytes; replacing `target` below leaves them whole
     checkpoint.save(target, payload)  # atomic: a kill leaves the original or the new file, never half
     write_text_atomic(folder / "latest", target.name + "\n")
+    if (folder / "best.pt").exists():  # the uncut model's: never loaded into the cut one, kept aside
+        os.replace(folder / "best.pt", aside / "best.pt")
     summary = run_dir / "summary.json"
     if summary.exists():  # finished: now it has steps to train again, from the smaller checkpoint
         os.replace(summary, run_dir / "summary.before_surgery.json")

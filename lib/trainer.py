@@ -361,7 +361,8 @@ def _improves(task: Task, record: dict[str, Any], best: Best) -> bool:
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, pruner: Any, step: int) -> None:
     # verified like every checkpoint (lib/checkpoint); a full disk leaves the previous best.pt intact
-    checkpoint.save(path, {"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step})
+    checkpoint.save(path, {"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step,
+                           "architecture": ckpt_state.architecture_of(model)})
 
 
 def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, path: Path, best: Best,

@@ -254,6 +254,12 @@ def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path:
     assert summary["sparsity"]["total_params"] == measured["parameters"]["after"]
     assert summary["sparsity"]["reached"] == pytest.approx(0.25)  # the removed quarter counts as pruned
     assert json.loads((run_dir / "surgery.json").read_text())[0]["accepted"] is True
+    assert (run_dir / "checkpoints" / "before_surgery" / "best.pt").is_file()  # the uncut model's best, aside
+    assert summary["best"]["step"] > 10  # chosen among the cut model's evaluations
+    from lib.checkpoint.export import export, load_export
+
+    exported, _ = load_export(export(run_dir))  # rebuilt from the recorded architecture
+    assert sum(p.numel() for p in exported.parameters()) == measured["parameters"]["after"]
 
 
 def test_rollback_leaves_every_file_byte_identical(trained: Path, tmp_path: Path) -> None:

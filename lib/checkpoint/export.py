@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from lib.checkpoint.format import CheckpointError, load
-from lib.checkpoint.state import versions
+from lib.checkpoint.state import architecture_of, versions
 from lib.errors import HarnessError
 from lib.files import write_atomic, write_json_atomic
 from lib.pruning.bitmask import unpack
@@ -37,7 +37,7 @@ def export(run_dir: Path) -> Path:
         raise HarnessError(f"{run_dir} has no best checkpoint ({best} is missing: the run did not reach an eligible "
                            f"evaluation, is unfinished, or ran with CONFIG_KEEP_CHECKPOINTS off); nothing to export")
     state = _load_best(best)
-    model = get_task(spec.model).build_model(spec)
+    model = _build(spec, state.get("architecture"))
     model.load_state_dict(state["model"])
     layers = _check_zeros(model, state.get("pruner", {}).get("masks", {}), best)
     out = run_dir / "export"
@@ -51,7 +51,7 @@ def load_export(folder: Path) -> tuple[torch.nn.Module, RunSpec]:
     """The exported model, built from the card's spec and loaded from the safetensors file."""
     card = json.loads((Path(folder) / "model_card.json").read_text())
     spec = RunSpec.from_dict(card["spec"])
-    model = get_task(spec.model).build_model(spec)
+    model = _build(spec, card.get("architecture"))
     missing, unexpected = load_model(model, str(Path(folder) / "model.safetensors"))
     if missing or unexpected:
         raise HarnessError(f"{folder}: the export does not fit {spec.model} (missing {missing[:3]}, "
@@ -88,6 +88,12 @@ def _check_zeros(model: torch.nn.Module, masks: dict[str, torch.Tensor], where: 
     return layers
 
 
+def _build(spec: RunSpec, architecture: dict | None) -> torch.nn.Module:
+    """The model of ``spec``, as surgery left it when ``architecture`` says so."""
+    task = get_task(spec.model)
+    return task.build_model(spec, architecture) if architecture else task.build_model(spec)
+
+
 def _card(run_dir: Path, spec: RunSpec, summary: dict[str, Any], step: int, model: torch.nn.Module,
           layers: dict[str, float]) -> dict[str, Any]:
     params = dict(model.named_parameters())
@@ -100,6 +106,7 @@ def _card(run_dir: Path, spec: RunSpec, summary: dict[str, Any], step: int, mode
         "model": spec.model,
         "model_options": spec.model_options,
         "shapes": {name: list(p.shape) for name, p in params.items()},
+        "architecture": architecture_of(model),  # after checkpoint-time surgery: what build_model rebuilds
         "parameters": total,
         "sparsity": {"overall": zeros / total, "prunable_target": spec.sparsity,
                      "prunable_reached": summary.get("sparsity", {}).get("reached"), "per_layer": layers},

@@ -87,9 +87,8 @@ def payload(progress: Progress, spec_dict: dict[str, Any], model: torch.nn.Modul
 
     ``architecture`` (a model that surgery can change describes its shape) lets the model be rebuilt
     as it is; ``statistics`` are the structure statistics (lib/structure_stats.py) when gathered."""
-    describe = getattr(model, "architecture", None)
     return {
-        "architecture": describe() if callable(describe) else None,
+        "architecture": architecture_of(model),
         "statistics": stats.state_dict() if stats is not None else None,
         "format": FORMAT,
         "step": progress.step,
@@ -102,6 +101,13 @@ def payload(progress: Progress, spec_dict: dict[str, Any], model: torch.nn.Modul
         "spec": spec_dict,
         "versions": versions(),
     }
+
+
+def architecture_of(model: torch.nn.Module) -> dict[str, Any] | None:
+    """What ``task.build_model(spec, architecture)`` needs to rebuild ``model`` as surgery left it; None for
+    a family that surgery cannot cut."""
+    describe = getattr(model, "architecture", None)
+    return describe() if callable(describe) else None
 
 
 def restore(state: dict[str, Any], where: Path, spec_dict: dict[str, Any], model: torch.nn.Module, optimizer: Any,
