@@ -444,3 +444,30 @@ def test_adamwprune_state_pruning_masks_are_cut_in_optimizer_and_pruner() -> Non
     assert torch.equal(small_pruner.mask("h.2.attn.c_proj.weight"), old_mask[:, 32:])
     zeros = sum(int((p == 0).sum()) for _, p in small_pruner.params)
     assert zeros > 0 and small_pruner.sparsity() == pytest.approx(zeros / small_pruner.prunable_count())
+
+
+@pytest.mark.parametrize("lines,message", [
+    ('CONFIG_SURGERY_FRACTION="1.5"\n', r"CONFIG_SURGERY_FRACTION=1\.5 is outside \(0\.0, 1\.0\)"),
+    ('CONFIG_SURGERY_FRACTION="most"\n', "CONFIG_SURGERY_FRACTION='most' is not a number"),
+    ('CONFIG_SURGERY_STRUCTURE="layers"\n', "surgery structure 'layers' is not one of all, heads, neurons"),
+    ('CONFIG_SURGERY_MAX_LOSS_INCREASE="-1"\n', r"CONFIG_SURGERY_MAX_LOSS_INCREASE=-1 is outside \[0\.0"),
+    ("CONFIG_SURGERY_EVERY=50\n", "CONFIG_SURGERY_EVERY has no effect: it depends on STRUCTURE_STATS_EVERY != 0"),
+])
+def test_bad_surgery_settings_are_one_line(make_config, lines: str, message: str) -> None:
+    from lib import config
+    from lib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config.load(make_config("CONFIG_MODEL_LENET5=y\n", extra=lines))  # as a user edits .config
+
+
+def test_surgery_settings_reach_the_run_spec(make_config) -> None:
+    from lib import config, matrix
+    from lib.hardware import Devices
+
+    path = make_config('CONFIG_MODEL_LENET5=y\nCONFIG_STRUCTURE_STATS_EVERY=5\nCONFIG_SURGERY_EVERY=50\n'
+                       'CONFIG_SURGERY_FRACTION="0.2"\nCONFIG_SURGERY_STRUCTURE="units"\n'
+                       'CONFIG_SURGERY_MAX_LOSS_INCREASE="0.1"\n')
+    spec = matrix.expand(config.load(path), Devices(kind="cpu", cpu_cores=2))[0]
+    assert (spec.train.structure_stats_every, spec.train.surgery_every) == (5, 50)
+    assert (spec.surgery.fraction, spec.surgery.structure, spec.surgery.max_loss_increase) == (0.2, "units", 0.1)
