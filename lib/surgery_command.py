@@ -55,7 +55,7 @@ class Trained:
 
     @classmethod
     def build(cls, task: Task, spec: RunSpec, architecture: dict | None) -> Trained:
-        model = task.build_model(spec, architecture) if architecture else task.build_model(spec)
+        model = task.build_model(spec, architecture)
         optimizer = build_optimizer(model, spec.optim)
         return cls(model, optimizer, build_pruner(model, optimizer, spec.prune))
 
@@ -89,20 +89,11 @@ def _operate(run_dir: Path, spec: RunSpec, fraction: str | None, structure: str 
     step = int(payload["step"])
     _schedule_done(old.pruner, spec, payload)
     removed, blocks, source = choose(old, payload, spec, _fraction(fraction), structure)
-    follow = None if getattr(old.model, "surgery_by_hand", False) else dependency.followers(
-        old.model, task.example_batch(spec, 1, torch.device("cpu"))[0])  # batch norms, consumers: torch-pruning
-    try:
-        cut = surgery.plan(old.model, removed, blocks, follow)
-    except TypeError as exc:
-        raise HarnessError(f"surgery: {exc}") from None
-    new = Trained.build(task, spec, cut.architecture)
-    new.model.load_state_dict(surgery.carry_model(old.model.state_dict(), cut))
-    new.optimizer.load_state_dict(surgery.carry_optimizer(payload["optimizer"], old.model, old.optimizer,
-                                                          new.model, new.optimizer, cut))
+    cut, new = smaller(task, spec, old, removed, blocks)
     cut_weights = old.pruner.prunable_count() - new.pruner.prunable_count()
     new.pruner.load_state_dict(surgery.carry_pruner(payload["pruner"], old.model, cut, cut_weights))
     progress = dict(payload["progress"])
-    smaller = {**payload, "model": new.model.state_dict(), "optimizer": new.optimizer.state_dict(),
+    cut_payload = {**payload, "model": new.model.state_dict(), "optimizer": new.optimizer.state_dict(),
                "pruner": new.pruner.state_dict(), "architecture": cut.architecture,
                "statistics": None}  # statistics describe the old shapes: gathering starts again
     say(f"surgery: {path.relative_to(run_dir)} (step {step}): removing {_removed_line({'removed': cut.counts()})} "
@@ -117,7 +108,7 @@ def _operate(run_dir: Path, spec: RunSpec, fraction: str | None, structure: str 
               "val_loss": {"before": before["loss"], "after": after["loss"], "rise": rise, "limit": limit},
               "accepted": rise <= limit, "measured_at": {"micro_batch": surgery_measure.profile_batch(spec),
                                                          "large_batch": surgery_measure.LARGE_BATCH},
-              "measured": surgery_measure.before_after(task, spec, (old, payload), (new, smaller))}
+              "measured": surgery_measure.before_after(task, spec, (old, payload), (new, cut_payload))}
     _append_record(run_dir, record)
     if rise > limit:
         raise HarnessError(f"surgery rolled back: validation loss rose {rise:.4f} ({before['loss']:.4f} -> "
@@ -126,12 +117,29 @@ def _operate(run_dir: Path, spec: RunSpec, fraction: str | None, structure: str 
     progress["surgeries"] = [*progress.get("surgeries", []), {k: record[k] for k in (
         "step", "source", "removed", "removed_blocks", "prunable_weights_removed", "val_loss")}]
     progress["best_step"], progress["best_metrics"] = 0, {}  # "best" is chosen again, among the cut model's
-    smaller["progress"] = progress
-    written = _write(run_dir, path, step, smaller)
+    cut_payload["progress"] = progress
+    written = _write(run_dir, path, step, cut_payload)
     say(surgery_measure.table(record))
     say(f"surgery accepted: {_removed_line(record)}; val loss {before['loss']:.4f} -> {after['loss']:.4f}; "
         f"wrote {written} (original kept in checkpoints/before_surgery/); `make continue` trains on from it")
     return record
+
+
+def smaller(task: Task, spec: RunSpec, old: Trained, removed: list[Structure],
+            blocks: list[str]) -> tuple[surgery.Cut, Trained]:
+    """The Cut that removes ``removed`` and ``blocks`` from ``old``, and the smaller model with its optimizer
+    state carried across (its pruner is fresh: the caller carries the pruner's state)."""
+    follow = None if getattr(old.model, "surgery_by_hand", False) else dependency.followers(
+        old.model, task.example_batch(spec, 1, torch.device("cpu"))[0])  # batch norms, consumers: torch-pruning
+    try:
+        cut = surgery.plan(old.model, removed, blocks, follow)
+    except TypeError as exc:
+        raise HarnessError(f"surgery: {exc}") from None
+    new = Trained.build(task, spec, cut.architecture)
+    new.model.load_state_dict(surgery.carry_model(old.model.state_dict(), cut))
+    new.optimizer.load_state_dict(surgery.carry_optimizer(old.optimizer.state_dict(), old.model, old.optimizer,
+                                                          new.model, new.optimizer, cut))
+    return cut, new
 
 
 def choose(old: Trained, payload: dict[str, Any], spec: RunSpec, fraction: float | None,

@@ -101,7 +101,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
                       say=lambda line: _log(line, shard))
     found = manager.latest()  # a killed or stopped run goes on from its newest valid checkpoint
     architecture = found[1].get("architecture") if found else None  # as surgery left it (lib/surgery.py)
-    model = (task.build_model(spec, architecture) if architecture else task.build_model(spec)).to(device)
+    model = task.build_model(spec, architecture).to(device)
     stats = StructureStats(model, cfg.structure_stats_every) if cfg.structure_stats_every else None
     if hw.act_ckpt_segments:  # recompute activations in backward (lib/actckpt.py); chosen by the plan
         actckpt.apply(task.blocks(model), [actckpt.Segment(*s) for s in hw.act_ckpt_segments])

@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib import dependency, surgery, surgery_measure  # noqa: E402
+from lib import surgery_measure  # noqa: E402
 from lib.optim import build_optimizer  # noqa: E402
 from lib.pruning import build_pruner  # noqa: E402
 from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings  # noqa: E402
 from lib.structure_stats import StructureStats  # noqa: E402
-from lib.surgery_command import Trained, lowest_units  # noqa: E402
+from lib.surgery_command import Trained, lowest_units, smaller  # noqa: E402
 from lib.task import get_task  # noqa: E402
 
 TARGET_OVERHEAD = 0.02
@@ -114,15 +114,9 @@ def cut_family(label: str) -> dict:
     name, options, micro = FAMILIES[label]
     spec = spec_for(name, options, micro)
     task = get_task(name)
-    batch = random_batch(spec, micro)
-    old, stats = trained(spec, batch)
+    old, stats = trained(spec, random_batch(spec, micro))
     removed = lowest_units(stats, FRACTION, "all", type(old.model).__name__)
-    follow = None if getattr(old.model, "surgery_by_hand", False) else dependency.followers(old.model, batch[0][:1])
-    cut = surgery.plan(old.model, removed, [], follow)
-    new = Trained.build(task, spec, cut.architecture)
-    new.model.load_state_dict(surgery.carry_model(old.model.state_dict(), cut))
-    new.optimizer.load_state_dict(surgery.carry_optimizer(old.optimizer.state_dict(), old.model, old.optimizer,
-                                                          new.model, new.optimizer, cut))
+    cut, new = smaller(task, spec, old, removed, [])
     payloads = [{"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict()} for t in (old, new)]
     measured = surgery_measure.before_after(task, spec, (old, payloads[0]), (new, payloads[1]))
     return {"removed": cut.counts(), "measured": measured}

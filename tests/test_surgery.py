@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -471,3 +472,45 @@ def test_surgery_settings_reach_the_run_spec(make_config) -> None:
     spec = matrix.expand(config.load(path), Devices(kind="cpu", cpu_cores=2))[0]
     assert (spec.train.structure_stats_every, spec.train.surgery_every) == (5, 50)
     assert (spec.surgery.fraction, spec.surgery.structure, spec.surgery.max_loss_increase) == (0.2, "units", 0.1)
+
+
+def test_surgery_refuses_a_run_being_trained(trained: Path, tmp_path: Path) -> None:
+    from lib import runlock
+
+    run_dir = _copy(trained, tmp_path)
+    before = _digest(run_dir)
+    held = runlock.lock(run_dir)  # as a live trainer holds it
+    try:
+        with pytest.raises(HarnessError, match="is being trained by PID"):
+            operate(run_dir, "0.3", None)
+    finally:
+        os.close(held)
+    assert _digest(run_dir) == before
+
+
+def test_cli_lines_for_missing_run_and_a_continue_folder_that_is_not_one(make_config, tmp_path, capsys) -> None:
+    from lib.cli import main
+
+    assert main(["surgery"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: surgery needs a run folder: "
+                                               "`make surgery RUN=results/<folder>/<run> [FRACTION=0.3]`")
+    config = make_config("CONFIG_MODEL_LENET5=y\n")
+    assert main(["--config", str(config), "continue", "--results", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path} is not a results folder made by `make` "
+                                               f"(no readable matrix.json)")
+
+
+@pytest.mark.parametrize("build,architecture,message", [
+    (lambda a: config_for("tiny", 256, 16, a), {"n_layer": 2, "heads": [4], "mlp": [512, 512]},
+     r"heads \[4\] must give each of the 2 layers at least 1"),
+    (lambda a: config_for("tiny", 256, 16, a), {"layers": 2}, "is not one GPT.architecture"),
+    (lambda a: resnet18(10, a), {"blocks": [2, 2, 2, 2], "inner": [[64]], "streams": [64, 128, 256, 512]},
+     "block counts and widths disagree"),
+    (lambda a: __import__("lenet5.task", fromlist=["TASK"]).TASK.build_model(None, a), {"conv1": 0},
+     "is not one LeNet5.architecture"),
+])
+def test_a_damaged_architecture_is_one_line(build, architecture, message) -> None:
+    from lib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        build(architecture)

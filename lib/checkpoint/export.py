@@ -90,8 +90,7 @@ def _check_zeros(model: torch.nn.Module, masks: dict[str, torch.Tensor], where: 
 
 def _build(spec: RunSpec, architecture: dict | None) -> torch.nn.Module:
     """The model of ``spec``, as surgery left it when ``architecture`` says so."""
-    task = get_task(spec.model)
-    return task.build_model(spec, architecture) if architecture else task.build_model(spec)
+    return get_task(spec.model).build_model(spec, architecture)
 
 
 def _card(run_dir: Path, spec: RunSpec, summary: dict[str, Any], step: int, model: torch.nn.Module,
