@@ -23,7 +23,7 @@ CLI := HARNESS_COMMAND='$(RECORDED)' \
 DEFCONFIG_OUT ?= defconfig
 RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
-.PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery prepare-data test bench lint quickstart venv \
+.PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery sweep prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
 	allnoconfig randconfig clean mrproper
 
@@ -75,6 +75,12 @@ publish: $(STAMP) ## Copy RESULTS=dir (default: newest) into key_results/<date>_
 export: $(STAMP) ## Export RUN=<run dir>'s best checkpoint as safetensors + a JSON model card (RUN/export/)
 	@$(CLI) export --run '$(RUN)'
 
+sweep: $(STAMP) ## One-shot sweep of RUN=<run dir>'s best checkpoint (or every ok run of RESULTS=dir) [SPARSITIES=30,50,70,90] [METRICS=] [PATTERNS=unstructured,2:4,structured] [CALIBRATION=] [TOLERANCE=]
+	@$(CLI) sweep $(if $(RUN),--run '$(RUN)') $(if $(RESULTS),--results '$(RESULTS)') \
+		$(if $(SPARSITIES),--sparsities '$(SPARSITIES)') $(if $(METRICS),--metrics '$(METRICS)') \
+		$(if $(PATTERNS),--patterns '$(PATTERNS)') $(if $(CALIBRATION),--calibration '$(CALIBRATION)') \
+		$(if $(TOLERANCE),--tolerance '$(TOLERANCE)')
+
 surgery: $(STAMP) ## Cut RUN=<run dir>'s checkpoint smaller [FRACTION=0.3] [STRUCTURE=heads|neurons|channels|units|blocks]
 	@$(CLI) surgery --run '$(RUN)' $(if $(FRACTION),--fraction '$(FRACTION)') $(if $(STRUCTURE),--structure '$(STRUCTURE)')
 
@@ -115,12 +121,13 @@ test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes
 	@echo "again with AdamWPrune's fused masked step forced on (the pass above runs it as each test built it):"
 	@$(PY) -m pytest -q --fused-step=on tests/test_adamwprune.py tests/test_pruning.py tests/test_trainer.py
 
-bench: $(STAMP) ## Pruning, trainer, checkpoint, activation-checkpointing and surgery benchmarks (ratios side by side; JSON in results/)
+bench: $(STAMP) ## Pruning, trainer, checkpoint, activation-checkpointing, surgery and 2:4 benchmarks (ratios side by side; JSON in results/)
 	@$(PY) scripts/bench_pruning.py
 	@$(PY) scripts/bench_trainer.py
 	@$(PY) scripts/bench_checkpoint.py
 	@$(PY) scripts/bench_activation_ckpt.py
 	@$(PY) scripts/bench_surgery.py
+	@$(PY) scripts/bench_nm.py
 
 lint: $(STAMP) ## ruff over the project
 	@$(VENV)/bin/ruff check .

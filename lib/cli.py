@@ -7,7 +7,8 @@ report (rewrite summary.json, graphs/ and report.md of a results folder), graphs
 (redraw graphs/ only), compare (Markdown ranking of methods, or two folders side
 by side), publish (copy a results folder into key_results/), prepare-data,
 export (a run's best checkpoint as safetensors), surgery (cut a run's checkpoint
-smaller, lib/surgery_command.py).
+smaller, lib/surgery_command.py), sweep (one-shot sparsity sweep on a run's best
+checkpoint, or on every ok run of a results folder, lib/sweep.py).
 A HarnessError prints as one line ``error: ...`` with exit status 2.
 """
 
@@ -25,16 +26,22 @@ from lib.errors import HarnessError
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lib.cli", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["check", "dry-run", "hwinfo", "run", "continue", "report", "graphs",
-                                            "compare", "publish", "prepare-data", "export", "surgery"])
+                                            "compare", "publish", "prepare-data", "export", "surgery",
+                                            "sweep"])
     parser.add_argument("--config", default=".config", help="the .config to read (default: .config)")
     parser.add_argument("--set", action="append", default=[], metavar="SYMBOL=VALUE",
                         help="override a symbol for this invocation only (make MAX_ITERS=... etc.)")
     parser.add_argument("--results", help="results folder for report/graphs/compare/publish (default: the newest)")
     parser.add_argument("--against", help="compare: a second results folder, shown side by side")
     parser.add_argument("--name", help="publish: the name of the key_results/<date>_<name>/ folder")
-    parser.add_argument("--run", help="export, surgery: the run folder whose checkpoint to export or cut")
+    parser.add_argument("--run", help="export, surgery, sweep: the run folder whose checkpoint to use")
     parser.add_argument("--fraction", help="surgery: share of each layer's structures to remove (0 < f < 1)")
     parser.add_argument("--structure", help="surgery: all, heads, neurons, channels, units or blocks")
+    for name, what in (("sparsities", "percent, e.g. 30,50,70,90"), ("metrics", "magnitude,gradient-sensitivity,..."),
+                       ("patterns", "unstructured,2:4,structured"), ("calibration", "training batches for the "
+                                                                                    "gradient and activation metrics"),
+                       ("tolerance", "points of accuracy or percent of perplexity")):
+        parser.add_argument(f"--{name}", help=f"sweep: {what}")
     parser.add_argument("--gpus", help="dry-run/hwinfo: plan for made-up GPUs instead of the ones here, "
                                        "COUNTx NAME:TOTAL_GIB[:FREE_GIB] (make dry-run GPUS=\"1x NVIDIA A10G:24:8\")")
     return parser.parse_args(argv)
@@ -74,6 +81,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         return _export(args.run)
     if args.command == "surgery":
         return _surgery(args)
+    if args.command == "sweep":
+        return _sweep(args)
     config = config_mod.load(args.config, _overrides(args.set))
     if args.command == "check":
         print(f"{args.config}: ok ({len(matrix.expand(config))} run(s))")
@@ -111,11 +120,11 @@ def _finish(folder: Path, runs: list[dict]) -> int:
 
 def _export(run: str | None) -> int:
     from lib.checkpoint.export import export
+    from lib.spec import run_spec
 
     if not run:
         raise HarnessError("export needs a run folder: `make export RUN=results/<folder>/<run>`")
-    if not (Path(run) / "spec.json").is_file():
-        raise HarnessError(f"{run}: not a run folder (no spec.json); give RUN=results/<folder>/<run>")
+    run_spec(Path(run))  # one line when it is not a run folder
     out = export(Path(run))
     print(f"exported {run} to {out / 'model.safetensors'} and {out / 'model_card.json'}")
     return 0
@@ -127,6 +136,23 @@ def _surgery(args: argparse.Namespace) -> int:
     if not args.run:
         raise HarnessError("surgery needs a run folder: `make surgery RUN=results/<folder>/<run> [FRACTION=0.3]`")
     operate(Path(args.run), args.fraction, args.structure)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from lib.sweep import sweep_results, sweep_run
+
+    given = {"SPARSITIES": args.sparsities, "METRICS": args.metrics, "PATTERNS": args.patterns,
+             "CALIBRATION": args.calibration, "TOLERANCE": args.tolerance}
+    if args.run and args.results:
+        raise HarnessError("sweep takes RUN=<run dir> or RESULTS=<results dir>, not both")
+    if args.run:
+        sweep_run(Path(args.run), given)
+    elif args.results:
+        sweep_results(_results_folder(args), given)
+    else:
+        raise HarnessError("sweep needs a run or a results folder: `make sweep RUN=results/<folder>/<run>` or "
+                           "`make sweep RESULTS=results/<folder>`")
     return 0
 
 

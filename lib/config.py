@@ -17,6 +17,7 @@ from typing import Any
 
 import kconfiglib
 
+from lib import sweep_settings
 from lib.errors import ConfigError
 from lib.hardware import HardwareSettings
 from lib.kconf import (
@@ -26,7 +27,7 @@ from lib.kconf import (
     open_kconfig,
     raise_on_load_warnings,
 )
-from lib.spec import OptimSettings, PruneSettings, SurgerySettings, TrainSettings
+from lib.spec import OptimSettings, PruneSettings, SurgerySettings, SweepSettings, TrainSettings
 from lib.task import model_folder
 
 SPARSITY_CHOICES = (50, 70, 90, 95, 99)
@@ -47,6 +48,7 @@ class Config:
     prune: PruneSettings
     train: TrainSettings
     surgery: SurgerySettings
+    sweep: SweepSettings
     model_options: Mapping[str, dict[str, Any]]
     hardware: HardwareSettings
     jobs: int
@@ -155,6 +157,7 @@ def _build(r: Reader, path: Path, overrides: dict[str, str], text: str) -> Confi
         prune=_prune(r, prunings),
         train=train,
         surgery=_surgery(r),
+        sweep=_sweep(r),
         model_options={m: _model_options(r, m) for m in models},
         hardware=_hardware(r),
         jobs=r.int("MATRIX_JOBS"),
@@ -210,8 +213,10 @@ def _spam(r: Reader) -> dict[str, Any]:
 def _prune(r: Reader, prunings: tuple[str, ...]) -> PruneSettings:
     """Schedule and threshold, plus the options of each pruning method in the matrix."""
     options: dict[str, Any] = {}
-    if {"magnitude", "structured", "layer-dropout"} & set(prunings):  # the metric they rank by
+    if {"magnitude", "structured", "layer-dropout", "nm"} & set(prunings):  # the metric they rank by
         options["importance"] = r.choice("PRUNING_IMPORTANCE")
+    if "nm" in prunings:  # Kconfig offers the method only while N < M
+        options["nm_n"], options["nm_m"] = r.int("PRUNING_NM_N"), int(r.choice("PRUNING_NM_M"))
     if "movement" in prunings:
         options["movement_form"] = r.choice("MOVEMENT_FORM")
     if "state" in prunings:
@@ -324,6 +329,19 @@ def _surgery(r: Reader) -> SurgerySettings:
     return SurgerySettings(fraction=r.float("SURGERY_FRACTION", 0.0, 1.0, open_low=True, open_high=True),
                            structure=surgery_structure(r.str("SURGERY_STRUCTURE")),
                            max_loss_increase=r.float("SURGERY_MAX_LOSS_INCREASE", 0.0))
+
+
+def _sweep(r: Reader) -> SweepSettings:
+    """CONFIG_SWEEP_*: what `make sweep` tries (parsed by lib/sweep_settings.py, as the command line is)."""
+    s = sweep_settings
+    return SweepSettings(sparsities=s.sparsities(r.str("SWEEP_SPARSITIES"), "CONFIG_SWEEP_SPARSITIES"),
+                         metrics=s.metrics(r.str("SWEEP_METRICS"), "CONFIG_SWEEP_METRICS"),
+                         patterns=s.patterns(r.str("SWEEP_PATTERNS"), "CONFIG_SWEEP_PATTERNS"),
+                         calibration_batches=r.int("SWEEP_CALIBRATION_BATCHES"),
+                         tolerance_accuracy=s.tolerance(r.str("SWEEP_TOLERANCE_ACCURACY"),
+                                                        "CONFIG_SWEEP_TOLERANCE_ACCURACY"),
+                         tolerance_perplexity=s.tolerance(r.str("SWEEP_TOLERANCE_PERPLEXITY"),
+                                                          "CONFIG_SWEEP_TOLERANCE_PERPLEXITY"))
 
 
 def surgery_structure(text: str) -> str:

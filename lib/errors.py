@@ -21,3 +21,11 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of ``exc``'s message (its type name when it has none), for one-line errors."""
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def number(text: str, complaint: str) -> float:
+    """``text`` as a float; a ConfigError saying ``complaint`` when it is not one."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(complaint) from None

@@ -55,7 +55,8 @@ def _variants(config: Config, optimizer: str, pruning: str) -> tuple[str, ...]:
 def combinations(config: Config) -> list[tuple[str, str, str, str, float, int]]:
     """(model, optimizer, variant, pruning, sparsity, seed) for every valid run, in a stable order.
 
-    Rules: pruning "none" runs once, at sparsity 0, whatever the sparsity axis holds;
+    Rules: pruning "none" runs once, at sparsity 0, and "nm" once, at its pattern's 1 - N/M,
+    whatever the sparsity axis holds;
     state pruning runs only with AdamWPrune, and AdamWPrune only with none or state;
     the bitter variants expand only for AdamWPrune with state pruning.
     """
@@ -63,7 +64,8 @@ def combinations(config: Config) -> list[tuple[str, str, str, str, float, int]]:
     for model, optimizer, pruning in itertools.product(config.models, config.optimizers, config.prunings):
         if not valid_pair(optimizer, pruning):
             continue
-        sparsities = (0.0,) if pruning == "none" else config.sparsities
+        sparsities = {"none": (0.0,), "nm": (1 - config.prune.nm_n / config.prune.nm_m,)}.get(
+            pruning, config.sparsities)
         for variant, sparsity, seed in itertools.product(_variants(config, optimizer, pruning), sparsities,
                                                          config.seeds):
             result.append((model, optimizer, variant, pruning, sparsity, seed))
@@ -92,10 +94,11 @@ def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunS
             tracker_project=config.tracker_project,
             wandb_mode=config.wandb_mode,
             surgery=config.surgery,
+            sweep=config.sweep,
         )
         if model not in plans:  # the plan depends on the model, its options and the batch only
             plans[model] = hardware.plan(draft, config.hardware, devices, config.jobs)
-        if pruning in WHOLE_UNITS:  # a target the method cannot reach on this model fails before any run
+        if pruning in BY_MODEL:  # a target or pattern the model cannot hold fails before any run
             _check_units(draft)
         specs.append(dataclasses.replace(draft, hardware=plans[model]))
     return specs
@@ -103,24 +106,27 @@ def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunS
 
 UNPLANNED = HardwarePlan(device="cpu", micro_batch=1, grad_accum=1)
 WHOLE_UNITS = ("structured", "layer-dropout")  # methods whose reach depends on the model's structures
+BY_MODEL = (*WHOLE_UNITS, "nm")  # ... and N:M, which needs a layer whose input dimension M divides
 
 
 def _check_units(spec: RunSpec) -> None:
     """``spec``'s pruner, built once per model and method on the meta device, refuses in one line a
-    target it cannot reach."""
+    target it cannot reach (or, for N:M, a model none of whose layers can hold the pattern)."""
     import torch
 
     from lib.pruning import build_pruner
 
-    key = (spec.model, json.dumps(spec.model_options, sort_keys=True, default=str), spec.prune.method)
+    key = (spec.model, json.dumps(spec.model_options, sort_keys=True, default=str), spec.prune.method,
+           spec.prune.nm_n, spec.prune.nm_m)
     if key not in _UNIT_PRUNERS:
         with torch.device("meta"):
             model = get_task(spec.model).build_model(spec)
         _UNIT_PRUNERS[key] = build_pruner(model, None, dataclasses.replace(spec.prune, target=0.0))
-    _UNIT_PRUNERS[key].check_target(spec.prune.target)
+    if spec.prune.method in WHOLE_UNITS:
+        _UNIT_PRUNERS[key].check_target(spec.prune.target)
 
 
-_UNIT_PRUNERS: dict[tuple[str, str, str], Any] = {}
+_UNIT_PRUNERS: dict[tuple[str, str, str, int, int], Any] = {}
 
 
 def dry_run_table(specs: list[RunSpec]) -> str:

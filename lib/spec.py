@@ -54,6 +54,8 @@ class PruneSettings:
     movement_form: str = "sanh"  # "sanh" (paper) or "knlp"
     variant: str = ""  # state pruning: "bitter0" .. "bitter9"
     bitter8_form: str = "paper"  # "paper" or "knlp"
+    nm_n: int = 2  # N:M pruning: keep N of every M consecutive weights along the input dimension
+    nm_m: int = 4
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,22 @@ class SurgerySettings:
     fraction: float = 0.3  # share of each layer's structures removed
     structure: str = "all"  # of which kind: "all", "heads", "neurons", "channels", "units", "blocks"
     max_loss_increase: float = 0.5  # accepted only if the validation loss rises by at most this
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What `make sweep` tries on a run's best checkpoint (lib/sweep.py); training ignores them."""
+
+    sparsities: tuple = (0.3, 0.5, 0.7, 0.9)
+    metrics: tuple = ("magnitude", "gradient-sensitivity", "activation")
+    patterns: tuple = ("unstructured", "2:4", "structured")
+    calibration_batches: int = 8  # training micro-batches the gradient and activation metrics see
+    tolerance_accuracy: float = 1.0  # points below dense still recommended
+    tolerance_perplexity: float = 5.0  # percent above dense still recommended
+
+    def __post_init__(self) -> None:  # spec.json gives lists back
+        for name in ("sparsities", "metrics", "patterns"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -143,6 +161,7 @@ class RunSpec:
     tracker_project: str = ""
     wandb_mode: str = ""  # "online", "offline" or "disabled"
     surgery: SurgerySettings = field(default_factory=SurgerySettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
 
     @property
     def optimizer(self) -> str:
@@ -167,6 +186,7 @@ class RunSpec:
             "train": TrainSettings,
             "hardware": HardwarePlan,
             "surgery": SurgerySettings,
+            "sweep": SweepSettings,
         }
         kwargs = dict(data)
         for key, kind in parts.items():
@@ -185,3 +205,10 @@ class RunSpec:
             raise HarnessError(f"{path}: no such spec.json; give a run folder made by `make`") from None
         except (json.JSONDecodeError, TypeError, KeyError) as exc:
             raise HarnessError(f"{path}: not a valid spec.json ({exc}); re-create the run with `make`") from None
+
+
+def run_spec(run_dir: Path) -> RunSpec:
+    """The RunSpec of the run folder ``run_dir``; one line when it is not a run folder."""
+    if not (Path(run_dir) / "spec.json").is_file():
+        raise HarnessError(f"{run_dir}: not a run folder (no spec.json); give RUN=results/<folder>/<run>")
+    return RunSpec.read(Path(run_dir) / "spec.json")

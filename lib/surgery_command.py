@@ -31,12 +31,12 @@ from lib import checkpoint, dependency, runlock, surgery, surgery_measure
 from lib.checkpoint import state as ckpt_state
 from lib.checkpoint.manager import Manager, Policy
 from lib.config import surgery_structure
-from lib.errors import HarnessError
+from lib.errors import HarnessError, number
 from lib.files import write_json_atomic, write_text_atomic
 from lib.optim import build_optimizer
 from lib.pruning import build_pruner
 from lib.results import read_json
-from lib.spec import RunSpec
+from lib.spec import RunSpec, run_spec
 from lib.structure_stats import StructureStats
 from lib.structures import Structure
 from lib.task import Task, get_task
@@ -70,7 +70,7 @@ def operate(run_dir: Path, fraction: str | None = None, structure: str | None = 
             say: Any = print, locked: bool = False) -> dict[str, Any]:
     """Cut the run in ``run_dir`` and return the surgery record; HarnessError (one line) when it is refused
     or rolled back, the checkpoints untouched. ``locked``: the caller is the run's own trainer process."""
-    spec = _spec(run_dir)
+    spec = run_spec(run_dir)
     if locked:
         return _operate(run_dir, spec, fraction, structure, say)
     held = runlock.lock(run_dir)  # no trainer may write this folder's checkpoints meanwhile
@@ -209,19 +209,10 @@ def _lowest_blocks(stats: StructureStats, fraction: float, model: str) -> list[s
 def _fraction(text: str | None) -> float | None:
     if text is None:
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise HarnessError(f"FRACTION={text!r} is not a number; give e.g. FRACTION=0.3") from None
+    value = number(text, f"FRACTION={text!r} is not a number; give e.g. FRACTION=0.3")
     if not 0.0 < value < 1.0:
         raise HarnessError(f"FRACTION={text} is outside (0, 1); give e.g. FRACTION=0.3")
     return value
-
-
-def _spec(run_dir: Path) -> RunSpec:
-    if not (run_dir / "spec.json").is_file():
-        raise HarnessError(f"{run_dir}: not a run folder (no spec.json); give RUN=results/<folder>/<run>")
-    return RunSpec.read(run_dir / "spec.json")
 
 
 def _checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:

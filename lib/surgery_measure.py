@@ -35,7 +35,7 @@ def before_after(task: Task, spec: RunSpec, old: tuple[Any, dict], new: tuple[An
     (each side: a lib.surgery_command.Trained and its checkpoint payload)."""
     sides = [_static(task, spec, trained, payload) for trained, payload in (old, new)]
     for batch in (1, LARGE_BATCH):
-        times = _latency(task, spec, [old[0].model, new[0].model], batch)
+        times = latency(task, spec, [old[0].model, new[0].model], batch)
         for side, t in zip(sides, times, strict=True):
             side[f"latency_ms_batch_{batch}"] = t
     return {key: {"before": sides[0][key], "after": sides[1][key],
@@ -61,18 +61,30 @@ def profile_batch(spec: RunSpec) -> int:
 
 
 @torch.no_grad()
-def _latency(task: Task, spec: RunSpec, models: list[torch.nn.Module], batch: int) -> list[float]:
-    inputs = task.example_batch(spec, batch, torch.device("cpu"))[0]
+def latency(task: Task, spec: RunSpec, models: list[torch.nn.Module], batch: int,
+            device: torch.device | None = None, repeats: int = REPEATS) -> list[float]:
+    """Median milliseconds of one no-grad forward of ``batch`` examples for each model (all on ``device``),
+    the models interleaved so that each sees the same machine state."""
+    device = device or torch.device("cpu")
+    inputs = task.example_batch(spec, batch, device)[0]
     times: list[list[float]] = [[] for _ in models]
     for model in models:
         model.eval()
-        model(inputs)  # warm-up: first-call allocations
-    for _ in range(REPEATS):
+        model(inputs.to(next(model.parameters()).dtype) if inputs.is_floating_point() else inputs)  # warm-up
+    for _ in range(repeats):
         for i, model in enumerate(models):
+            x = inputs.to(next(model.parameters()).dtype) if inputs.is_floating_point() else inputs
+            _sync(device)
             start = time.perf_counter()
-            model(inputs)
+            model(x)
+            _sync(device)
             times[i].append(1000 * (time.perf_counter() - start))
     return [statistics.median(t) for t in times]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def table(record: dict[str, Any]) -> str:

@@ -42,6 +42,17 @@ def make_config(tmp_path: Path):
     return _make
 
 
+def trained_run(folder: Path, spec) -> Path:  # noqa: ANN001 (a RunSpec; lib is imported lazily here)
+    """Train ``spec`` in-process into ``folder``/<its name> and return that run folder (it must end ok)."""
+    from lib import run as run_mod
+
+    run_dir = folder / spec.name
+    run_dir.mkdir()
+    spec.write(run_dir / "spec.json")
+    assert run_mod.run(run_dir) == 0
+    return run_dir
+
+
 def tiny_spec(name: str = "t", *, optimizer: str = "adamw", lr: float = 3e-3, pruning: str = "none",
               sparsity: float = 0.0, max_iters: int = 20, seed: int = 1, **train_kw):
     """A small LeNet-5 RunSpec that trains in about a second on the CPU."""

@@ -102,3 +102,13 @@ def test_the_activation_checkpointing_bench_writes_its_table(tmp_path: Path, cap
     printed = capsys.readouterr().out
     assert "tiny GPT (8x64 tokens): sqrt memory" in printed and "met " in printed
     assert module.main(["--only", "nothing"]) == 2
+
+
+def test_the_2_of_4_bench_writes_its_rows_and_says_what_it_could_not_measure(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "nm.json"
+    assert load_script("bench_nm").main(["--tokens", "8", "--repeats", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["layer"] for r in data["rows"]] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert all(r["dense_ms"] > 0 and r["nm_ms"] > 0 for r in data["rows"])
+    if not data["sparse_kernels"]:
+        assert "GPU 2:4 kernels: unmeasured here" in capsys.readouterr().out

@@ -52,7 +52,7 @@ def test_all_yes_and_all_no_configs_load_and_plan(tmp_path, tool):
     specs = _dry_run(path)
     if tool == "allyesconfig":  # every model, optimizer, method and sparsity
         assert {s.model for s in specs} == {"lenet5", "gpt2", "resnet18", "resnet50"}
-        assert {s.prune.method for s in specs} == {"none", "magnitude", "movement", "state"}
+        assert {s.prune.method for s in specs} == {"none", "magnitude", "movement", "state", "nm"}
 
 
 # Only LeNet-5 on the shipped 5,000 digits trains offline; the rest of each random config (optimizer,

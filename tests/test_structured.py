@@ -14,13 +14,12 @@ from torch import nn
 
 from gpt2.model import GPT, config_for
 from lenet5.model import LeNet5
-from lib import run as run_mod
 from lib import structures
 from lib.errors import ConfigError
 from lib.pruning import build_pruner
 from lib.spec import PruneSettings
 from resnet.model import resnet18
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_spec, trained_run
 
 FAMILIES = {
     "lenet5": (LeNet5, lambda: torch.randn(4, 1, 32, 32)),
@@ -128,10 +127,7 @@ def test_the_families_describe_their_structures() -> None:
 
 def test_a_structured_lenet_run_reaches_its_target_and_resumes_its_masks(tmp_path: Path) -> None:
     spec = tiny_spec("structured", pruning="structured", sparsity=0.7, max_iters=20)
-    run_dir = tmp_path / spec.name
-    run_dir.mkdir()
-    spec.write(run_dir / "spec.json")
-    assert run_mod.run(run_dir) == 0
+    run_dir = trained_run(tmp_path, spec)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and not summary["flags"], summary
     assert abs(summary["sparsity"]["reached"] - 0.7) <= 0.005

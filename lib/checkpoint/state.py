@@ -130,7 +130,7 @@ def restore(state: dict[str, Any], where: Path, spec_dict: dict[str, Any], model
 
 
 # Fields of the RunSpec that may change between the killed run and its resume without changing the result.
-MAY_DIFFER = ("name", "data_dir", "hardware", "surgery")
+MAY_DIFFER = ("name", "data_dir", "hardware", "surgery", "sweep")
 
 
 def check_spec(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
@@ -138,11 +138,21 @@ def check_spec(saved: dict[str, Any], current: dict[str, Any], where: Path) -> N
     if saved.get("model") != current.get("model"):
         raise CheckpointError(f"checkpoint {where} is of model {saved.get('model')!r}, this run trains "
                               f"{current.get('model')!r}; it belongs to another run")
+    saved = _with_defaults(saved)  # a setting added since the checkpoint was written counts at its default
     differ = sorted(k for k in set(saved) | set(current) if k not in MAY_DIFFER and saved.get(k) != current.get(k))
     if differ:
         key = differ[0]
         raise CheckpointError(f"checkpoint {where} was made for another RunSpec ({', '.join(differ)} differ; "
                               f"{key}: {_short(saved.get(key))} vs {_short(current.get(key))} now)")
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    from lib.spec import RunSpec
+
+    try:
+        return RunSpec.from_dict(saved).to_dict()
+    except (TypeError, KeyError, ValueError):
+        return saved  # compared as written: every difference shows
 
 
 def _short(value: Any) -> str:

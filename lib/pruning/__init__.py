@@ -13,6 +13,7 @@ from torch import nn
 from lib.pruning.base import Pruner
 from lib.pruning.magnitude import MagnitudePruner
 from lib.pruning.movement import MovementPruner
+from lib.pruning.nm import NMPruner
 from lib.pruning.none import NonePruner
 from lib.pruning.prunable import prunable_parameters
 from lib.pruning.schedule import SparsitySchedule
@@ -30,6 +31,7 @@ PRUNERS: dict[str, type[Pruner]] = {
     "state": StatePruner,
     "structured": StructuredPruner,
     "layer-dropout": LayerDropoutPruner,
+    "nm": NMPruner,
 }
 
 

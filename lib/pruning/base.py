@@ -42,7 +42,7 @@ class Pruner:
         self.model = model
         self.optimizer = optimizer
         self.settings = settings
-        self.params = prunable_parameters(model)
+        self.params = self.select_params(model)
         self.unresolved = self.make_schedule(settings)  # kept: a time budget re-sizes the run later
         self.schedule = self.unresolved
         self.threshold = get_threshold(settings.threshold, settings.sample_tolerance)
@@ -53,6 +53,10 @@ class Pruner:
         self.total_steps: int | None = None
 
     # -- what subclasses override -------------------------------------------------------------
+
+    def select_params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The weights this method may prune: every prunable weight (lib/pruning/prunable.py)."""
+        return prunable_parameters(model)
 
     def make_schedule(self, settings: PruneSettings) -> SparsitySchedule:
         """The schedule this method follows (validated here, so a bad config fails before training)."""
