@@ -87,7 +87,7 @@ def _model_section(model: str, runs: list[Run], metric: Metric | None) -> list[s
     lines += [""]
     lines += ["Mean ± sample std (n-1) over the seeds that finished ok; a single seed shows no ±. "
               "Failed and diverged runs are excluded from the means and listed under Flags.", ""]
-    return lines + _best_per_sparsity(runs, metric) + _structures(runs) + _surgeries(runs)
+    return lines + _best_per_sparsity(runs, metric) + _structures(runs) + _patterns(runs) + _surgeries(runs)
 
 
 def _structures(runs: list[Run]) -> list[str]:
@@ -100,6 +100,24 @@ def _structures(runs: list[Run]) -> list[str]:
     return ["### Whole units removed", ""] + _table(["run", "units removed"], rows) + [
         "", "Masked during training: the weights of these units, their gradients and optimizer state are zero, "
         "so the model computes what the smaller model without them computes.", ""]
+
+
+def _patterns(runs: list[Run]) -> list[str]:
+    """N:M runs: the pattern, the weights it covers and the layers too narrow for it (left dense)."""
+    rows = []
+    for r in runs:
+        entry = r.summary.get("sparsity") or {}
+        if isinstance(entry, dict) and entry.get("pattern"):
+            dense = ", ".join(f"{name} ({dim} inputs)" for name, dim in (entry.get("dense_layers") or {}).items())
+            covered = entry.get("covered_weights")
+            rows.append([r.name, str(entry["pattern"]), f"{covered:,}" if isinstance(covered, int) else "?",
+                         dense or "none"])
+    if not rows:
+        return []
+    return ["### N:M patterns", ""] + _table(["run", "pattern", "weights in the pattern", "layers left dense"],
+                                             rows) + [
+        "", "Sparsity reached counts the weights in the pattern; a layer whose input dimension M does not "
+        "divide cannot hold it and stays dense.", ""]
 
 
 def _surgeries(runs: list[Run]) -> list[str]:

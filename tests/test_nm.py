@@ -121,6 +121,11 @@ def test_a_gradual_nm_run_trains_and_ends_exactly_2_of_4(tmp_path: Path) -> None
     assert summary["sparsity"]["reached"] == 0.5
     assert summary["sparsity"]["pattern"] == "2:4"
     assert set(summary["sparsity"]["dense_layers"]) == {"conv1.weight", "conv2.weight"}  # 25 and 150 inputs
+    from lib.report import _patterns
+    from lib.results import Run
+
+    text = "\n".join(_patterns([Run(summary, run_dir)]))
+    assert "| nm | 2:4 | 58,920 | conv1.weight (25 inputs), conv2.weight (150 inputs) |" in text
     best = checkpoint.load(run_dir / "checkpoints" / "best.pt")
     for name, mask in best["pruner"]["masks"].items():
         weight = best["model"][name]
