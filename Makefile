@@ -19,11 +19,12 @@ OVERRIDES := $(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),--set $
 RECORDED := $(strip make $(MAKECMDGOALS) $(if $(filter-out .config,$(KCONFIG_CONFIG)),KCONFIG_CONFIG=$(KCONFIG_CONFIG)) \
 	$(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),$(v)=$($(v)))) $(if $(TIME),TIME="$(TIME)"))
 CLI := HARNESS_COMMAND='$(RECORDED)' \
-	$(PY) -m lib.cli --config $(KCONFIG_CONFIG) $(OVERRIDES) $(if $(GPUS),--gpus '$(GPUS)')
+	$(PY) -m lib.cli --config $(KCONFIG_CONFIG) $(OVERRIDES) $(if $(GPUS),--gpus '$(GPUS)') \
+	$(if $(EXECUTOR),--executor '$(EXECUTOR)')
 DEFCONFIG_OUT ?= defconfig
 RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
-.PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery sweep prepare-data test bench lint quickstart venv \
+.PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery sweep status prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
 	allnoconfig randconfig clean mrproper
 
@@ -74,6 +75,9 @@ publish: $(STAMP) ## Copy RESULTS=dir (default: newest) into key_results/<date>_
 
 export: $(STAMP) ## Export RUN=<run dir>'s best checkpoint as safetensors + a JSON model card (RUN/export/)
 	@$(CLI) export --run '$(RUN)'
+
+status: $(STAMP) ## Each run's state in the newest results folder (or RESULTS=dir): queued, running, ok, failed, diverged, preempted
+	@$(CLI) status $(if $(RESULTS),--results '$(RESULTS)')
 
 sweep: $(STAMP) ## One-shot sweep of RUN=<run dir>'s best checkpoint (or every ok run of RESULTS=dir) [SPARSITIES=30,50,70,90] [METRICS=] [PATTERNS=unstructured,2:4,structured] [CALIBRATION=] [TOLERANCE=]
 	@$(CLI) sweep $(if $(RUN),--run '$(RUN)') $(if $(RESULTS),--results '$(RESULTS)') \

@@ -15,10 +15,12 @@ A HarnessError prints as one line ``error: ...`` with exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from lib.errors import HarnessError
 
@@ -27,7 +29,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lib.cli", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["check", "dry-run", "hwinfo", "run", "continue", "report", "graphs",
                                             "compare", "publish", "prepare-data", "export", "surgery",
-                                            "sweep"])
+                                            "sweep", "status"])
     parser.add_argument("--config", default=".config", help="the .config to read (default: .config)")
     parser.add_argument("--set", action="append", default=[], metavar="SYMBOL=VALUE",
                         help="override a symbol for this invocation only (make MAX_ITERS=... etc.)")
@@ -43,7 +45,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                        ("tolerance", "points of accuracy or percent of perplexity")):
         parser.add_argument(f"--{name}", help=f"sweep: {what}")
     parser.add_argument("--gpus", help="dry-run/hwinfo: plan for made-up GPUs instead of the ones here, "
-                                       "COUNTx NAME:TOTAL_GIB[:FREE_GIB] (make dry-run GPUS=\"1x NVIDIA A10G:24:8\")")
+                                       "COUNTx NAME:TOTAL_GIB[:FREE_GIB] (make dry-run GPUS=\"1x NVIDIA A10G:24:8\"); "
+                                       "with the Slurm executor, run/continue: the GPUs of one compute node")
+    parser.add_argument("--executor", help="run, continue, dry-run: local or slurm for this invocation")
     return parser.parse_args(argv)
 
 
@@ -71,11 +75,9 @@ def main(argv: list[str]) -> int:
 def _dispatch(args: argparse.Namespace, command: str) -> int:
     from lib import config as config_mod
     from lib import hardware, matrix
+    from lib.executors import build_executor
 
-    if args.gpus and args.command not in ("dry-run", "hwinfo"):
-        raise HarnessError(f"GPUS={args.gpus!r} describes made-up GPUs for `make dry-run` and `make hwinfo` "
-                           f"only; drop it to {args.command} on the devices here")
-    if args.command in ("report", "graphs", "compare", "publish"):
+    if args.command in ("report", "graphs", "compare", "publish", "status"):
         return _results_command(args)
     if args.command == "export":
         return _export(args.run)
@@ -84,32 +86,55 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
     if args.command == "sweep":
         return _sweep(args)
     config = config_mod.load(args.config, _overrides(args.set))
+    settings = dataclasses.replace(config.executor, name=args.executor) if args.executor else config.executor
+    if args.gpus and args.command not in ("dry-run", "hwinfo") and settings.name != "slurm":
+        raise HarnessError(f"GPUS={args.gpus!r} describes made-up GPUs for `make dry-run` and `make hwinfo` "
+                           f"(and the compute nodes of the Slurm executor) only; drop it to {args.command} on the "
+                           f"devices here")
     if args.command == "check":
         print(f"{args.config}: ok ({len(matrix.expand(config))} run(s))")
         return 0
     if args.command == "prepare-data":
         return _prepare_data(config)
-    if args.command == "continue":
-        folder = Path(args.results) if args.results else matrix.newest_unfinished(config.results_dir)
-        runs = matrix.run_folder(folder, config.jobs, only_unfinished=True)
-        return _finish(folder, runs)
     devices = hardware.detect()
     if args.gpus:
         devices = hardware.made_up(args.gpus, devices.cpu_cores)
+    executor = build_executor(settings, devices.count if args.gpus else None)
+    if args.command == "continue":
+        folder = Path(args.results) if args.results else matrix.newest_unfinished(config.results_dir)
+        return _finish(folder, matrix.run_folder(folder, config.jobs, only_unfinished=True, executor=executor))
     specs = matrix.expand(config, devices)
     if args.command in ("dry-run", "hwinfo"):
         if args.command == "hwinfo":
             print(f"{'made up (GPUS=)' if args.gpus else 'detected'}:\n{devices.describe()}\n")
         print(matrix.dry_run_table(specs))
         print("\n".join(matrix.plan_lines(specs)))
+        if executor.name == "slurm":
+            print("\n".join(_sbatch_lines(executor, specs, config)))
         print(f"{len(specs)} run(s); nothing trained ({args.command})")
         return 0
+    if executor.name == "slurm":
+        executor.check(specs)  # before the folder exists: a refusal leaves nothing behind
     folder = matrix.create_results_folder(config, specs, command)
-    runs = matrix.run_folder(folder, config.jobs)
-    return _finish(folder, runs)
+    return _finish(folder, matrix.run_folder(folder, config.jobs, executor=executor))
+
+
+def _sbatch_lines(executor: Any, specs: list, config: Any) -> list[str]:
+    """Each run's sbatch parameters (`make dry-run` with the Slurm executor)."""
+    if executor.node_gpus is not None:  # GPUS= describes the nodes: the same check `make` makes
+        executor.check_gpus(specs)
+    executor.warn_time(specs)
+    lines = []
+    for spec in specs:
+        folder = Path(config.results_dir) / "<folder>" / spec.name / "slurm"
+        lines += [f"sbatch for {spec.name}:"] + [f"  {line}" for line in executor.sbatch_lines(spec, folder)]
+    return lines
 
 
 def _finish(folder: Path, runs: list[dict]) -> int:
+    if not runs:  # submitted to a scheduler and not waited for
+        print(f"results: {folder} (jobs submitted)")
+        return 0
     statuses = ("ok", "diverged", "failed", "unreadable")
     counts = {s: sum(r["status"] == s for r in runs) for s in statuses}
     print(f"results: {folder}")
@@ -163,7 +188,13 @@ def _results_command(args: argparse.Namespace) -> int:
     if args.command == "publish" and not args.name:
         raise HarnessError("publish needs a name: `make publish NAME=<name> [RESULTS=dir]`")
     folder = _results_folder(args)
-    print(f"{args.command}: {folder}", flush=True)
+    if args.command != "status":
+        print(f"{args.command}: {folder}", flush=True)
+    if args.command == "status":
+        from lib.executors.status import table
+
+        print(table(folder, matrix.run_names(folder)))
+        return 0
     if args.command == "report":
         runs = matrix.write_summary(folder)
         print(f"wrote {folder / 'summary.json'}, {folder / 'graphs'}/ and {folder / 'report.md'}")

@@ -19,6 +19,7 @@ import kconfiglib
 
 from lib import sweep_settings
 from lib.errors import ConfigError
+from lib.executors.settings import ExecutorSettings
 from lib.hardware import HardwareSettings
 from lib.kconf import (
     Reader,
@@ -51,6 +52,7 @@ class Config:
     sweep: SweepSettings
     model_options: Mapping[str, dict[str, Any]]
     hardware: HardwareSettings
+    executor: ExecutorSettings
     jobs: int
     tracker: str
     tracker_project: str
@@ -160,6 +162,7 @@ def _build(r: Reader, path: Path, overrides: dict[str, str], text: str) -> Confi
         sweep=_sweep(r),
         model_options={m: _model_options(r, m) for m in models},
         hardware=_hardware(r),
+        executor=_executor(r),
         jobs=r.int("MATRIX_JOBS"),
         tracker=tracker,
         tracker_project=r.str("TRACKER_PROJECT") if tracker != "none" else "",
@@ -278,6 +281,24 @@ def _hardware(r: Reader) -> HardwareSettings:
     if multinode:
         _check_multinode(settings)
     return settings
+
+
+def _executor(r: Reader) -> ExecutorSettings:
+    """CONFIG_EXECUTOR and the Slurm settings (read whatever the choice: `make EXECUTOR=` switches)."""
+    return ExecutorSettings(
+        name=r.choice("EXECUTOR"), partition=r.str("SLURM_PARTITION").strip(), account=r.str("SLURM_ACCOUNT").strip(),
+        qos=r.str("SLURM_QOS").strip(), time_min=max(1, round(parse_duration(r.str("SLURM_TIME"), "SLURM_TIME") / 60)),
+        gpus_per_run=r.int("SLURM_GPUS_PER_RUN"), cpus_per_gpu=r.int("SLURM_CPUS_PER_GPU"),
+        cpus_per_run=r.int("SLURM_CPUS_PER_RUN"), mem_gb=r.int("SLURM_MEM_GB"), extra=_sbatch_extra(r),
+        array=r.bool("SLURM_ARRAY"), wait=r.bool("SLURM_WAIT"), signal_delay_s=r.int("SLURM_SIGNAL_DELAY"))
+
+
+def _sbatch_extra(r: Reader) -> tuple[str, ...]:
+    options = tuple(r.str("SLURM_EXTRA").split())
+    for option in options:
+        if not re.fullmatch(r"--[a-z][a-z0-9-]*(=\S+)?", option):
+            raise ConfigError(f"CONFIG_SLURM_EXTRA: {option!r} is not an sbatch option like --constraint=h100")
+    return options
 
 
 def _check_multinode(s: HardwareSettings) -> None:

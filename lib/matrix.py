@@ -12,23 +12,17 @@ import dataclasses
 import itertools
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from lib import distributed, hardware, runlock
+from lib import hardware, runlock
 from lib.config import Config
 from lib.errors import HarnessError
-from lib.files import DiskFullError, free_space, is_disk_full, write_error, write_json_atomic
+from lib.files import is_disk_full, write_error, write_json_atomic
 from lib.kconf import ROOT
 from lib.results import read_json, record_problem, results_folders, unreadable_record
-from lib.run import DISK_FULL_EXIT, RANK_FAILED, STOPPED_EXIT, failed_summary
+from lib.run_records import read_summary
 from lib.spec import HardwarePlan, PruneSettings, RunSpec
 from lib.task import get_task
 
@@ -186,12 +180,17 @@ def create_results_folder(config: Config, specs: list[RunSpec], command: str) ->
     return folder
 
 
-def run_folder(folder: Path, jobs: int, only_unfinished: bool = False) -> list[dict[str, Any]]:
-    """Run the folder's runs (each in its own process, ``jobs`` at a time); write summary and report.
+def run_folder(folder: Path, jobs: int, only_unfinished: bool = False, executor: Any = None) -> list[dict[str, Any]]:
+    """Run the folder's runs with ``executor`` (lib/executors/; local processes, ``jobs`` at a time, by
+    default); write summary and report once every run has ended here.
 
-    Refuses a folder another live trainer is working in. A full disk, Ctrl-C or SIGTERM stops every run
-    (none is recorded as failed for it) and `make continue` finishes the folder later.
+    Refuses a folder another live trainer is working in. Locally, a full disk, Ctrl-C or SIGTERM stops
+    every run (none is recorded as failed for it) and `make continue` finishes the folder later. An
+    executor that submits and returns (Slurm) leaves the summary to `make report` / `make status`.
     """
+    from lib.executors import LocalExecutor
+
+    executor = executor or LocalExecutor()
     matrix = _read_matrix(folder)
     for name in matrix["runs"]:  # one driver per folder: another `make` may still be training in it
         runlock.check_free(folder / name)
@@ -200,48 +199,15 @@ def run_folder(folder: Path, jobs: int, only_unfinished: bool = False) -> list[d
         if not (folder / name / "spec.json").is_file():
             raise HarnessError(f"{folder / name}/spec.json is missing, so that run cannot be (re)started; restore "
                                f"it, or start the experiment again with `make`")
-    print(f"{folder}: {len(todo)} of {len(matrix['runs'])} run(s) to do, {jobs} at a time", flush=True)
-    running: list[tuple[str, subprocess.Popen, float]] = []
-    bar = tqdm(total=len(todo), unit="run", disable=None, leave=False)
-    queue = list(todo)
+    print(f"{folder}: {len(todo)} of {len(matrix['runs'])} run(s) to do, {jobs} at a time ({executor.name})",
+          flush=True)
     node = _node_rank(folder, matrix["runs"])  # several machines: node 0 records, the others only train
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while queue or running:
-            while queue and len(running) < jobs:
-                name = queue.pop(0)
-                running.append((name, _launch(folder / name), time.time()))
-            running = _reap(folder, running, bar, record=node == 0)
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        _stop(running)
-        raise HarnessError(f"interrupted; `make continue` finishes {folder}") from None
-    except DiskFullError:
-        _stop(running)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        bar.close()
+    if not executor.run(folder, todo, jobs, record=node == 0):
+        return []  # submitted; the jobs record themselves
     if node:
         print(f"node {node}: trained as a worker; node 0 writes the results and the report", flush=True)
         return []
     return write_summary(folder)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the runs as Ctrl-C does
-
-
-def _stop(running: list[tuple[str, subprocess.Popen, float]]) -> None:
-    """Terminate the running runs and wait for them; they are left unfinished for `make continue`."""
-    for _, proc, _ in running:
-        proc.terminate()
-    for _, proc, _ in running:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _node_rank(folder: Path, names: list[str]) -> int:
@@ -283,7 +249,7 @@ def _record_for_summary(run_dir: Path, last: dict[str, Any] | None) -> dict[str,
         return data
     had_result = bool(last) and last.get("status") in (*FINISHED, "unreadable")
     if why == "missing" and not had_result:
-        return _read_summary(run_dir)  # never finished: a failed record with its log's last line
+        return read_summary(run_dir)  # never finished: a failed record with its log's last line
     return unreadable_record(run_dir.name, "is missing" if why == "missing" else problem, last)
 
 
@@ -297,95 +263,9 @@ def newest_unfinished(results_dir: str) -> Path:
     raise HarnessError(f"no unfinished results folder under {base}; start a new matrix with `make`")
 
 
-def _launch(run_dir: Path) -> subprocess.Popen:
-    """Start one run: lib.run itself, or under torchrun when its plan has several processes.
-
-    The run folder's lock is taken here and handed to the child, which holds it until it exits; the child
-    gets SIGTERM if this driver dies, so no trainer outlives the matrix that started it.
-    """
-    try:
-        command = distributed.launch_command(RunSpec.read(run_dir / "spec.json").hardware, run_dir)
-    except HarnessError:  # an unreadable spec.json: lib.run says so in the run's log and record
-        command = [sys.executable, "-m", "lib.run", str(run_dir)]
-    lock = runlock.lock(run_dir)
-    try:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", runlock.FD_ENV: str(lock)}
-        (run_dir / "summary.json").unlink(missing_ok=True)
-        driver = os.getpid()
-        with (run_dir / "log.txt").open("a") as log:  # a resumed run adds to its earlier log
-            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, pass_fds=(lock,),
-                                    preexec_fn=lambda: runlock.die_with_parent(driver))
-        runlock.record_holder(lock, proc.pid)
-    except OSError as exc:
-        raise write_error(run_dir / "log.txt", exc) from None
-    finally:
-        os.close(lock)  # the child's copy keeps the lock until the child exits
-    return proc
-
-
-def _reap(folder: Path, running: list, bar: tqdm, record: bool = True) -> list:
-    """The runs still running; each finished one is recorded and printed. DiskFullError stops the matrix."""
-    still = []
-    for name, proc, started in running:
-        if proc.poll() is None:
-            still.append((name, proc, started))
-            continue
-        bar.update(1)
-        if proc.returncode == DISK_FULL_EXIT:
-            others = [entry for entry in running if entry[1] is not proc and entry[1].poll() is None]
-            _stop(others)
-            raise DiskFullError(_disk_full_line(folder / name))
-        if proc.returncode == STOPPED_EXIT:  # checkpointed on SIGTERM/SIGUSR1: unfinished, not failed
-            tqdm.write(f"{name}: stopped after a checkpoint; `make continue` resumes it")
-            continue
-        if not record:  # a worker node: rank 0, on node 0, writes the run's summary
-            tqdm.write(f"{name}: exited with status {proc.returncode} (worker node)")
-            continue
-        summary = _read_summary(folder / name, exit_code=proc.returncode)
-        tqdm.write(f"{_one_line(summary)}  [{time.time() - started:.1f} s from launch to exit]")
-    return still
-
-
-def _disk_full_line(run_dir: Path) -> str:
-    """The run's own disk-full line from its log, else one made here."""
-    own = re.search(r"disk full .*? to finish", _failure_line(run_dir / "log.txt"))
-    if own:
-        return own.group(0)
-    return (f"disk full while {run_dir.name} ran ({free_space(run_dir)} free in {run_dir.parent}); "
-            f"free some space, then run `make continue` to finish")
-
-
-def _read_summary(run_dir: Path, exit_code: int | None = None) -> dict[str, Any]:
-    """A run's summary.json; a crashed run that left none gets a failed record with its log's tail."""
-    path = run_dir / "summary.json"
-    data, _ = read_json(path)
-    if record_problem(data) is None:
-        return data
-    reason = f"exited with status {exit_code}" if exit_code is not None else "did not finish"
-    summary = failed_summary(run_dir.name, f"{reason}: {_failure_line(run_dir / 'log.txt')}")
-    if exit_code is not None:
-        write_json_atomic(path, summary)  # DiskFullError on a full disk: the matrix stops
-    return summary
-
-
-def _failure_line(log: Path) -> str:
-    """Why a run left no summary: the first rank's own failure line (torchrun's report follows it), else
-    the log's last line."""
-    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-    ranks = [line for line in lines if re.match(RANK_FAILED.format(rank=r"\d+"), line)]
-    return (ranks or lines[-1:] or ["no output"])[0]
-
-
-def _one_line(s: dict[str, Any]) -> str:
-    if s["status"] != "ok":
-        return f"{s['name']}: {s['status'].upper()}  {s.get('error') or ''}".rstrip()
-    metric = s["metric"]["name"]
-    best = f"val {metric} {s['best']['val'][metric]:.2f}" if s.get("best") else "no eligible checkpoint"
-    test = f"test {s['test_at_best'][metric]:.2f}" if s.get("test_at_best") else ""
-    sp = s["sparsity"]
-    flags = f"  [{', '.join(s['flags'])}]" if s.get("flags") else ""
-    return f"{s['name']}: ok  {best}  {test}  sparsity {sp['reached']:.1%} (target {sp['target']:.0%}){flags}"
+def run_names(folder: Path) -> list[str]:
+    """The runs of a results folder, in matrix order."""
+    return list(_read_matrix(folder)["runs"])
 
 
 def _finished(run_dir: Path) -> bool:

@@ -21,7 +21,8 @@ import signal
 # (as a program only: importing this module must not change the importer's signals).
 _EARLY_STOP: list[int] = []
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY_STOP.append(signum))
+    for _early in (signal.SIGTERM, signal.SIGUSR1):  # SIGUSR1: a Slurm job's warning before preemption
+        signal.signal(_early, lambda signum, frame: _EARLY_STOP.append(signum))
 
 import os  # noqa: E402
 import sys  # noqa: E402

@@ -203,7 +203,7 @@ def test_a_gpu_plan_launched_without_gpus_fails_with_one_line(tmp_path: Path) ->
 def test_a_failure_of_one_rank_names_that_rank(tmp_path: Path) -> None:
     """torchrun may kill rank 0 before it records a failure of rank 1: the run's record then quotes
     rank 1's own line, not the last line of torchrun's report."""
-    from lib.matrix import _failure_line
+    from lib.run_records import failure_line as _failure_line
 
     log = tmp_path / "log.txt"
     log.write_text("step 10/40 loss 3.2\nrank 1 failed: OutOfMemoryError: CUDA out of memory\n"

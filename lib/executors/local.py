@@ -1,0 +1,168 @@
+"""The local executor: the matrix's runs as processes on this machine, ``jobs`` side by side.
+
+Each run is ``python -m lib.run <run dir>``, or torchrun when its plan has several processes
+(lib/distributed.py). On a machine with GPUs each run gets its own: a single-GPU run one device, a
+DDP run as many as its plan's ranks per node, by CUDA_VISIBLE_DEVICES, and a run waits until that many
+are free. CPU runs share the cores as their plan divided them (threads per rank).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lib import distributed, runlock
+from lib.errors import HarnessError
+from lib.files import DiskFullError, write_error
+from lib.kconf import ROOT
+from lib.run import DISK_FULL_EXIT, STOPPED_EXIT
+from lib.run_records import disk_full_line, one_line, read_summary
+from lib.spec import RunSpec
+
+
+class GpuSlots:
+    """Which GPUs of this machine are free; a run takes the devices its plan needs."""
+
+    def __init__(self, ids: list[str]):
+        self.free = list(ids)
+        self.total = len(ids)
+
+    @classmethod
+    def here(cls) -> GpuSlots:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            return cls([d for d in visible.split(",") if d.strip()])
+        import torch
+
+        return cls([str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
+
+    def take(self, count: int) -> list[str] | None:
+        """``count`` free devices (all of them, for a plan wanting more than exist: the run says why it
+        cannot start), or None while too few are free."""
+        count = min(count, self.total)
+        if count > len(self.free):
+            return None
+        taken, self.free = self.free[:count], self.free[count:]
+        return taken
+
+    def give(self, ids: list[str]) -> None:
+        self.free += ids
+
+
+def gpus_needed(run_dir: Path) -> int:
+    """GPUs a run's plan uses on one machine (0 for a CPU plan or an unreadable spec)."""
+    try:
+        hw = RunSpec.read(run_dir / "spec.json").hardware
+    except HarnessError:
+        return 0
+    return hw.nproc_per_node if hw.device.startswith("cuda") else 0
+
+
+class LocalExecutor:
+    """Runs side by side on this machine; returns when all have ended."""
+
+    name = "local"
+
+    def run(self, folder: Path, names: list[str], jobs: int, record: bool = True) -> bool:
+        """Run ``names`` of ``folder``, ``jobs`` at a time. Ctrl-C, SIGTERM or a full disk stops every run
+        (none recorded as failed for it); True when every run has ended here."""
+        slots = GpuSlots.here() if any(gpus_needed(folder / n) for n in names) else GpuSlots([])
+        running: list[tuple[str, subprocess.Popen, float, list[str]]] = []
+        bar = tqdm(total=len(names), unit="run", disable=None, leave=False)
+        queue = list(names)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            while queue or running:
+                while queue and len(running) < jobs:
+                    devices = slots.take(gpus_needed(folder / queue[0]))
+                    if devices is None:
+                        break  # the next run waits for GPUs
+                    name = queue.pop(0)
+                    running.append((name, _launch(folder / name, devices), time.time(), devices))
+                running = _reap(folder, running, bar, slots, record)
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            _stop(running)
+            raise HarnessError(f"interrupted; `make continue` finishes {folder}") from None
+        except DiskFullError:
+            _stop(running)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            bar.close()
+        return True
+
+
+def _launch(run_dir: Path, devices: list[str]) -> subprocess.Popen:
+    """Start one run: lib.run itself, or under torchrun when its plan has several processes.
+
+    The run folder's lock is taken here and handed to the child, which holds it until it exits; the child
+    gets SIGTERM if this driver dies, so no trainer outlives the matrix that started it.
+    """
+    try:
+        command = distributed.launch_command(RunSpec.read(run_dir / "spec.json").hardware, run_dir)
+    except HarnessError:  # an unreadable spec.json: lib.run says so in the run's log and record
+        command = [sys.executable, "-m", "lib.run", str(run_dir)]
+    lock = runlock.lock(run_dir)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", runlock.FD_ENV: str(lock)}
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        driver = os.getpid()
+        with (run_dir / "log.txt").open("a") as log:  # a resumed run adds to its earlier log
+            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, pass_fds=(lock,),
+                                    preexec_fn=lambda: runlock.die_with_parent(driver))
+        runlock.record_holder(lock, proc.pid)
+    except OSError as exc:
+        raise write_error(run_dir / "log.txt", exc) from None
+    finally:
+        os.close(lock)  # the child's copy keeps the lock until the child exits
+    return proc
+
+
+def _reap(folder: Path, running: list, bar: tqdm, slots: GpuSlots, record: bool = True) -> list:
+    """The runs still running; each finished one is recorded and printed. DiskFullError stops the matrix."""
+    still = []
+    for name, proc, started, devices in running:
+        if proc.poll() is None:
+            still.append((name, proc, started, devices))
+            continue
+        slots.give(devices)
+        bar.update(1)
+        if proc.returncode == DISK_FULL_EXIT:
+            _stop([entry for entry in running if entry[1] is not proc and entry[1].poll() is None])
+            raise DiskFullError(disk_full_line(folder / name))
+        if proc.returncode == STOPPED_EXIT:  # checkpointed on SIGTERM/SIGUSR1: unfinished, not failed
+            tqdm.write(f"{name}: stopped after a checkpoint; `make continue` resumes it")
+            continue
+        if not record:  # a worker node: rank 0, on node 0, writes the run's summary
+            tqdm.write(f"{name}: exited with status {proc.returncode} (worker node)")
+            continue
+        summary = read_summary(folder / name, exit_code=proc.returncode)
+        tqdm.write(f"{one_line(summary)}  [{time.time() - started:.1f} s from launch to exit]")
+    return still
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the runs as Ctrl-C does
+
+
+def _stop(running: list) -> None:
+    """Terminate the running runs and wait for them; they are left unfinished for `make continue`."""
+    for _, proc, *_ in running:
+        proc.terminate()
+    for _, proc, *_ in running:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,234 @@
+"""The Slurm executor: one job per run (or one job array) through submitit (seed 002's preemption story).
+
+Each job runs ``lib.executors.job.RunJob`` in its run folder: the same lib.run as the local executor, so
+the folders, logs and records are the same. submitit's warning signal is SIGUSR1 (SUBMITIT_PREEMPT_SIGNAL),
+the signal lib.run already answers with a checkpoint and a clean stop; submitit then requeues the job.
+Each run folder gets slurm.json (its job id and the sbatch parameters) and slurm/ (submitit's files).
+
+Job states come from ``squeue --states=all`` (finished jobs stay there for the cluster's MinJobAge) and
+from the runs' own summary.json, never from sacct: a cluster without an accounting database has none.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lib.errors import HarnessError, first_line
+from lib.executors.settings import ExecutorSettings
+from lib.files import write_json_atomic
+from lib.kconf import ROOT
+from lib.results import read_json, record_problem
+from lib.run_records import one_line, read_summary
+from lib.spec import RunSpec
+
+os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")  # before submitit reads it; jobs inherit it
+POLL_S = 2.0
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+NO_SBATCH = ("the Slurm executor needs sbatch, and this machine has none: install Slurm's client tools for your "
+             "cluster, start a one-node cluster here with `sudo scripts/local_slurm.sh start`, or use "
+             "`make EXECUTOR=local`")
+
+
+class SlurmExecutor:
+    name = "slurm"
+
+    def __init__(self, settings: ExecutorSettings, node_gpus: int | None = None):
+        self.settings = settings
+        self.node_gpus = node_gpus  # GPUs of one node (made up by GPUS=, or read from sinfo when needed)
+
+    # -- before anything is submitted -------------------------------------------------------------
+
+    def check(self, specs: list[RunSpec], say: Any = print) -> None:
+        """One line for what cannot work (no sbatch, more GPUs per run than a node has); a warning for a
+        time limit shorter than a checkpoint interval."""
+        if not shutil.which("sbatch"):
+            raise HarnessError(NO_SBATCH)
+        self.check_gpus(specs)
+        if specs:  # the scheduler's own verdict on partition, account, QOS, time and GPUs, before any folder exists
+            self._test_only(specs[0])
+        self.warn_time(specs, say)
+
+    def warn_time(self, specs: list[RunSpec], say: Any = print) -> None:
+        """A time limit shorter than the checkpoint interval: a job reaching it checkpoints only on the signal."""
+        limit = self.settings.time_min * 60 - self.settings.signal_delay_s
+        every = max((spec.train.ckpt_time_s for spec in specs), default=0)
+        if every and every > limit:
+            say(f"warning: CONFIG_SLURM_TIME ({self.settings.time_min} min) leaves {limit / 60:.0f} min before the "
+                f"warning signal, less than one checkpoint interval (CONFIG_CKPT_TIME, {every / 60:.0f} min): each "
+                f"job checkpoints only when the signal comes; lengthen the limit or shorten the interval")
+
+    def _test_only(self, spec: RunSpec) -> None:
+        params = self.parameters(spec)
+        args = ["sbatch", "--test-only", f"--time={params['time']}", f"--cpus-per-task={params['cpus_per_task']}"]
+        args += [f"--{key}={params[key]}" for key in ("partition", "account", "qos", "mem") if key in params]
+        if "gpus_per_node" in params:
+            args.append(f"--gpus-per-node={params['gpus_per_node']}")
+        args += [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
+                 for k, v in params["additional_parameters"].items()]
+        done = subprocess.run([*args, "--wrap=true"], capture_output=True, text=True, timeout=60)
+        if done.returncode:
+            refusal = _refusal(subprocess.CalledProcessError(1, args, done.stderr))
+            raise HarnessError(f"sbatch refused the job: {refusal}")
+
+    def check_gpus(self, specs: list[RunSpec]) -> None:
+        """One line when a run needs more GPUs than a node has, or spans several nodes."""
+        for spec in specs:
+            if spec.hardware.nnodes > 1:
+                raise HarnessError(f"{spec.name}: the Slurm executor runs each run on one node; its plan spans "
+                                   f"{spec.hardware.nnodes} (set CONFIG_DIST_MULTINODE off)")
+        wanted = max((self.gpus(spec) for spec in specs), default=0)
+        node = self.node_gpus if self.node_gpus is not None else (partition_gpus(self.settings.partition)
+                                                                  if wanted else 0)
+        if wanted > node:
+            where = f"partition {self.settings.partition!r}" if self.settings.partition else "the default partition"
+            raise HarnessError(f"a run needs {wanted} GPUs, but a node of {where} has {node}; lower "
+                               f"CONFIG_SLURM_GPUS_PER_RUN or the run's ranks, or choose a partition with bigger nodes")
+
+    def gpus(self, spec: RunSpec) -> int:
+        if self.settings.gpus_per_run:
+            return self.settings.gpus_per_run
+        return spec.hardware.nproc_per_node if spec.hardware.device.startswith("cuda") else 0
+
+    def parameters(self, spec: RunSpec) -> dict[str, Any]:
+        """submitit's SlurmExecutor parameters for ``spec``'s job."""
+        s, gpus = self.settings, self.gpus(spec)
+        params: dict[str, Any] = {
+            "job_name": spec.name, "time": s.time_min, "signal_delay_s": s.signal_delay_s, "nodes": 1,
+            "ntasks_per_node": 1, "cpus_per_task": gpus * s.cpus_per_gpu if gpus else s.cpus_per_run,
+            "setup": [f"export PYTHONPATH={ROOT}", "export SUBMITIT_PREEMPT_SIGNAL=USR1"],
+            "additional_parameters": dict(_extra(option) for option in s.extra)}
+        if gpus:
+            params["gpus_per_node"] = gpus
+        for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos)):
+            if value:
+                params[key] = value
+        if s.mem_gb:
+            params["mem"] = f"{s.mem_gb}GB"
+        return params
+
+    def sbatch_lines(self, spec: RunSpec, folder: Path) -> list[str]:
+        """The #SBATCH lines of ``spec``'s job (`make dry-run`)."""
+        executor = _submitit_executor(folder, self.parameters(spec))
+        text = executor._make_submission_file_text("python -m submitit.core._submit", "uid")
+        return [line for line in text.splitlines() if line.startswith("#SBATCH")]
+
+    # -- submitting and waiting --------------------------------------------------------------------
+
+    def run(self, folder: Path, names: list[str], jobs: int, record: bool = True) -> bool:
+        specs = [RunSpec.read(folder / name / "spec.json") for name in names]
+        self.check(specs)
+        ids = self._submit(folder, names, specs)
+        print(f"submitted {len(ids)} Slurm job(s): {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}", flush=True)
+        if not self.settings.wait:
+            print(f"not waiting (CONFIG_SLURM_WAIT off): `make status RESULTS={folder}` shows them, "
+                  f"`make report RESULTS={folder}` gathers what finished", flush=True)
+            return False
+        self.wait(folder, names)
+        return True
+
+    def _submit(self, folder: Path, names: list[str], specs: list[RunSpec]) -> list[str]:
+        from lib.executors.job import RunJob
+
+        try:
+            if self.settings.array:
+                executor = _submitit_executor(folder / "slurm", {**self.parameters(specs[0]), "job_name": folder.name})
+                with executor.batch():
+                    jobs = [executor.submit(RunJob(str(folder / name))) for name in names]
+            else:
+                jobs = [_submitit_executor(folder / name / "slurm", self.parameters(spec)).submit(
+                    RunJob(str(folder / name))) for name, spec in zip(names, specs, strict=True)]
+        except (subprocess.CalledProcessError, OSError) as exc:
+            raise HarnessError(f"sbatch refused the job: {_refusal(exc)}") from None
+        except Exception as exc:  # submitit wraps sbatch's failure in its own error types
+            if "sbatch" not in str(exc) and "Slurm" not in str(exc):
+                raise
+            raise HarnessError(f"sbatch refused the job: {_refusal(exc)}") from None
+        for name, spec, job in zip(names, specs, jobs, strict=True):
+            write_json_atomic(folder / name / "slurm.json", {"job_id": str(job.job_id), "submitted": time.time(),
+                                                              "parameters": self.parameters(spec)})
+        return [str(job.job_id) for job in jobs]
+
+    def wait(self, folder: Path, names: list[str]) -> None:
+        """Until every run's job has ended: a progress bar, and each run's line as it ends."""
+        left = set(names)
+        unknown: dict[str, int] = {}  # polls in a row that squeue did not know a job without a record
+        bar = tqdm(total=len(names), unit="run", disable=None, leave=False)
+        try:
+            while left:
+                states = job_states([job_id(folder / n) for n in left])
+                for name in sorted(left):
+                    state = states.get(job_id(folder / name) or "", "")
+                    unknown[name] = 0 if state else unknown.get(name, 0) + 1
+                    if state in ENDED or (not state and (_has_record(folder / name) or unknown[name] > 5)):
+                        left.discard(name)
+                        bar.update(1)
+                        tqdm.write(one_line(read_summary(folder / name, exit_code=None if _has_record(
+                            folder / name) else -1)))
+                if left:
+                    time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            raise HarnessError(f"stopped waiting; the jobs go on (`make status RESULTS={folder}`)") from None
+        finally:
+            bar.close()
+
+
+def _submitit_executor(folder: Path, params: dict[str, Any]) -> Any:
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=str(folder))
+    executor.update_parameters(**params)
+    return executor
+
+
+def _extra(option: str) -> tuple[str, Any]:
+    key, _, value = option[2:].partition("=")
+    return key.replace("-", "_"), value or True
+
+
+def _refusal(exc: BaseException) -> str:
+    text = getattr(exc, "output", None) or getattr(exc, "stderr", None) or str(exc)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line for line in str(text).splitlines() if "error" in line.lower()] or [first_line(exc)]
+    return lines[0].strip()
+
+
+def _has_record(run_dir: Path) -> bool:
+    data, _ = read_json(run_dir / "summary.json")
+    return record_problem(data) is None
+
+
+def job_id(run_dir: Path) -> str | None:
+    data, _ = read_json(run_dir / "slurm.json")
+    return str(data["job_id"]) if isinstance(data, dict) and "job_id" in data else None
+
+
+def job_states(ids: list[str | None]) -> dict[str, str]:
+    """{job id: Slurm state} from squeue (array elements as "<array>_<index>"); {} when squeue fails."""
+    wanted = sorted({i for i in ids if i})
+    if not wanted or not shutil.which("squeue"):
+        return {}
+    done = subprocess.run(["squeue", "-h", "--states=all", "-o", "%i %T", "-j", ",".join(wanted)],
+                          capture_output=True, text=True, timeout=60)
+    states = {}
+    for line in done.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            states[parts[0]] = parts[1]
+    return states
+
+
+def partition_gpus(partition: str) -> int:
+    """The most GPUs one node of ``partition`` (or the default one) has, from sinfo's gres."""
+    args = ["sinfo", "-h", "-o", "%G"] + (["-p", partition] if partition else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    counts = [int(m) for m in re.findall(r"gpu(?::[^:,(\s]+)?:(\d+)", done.stdout)]
+    return max(counts, default=0)

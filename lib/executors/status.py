@@ -1,0 +1,58 @@
+"""`make status [RESULTS=dir]`: each run's state, whatever executed it.
+
+ok / failed / diverged come from the run's summary.json. A run without one is running (a live trainer
+holds its lock, or its Slurm job runs), queued (its job waits, or it has not started), or preempted
+(stopped after a checkpoint, or its job requeued: `make continue` or the requeued job resumes it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lib import runlock
+from lib.executors.slurm import ENDED, job_id, job_states
+from lib.results import read_json, record_problem
+
+SLURM = {"PENDING": "queued", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
+         "REQUEUED": "preempted", "REQUEUE_HOLD": "preempted", "REQUEUE_FED": "preempted",
+         "PREEMPTED": "preempted", "SUSPENDED": "preempted", "RESIZING": "running", "STOPPED": "preempted"}
+
+
+def states(folder: Path, names: list[str]) -> list[tuple[str, str, str]]:
+    """(run, state, detail) for each of ``names`` in ``folder``."""
+    ids = {name: job_id(folder / name) for name in names}
+    slurm = job_states(list(ids.values()))
+    return [(name, *_state(folder / name, ids[name], slurm)) for name in names]
+
+
+def _state(run_dir: Path, job: str | None, slurm: dict[str, str]) -> tuple[str, str]:
+    data, _ = read_json(run_dir / "summary.json")
+    if record_problem(data) is None:
+        return str(data["status"]), (data.get("error") or "")[:100]
+    where = f"Slurm job {job}" if job else "local"
+    if job and job in slurm:
+        state = slurm[job]
+        if state in ENDED:
+            return "failed", f"{where} ended {state} without a record"
+        resumable = (run_dir / "checkpoints" / "latest").exists()
+        if state == "PENDING" and resumable:  # requeued after a warning signal: it resumes from its checkpoint
+            return "preempted", f"{where} requeued, resumes from its checkpoint"
+        return SLURM.get(state, state.lower()), f"{where} {state}"
+    try:
+        runlock.check_free(run_dir, grace_s=0.0)
+    except runlock.RunBusyError:
+        return "running", f"{where}, trainer pid {runlock.holder(run_dir)}"
+    if (run_dir / "checkpoints" / "latest").exists():
+        return "preempted", f"{where}: stopped after a checkpoint; `make continue` resumes it"
+    return "queued", f"{where}: not started"
+
+
+def table(folder: Path, names: list[str]) -> str:
+    rows = states(folder, names)
+    width = max((len(name) for name, _, _ in rows), default=3)
+    counts: dict[str, int] = {}
+    lines = []
+    for name, state, detail in rows:
+        counts[state] = counts.get(state, 0) + 1
+        lines.append(f"{name.ljust(width)}  {state:<9}  {detail}".rstrip())
+    return "\n".join([f"{folder}:"] + lines + [", ".join(f"{n} {s}" for s, n in sorted(counts.items()))])

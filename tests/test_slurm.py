@@ -1,0 +1,175 @@
+"""The executors (lib/executors/) against a real one-node Slurm (scripts/local_slurm.sh; .ci/run starts it).
+
+The LeNet-5 matrix through Slurm ends as it does locally; a job signalled with SIGUSR1 mid-run is requeued
+and resumes from its checkpoint to the weights of an uninterrupted run; a failed job leaves the others
+alone and `make continue` (with either executor) reruns only it; the sbatch parameters of a DDP run on a
+made-up 8-GPU node; every bad input in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib import checkpoint, cli, config, matrix
+from lib.executors import LocalExecutor
+from lib.executors.slurm import SlurmExecutor, job_id
+from lib.executors.status import states
+from lib.hardware import Devices
+from lib.spec import RunSpec
+from tests.conftest import ROOT, trained_run
+
+CPU = Devices("cpu", cpu_cores=2)
+LENET = ("CONFIG_MODEL_LENET5=y\nCONFIG_LENET5_DATASET_MNIST5K=y\nCONFIG_OPTIMIZER_ADAMW=y\nCONFIG_EPOCHS=0\n"
+         "CONFIG_DEVICE_CPU=y\nCONFIG_EXECUTOR_SLURM=y\nCONFIG_SLURM_CPUS_PER_RUN=1\nCONFIG_MATRIX_JOBS=2\n")
+TWO_RUNS = "CONFIG_PRUNING_MULTIPLE=y\nCONFIG_PRUNING_ENABLE_MAGNITUDE=y\nCONFIG_TARGET_SPARSITY=\"0.5\"\n"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    """A Slurm cluster that answers: the one .ci/run started, or one started here (as root)."""
+    if shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
+        return
+    if os.geteuid() != 0:
+        pytest.skip("no Slurm cluster answers, and starting one needs root: sudo scripts/local_slurm.sh start")
+    subprocess.run([str(ROOT / "scripts" / "local_slurm.sh"), "start"], check=True, timeout=300)
+
+
+def _config(make_config, tmp_path: Path, lines: str) -> Path:
+    return make_config(LENET + lines + f"CONFIG_RESULTS_DIR=\"{tmp_path / 'results'}\"\n")
+
+
+def _newest(tmp_path: Path) -> Path:
+    return sorted((tmp_path / "results").iterdir())[-1]
+
+
+def _outcome(folder: Path) -> dict[str, tuple]:
+    runs = json.loads((folder / "summary.json").read_text())["runs"]
+    return {r["name"]: (r["status"], r["best"], r["test_at_best"], r["sparsity"]["reached"]) for r in runs}
+
+
+def test_the_lenet_matrix_through_slurm_ends_as_it_does_locally(cluster, make_config, tmp_path: Path) -> None:
+    path = _config(make_config, tmp_path, TWO_RUNS + "CONFIG_MAX_ITERS=20\n")
+    assert cli.main(["run", "--config", str(path)]) == 0
+    on_slurm = _newest(tmp_path)
+    assert all(job_id(on_slurm / name) for name in matrix.run_names(on_slurm))  # each run was a Slurm job
+    assert "[slurm job" in (on_slurm / "lenet5_adamw_magnitude_50" / "log.txt").read_text()
+    assert cli.main(["run", "--config", str(path), "--executor", "local"]) == 0
+    local = _newest(tmp_path)
+    assert local != on_slurm and _outcome(local) == _outcome(on_slurm)
+    assert {state for _, state, _ in states(on_slurm, matrix.run_names(on_slurm))} == {"ok"}
+
+
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:  # noqa: ANN001
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_a_signalled_job_is_requeued_and_resumes_to_an_uninterrupted_runs_weights(cluster, make_config,
+                                                                                    tmp_path: Path) -> None:
+    path = _config(make_config, tmp_path, "CONFIG_PRUNING_MAGNITUDE=y\nCONFIG_TARGET_SPARSITY=\"0.5\"\n"
+                                          "CONFIG_MAX_ITERS=400\nCONFIG_SLURM_WAIT=n\n")
+    assert cli.main(["run", "--config", str(path)]) == 0  # submitted, not waited for
+    folder = _newest(tmp_path)
+    run_dir = folder / matrix.run_names(folder)[0]
+    log = run_dir / "log.txt"
+    _wait_for(lambda: log.exists() and re.search(r"step [1-9]\d{2}/400", log.read_text()), "step 100")
+    job = job_id(run_dir)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    _wait_for(lambda: "stopped by SIGUSR1" in log.read_text(), "the checkpoint on SIGUSR1")
+    _wait_for(lambda: states(folder, [run_dir.name])[0][1] == "preempted", "the requeue")
+    _wait_for(lambda: (run_dir / "summary.json").exists(), "the resumed job to finish", timeout=240)
+    text = log.read_text()
+    assert text.count(f"[slurm job {job} ") == 2 and re.search(r"resuming \S+ from step_\d+\.ckpt", text)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok"
+    (tmp_path / "reference").mkdir()
+    reference = trained_run(tmp_path / "reference", RunSpec.read(run_dir / "spec.json"))
+    ours = checkpoint.load(run_dir / "checkpoints" / "best.pt")["model"]
+    theirs = checkpoint.load(reference / "checkpoints" / "best.pt")["model"]
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_failed_job_leaves_the_others_and_continue_reruns_only_it(cluster, make_config, tmp_path: Path) -> None:
+    cfg = config.load(_config(make_config, tmp_path, TWO_RUNS + "CONFIG_MAX_ITERS=20\n"))
+    specs = matrix.expand(cfg, CPU)
+    folder = matrix.create_results_folder(cfg, specs, "test")
+    broken = folder / specs[1].name / "spec.json"
+    good = broken.read_text()
+    data = json.loads(good)
+    data["model_options"]["dataset"], data["data_dir"] = "mnist", str(tmp_path / "no-data")  # a dataset not prepared
+    broken.write_text(json.dumps(data))
+    runs = matrix.run_folder(folder, 2, executor=SlurmExecutor(cfg.executor))
+    assert [r["status"] for r in runs] == ["ok", "failed"] and "prepare-data" in runs[1]["error"]
+    first = job_id(folder / specs[0].name)
+    broken.write_text(good)
+    runs = matrix.run_folder(folder, 2, only_unfinished=True, executor=LocalExecutor())  # finished locally
+    assert [r["status"] for r in runs] == ["ok", "ok"]
+    assert job_id(folder / specs[0].name) == first  # the ok run was not run again
+
+
+def test_sbatch_parameters_of_a_ddp_run_on_a_made_up_8_gpu_node(make_config, capsys) -> None:
+    path = make_config((ROOT / "defconfigs" / "gpt2-finewebedu-bitter7").read_text() + "CONFIG_EXECUTOR_SLURM=y\n"
+                       "CONFIG_SLURM_PARTITION=\"gpu\"\nCONFIG_SLURM_ACCOUNT=\"lab\"\nCONFIG_SLURM_MEM_GB=400\n"
+                       "CONFIG_SLURM_EXTRA=\"--constraint=h100 --exclusive\"\n")
+    assert cli.main(["dry-run", "--config", str(path), "--gpus", "8x NVIDIA H100 80GB HBM3:80"]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("sbatch for "):].split("sbatch for ")[1].splitlines()
+    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=64", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=lab", "#SBATCH --mem=400GB", "#SBATCH --constraint=h100", "#SBATCH --exclusive",
+                 "#SBATCH --signal=USR1@120", "#SBATCH --time=240", "#SBATCH --nodes=1"):
+        assert f"  {line}" in block, line
+    assert "x8=" in out  # the plan is DDP over the node's 8 GPUs
+
+
+def _cli_error(args: list[str], env: dict | None = None) -> str:
+    done = subprocess.run([sys.executable, "-m", "lib.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_bad_executor_input_is_one_line(cluster, make_config, tmp_path: Path, capsys) -> None:
+    path = _config(make_config, tmp_path, "CONFIG_MAX_ITERS=20\n")
+    no_slurm = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    assert "the Slurm executor needs sbatch, and this machine has none" in _cli_error(
+        ["run", "--config", str(path)], no_slurm)
+    nope = _config(make_config, tmp_path, "CONFIG_MAX_ITERS=20\nCONFIG_SLURM_PARTITION=\"nope\"\n")
+    assert _cli_error(["run", "--config", str(nope)]) == ("error: sbatch refused the job: sbatch: error: invalid "
+                                                          "partition specified: nope")
+    greedy = _config(make_config, tmp_path, "CONFIG_MAX_ITERS=20\nCONFIG_SLURM_GPUS_PER_RUN=2\n")
+    assert _cli_error(["run", "--config", str(greedy)]) == ("error: a run needs 2 GPUs, but a node of the default "
+                                                            "partition has 0; lower CONFIG_SLURM_GPUS_PER_RUN or the "
+                                                            "run's ranks, or choose a partition with bigger nodes")
+    assert not (tmp_path / "results").exists()  # refused before any results folder was made
+    short = _config(make_config, tmp_path, "CONFIG_MAX_ITERS=20\nCONFIG_SLURM_TIME=\"5m\"\nCONFIG_CKPT_TIME=\"10m\"\n")
+    assert cli.main(["dry-run", "--config", str(short)]) == 0
+    assert "warning: CONFIG_SLURM_TIME (5 min) leaves 3 min before the warning signal" in capsys.readouterr().out
+    assert _cli_error(["run", "--config", str(path), "--executor", "pbs"]) == (
+        "error: unknown executor (CONFIG_EXECUTOR or EXECUTOR=) 'pbs'; valid: local, slurm (new ones are registered "
+        "in lib/executors/__init__.py)")
+
+
+def test_local_gpu_slots_give_each_run_its_own_devices() -> None:
+    from lib.executors.local import GpuSlots
+
+    slots = GpuSlots(["0", "1", "2", "3"])
+    single, ddp = slots.take(1), slots.take(2)
+    assert (single, ddp) == (["0"], ["1", "2"])
+    assert slots.take(2) is None  # one left: a second DDP run waits
+    slots.give(single)
+    assert sorted(slots.take(2)) == ["0", "3"]
+    assert GpuSlots(["0"]).take(8) == ["0"]  # a plan wanting more than exist gets them all and says why itself
