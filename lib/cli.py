@@ -77,6 +77,9 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
     from lib import hardware, matrix
     from lib.executors import build_executor
 
+    if args.gpus and args.command not in ("dry-run", "hwinfo", "run", "continue"):
+        raise HarnessError(f"GPUS={args.gpus!r} describes made-up GPUs for `make dry-run` and `make hwinfo` only; "
+                           f"drop it to {args.command}")
     if args.command in ("report", "graphs", "compare", "publish", "status"):
         return _results_command(args)
     if args.command == "export":

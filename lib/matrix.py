@@ -192,9 +192,10 @@ def run_folder(folder: Path, jobs: int, only_unfinished: bool = False, executor:
 
     executor = executor or LocalExecutor()
     matrix = _read_matrix(folder)
+    todo = [name for name in matrix["runs"] if not (only_unfinished and _finished(folder / name))]
+    _no_live_jobs(folder, todo)
     for name in matrix["runs"]:  # one driver per folder: another `make` may still be training in it
         runlock.check_free(folder / name)
-    todo = [name for name in matrix["runs"] if not (only_unfinished and _finished(folder / name))]
     for name in todo:  # before launching anything: a damaged folder stops here, nothing half-started
         if not (folder / name / "spec.json").is_file():
             raise HarnessError(f"{folder / name}/spec.json is missing, so that run cannot be (re)started; restore "
@@ -208,6 +209,17 @@ def run_folder(folder: Path, jobs: int, only_unfinished: bool = False, executor:
         print(f"node {node}: trained as a worker; node 0 writes the results and the report", flush=True)
         return []
     return write_summary(folder)
+
+
+def _no_live_jobs(folder: Path, names: list[str]) -> None:
+    """A run whose Slurm job is still queued or running must not be started a second time."""
+    from lib.executors.slurm import live_jobs
+
+    live = live_jobs(folder, names)
+    if live:
+        name, job = next(iter(live.items()))
+        raise HarnessError(f"{name} is still a Slurm {job} ({len(live)} run(s) of {folder.name} are); wait for them "
+                           f"(`make status`) or scancel them, then `make continue`")
 
 
 def _node_rank(folder: Path, names: list[str]) -> int:

@@ -257,7 +257,8 @@ def test_made_up_gpus_are_for_plans_only(make_config, capsys) -> None:
 
     path = make_config("")
     assert cli.main(["run", "--config", str(path), "--gpus", "1x NVIDIA A10G:24"]) == 2
-    assert "describes made-up GPUs for `make dry-run` and `make hwinfo` only" in capsys.readouterr().err
+    assert ("describes made-up GPUs for `make dry-run` and `make hwinfo` (and the compute nodes of the Slurm "
+            "executor) only" in capsys.readouterr().err)
     gpt2 = make_config("CONFIG_MODEL_GPT2=y\nCONFIG_BATCH_SIZE=1024\nCONFIG_ACTIVATION_CKPT_AUTO=y\n")
     assert cli.main(["dry-run", "--config", str(gpt2), "--gpus", "1x NVIDIA A10G:24:8"]) == 0
     printed = capsys.readouterr().out

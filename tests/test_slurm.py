@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lib import checkpoint, cli, config, matrix
+from lib.errors import HarnessError
 from lib.executors import LocalExecutor
 from lib.executors.slurm import SlurmExecutor, job_id
 from lib.executors.status import states
@@ -66,6 +67,11 @@ def test_the_lenet_matrix_through_slurm_ends_as_it_does_locally(cluster, make_co
     assert cli.main(["run", "--config", str(path), "--executor", "local"]) == 0
     local = _newest(tmp_path)
     assert local != on_slurm and _outcome(local) == _outcome(on_slurm)
+    assert cli.main(["run", "--config", str(path), "--set", "SLURM_ARRAY=y"]) == 0
+    array = _newest(tmp_path)
+    ids = [job_id(array / name) for name in matrix.run_names(array)]
+    assert len({i.split("_")[0] for i in ids}) == 1 and all("_" in i for i in ids)  # one array, one element per run
+    assert _outcome(array) == _outcome(on_slurm)
     assert {state for _, state, _ in states(on_slurm, matrix.run_names(on_slurm))} == {"ok"}
 
 
@@ -84,6 +90,8 @@ def test_a_signalled_job_is_requeued_and_resumes_to_an_uninterrupted_runs_weight
     folder = _newest(tmp_path)
     run_dir = folder / matrix.run_names(folder)[0]
     log = run_dir / "log.txt"
+    with pytest.raises(HarnessError, match=r"is still a Slurm job \d+ (PENDING|RUNNING) \(1 run\(s\) of"):
+        matrix.run_folder(folder, 1, only_unfinished=True, executor=LocalExecutor())  # no second trainer
     _wait_for(lambda: log.exists() and re.search(r"step [1-9]\d{2}/400", log.read_text()), "step 100")
     job = job_id(run_dir)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)

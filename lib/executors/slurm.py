@@ -206,6 +206,14 @@ def _has_record(run_dir: Path) -> bool:
     return record_problem(data) is None
 
 
+def live_jobs(folder: Path, names: list[str]) -> dict[str, str]:
+    """{run: "job <id> <STATE>"} for runs whose Slurm job is still queued, running or requeued."""
+    ids = {name: job_id(folder / name) for name in names}
+    states = job_states(list(ids.values()))
+    return {name: f"job {ids[name]} {states[ids[name]]}" for name in names
+            if ids[name] in states and states[ids[name]] not in ENDED}
+
+
 def job_id(run_dir: Path) -> str | None:
     data, _ = read_json(run_dir / "slurm.json")
     return str(data["job_id"]) if isinstance(data, dict) and "job_id" in data else None
@@ -216,7 +224,7 @@ def job_states(ids: list[str | None]) -> dict[str, str]:
     wanted = sorted({i for i in ids if i})
     if not wanted or not shutil.which("squeue"):
         return {}
-    done = subprocess.run(["squeue", "-h", "--states=all", "-o", "%i %T", "-j", ",".join(wanted)],
+    done = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i %T", "-j", ",".join(wanted)],
                           capture_output=True, text=True, timeout=60)
     states = {}
     for line in done.stdout.splitlines():

@@ -32,9 +32,11 @@ def _state(run_dir: Path, job: str | None, slurm: dict[str, str]) -> tuple[str, 
     where = f"Slurm job {job}" if job else "local"
     if job and job in slurm:
         state = slurm[job]
-        if state in ENDED:
-            return "failed", f"{where} ended {state} without a record"
         resumable = (run_dir / "checkpoints" / "latest").exists()
+        if state in ENDED:
+            if resumable:
+                return "preempted", f"{where} ended {state} after a checkpoint; `make continue` resumes it"
+            return "failed", f"{where} ended {state} without a record"
         if state == "PENDING" and resumable:  # requeued after a warning signal: it resumes from its checkpoint
             return "preempted", f"{where} requeued, resumes from its checkpoint"
         return SLURM.get(state, state.lower()), f"{where} {state}"
