@@ -135,8 +135,8 @@ def _sbatch_lines(executor: Any, specs: list, config: Any) -> list[str]:
 
 
 def _finish(folder: Path, runs: list[dict]) -> int:
-    if not runs:  # submitted to a scheduler and not waited for
-        print(f"results: {folder} (jobs submitted)")
+    if not runs:  # recorded elsewhere: jobs submitted and not waited for, or a worker node of a multi-node run
+        print(f"results: {folder} (recorded when the runs end; `make status` shows them)")
         return 0
     statuses = ("ok", "diverged", "failed", "unreadable")
     counts = {s: sum(r["status"] == s for r in runs) for s in statuses}
@@ -191,13 +191,12 @@ def _results_command(args: argparse.Namespace) -> int:
     if args.command == "publish" and not args.name:
         raise HarnessError("publish needs a name: `make publish NAME=<name> [RESULTS=dir]`")
     folder = _results_folder(args)
-    if args.command != "status":
-        print(f"{args.command}: {folder}", flush=True)
     if args.command == "status":
         from lib.executors.status import table
 
         print(table(folder, matrix.run_names(folder)))
         return 0
+    print(f"{args.command}: {folder}", flush=True)
     if args.command == "report":
         runs = matrix.write_summary(folder)
         print(f"wrote {folder / 'summary.json'}, {folder / 'graphs'}/ and {folder / 'report.md'}")

@@ -127,6 +127,21 @@ def test_a_failed_job_leaves_the_others_and_continue_reruns_only_it(cluster, mak
     assert job_id(folder / specs[0].name) == first  # the ok run was not run again
 
 
+def test_a_matrix_started_locally_is_finished_on_slurm(cluster, make_config, tmp_path: Path) -> None:
+    cfg = config.load(_config(make_config, tmp_path, TWO_RUNS + "CONFIG_MAX_ITERS=20\n"))
+    specs = matrix.expand(cfg, CPU)
+    folder = matrix.create_results_folder(cfg, specs, "test")
+    spec = folder / specs[0].name / "spec.json"
+    good = spec.read_text()
+    spec.write_text("{damaged")
+    runs = matrix.run_folder(folder, 2, executor=LocalExecutor())
+    assert [r["status"] for r in runs] == ["failed", "ok"]
+    spec.write_text(good)
+    runs = matrix.run_folder(folder, 2, only_unfinished=True, executor=SlurmExecutor(cfg.executor))
+    assert [r["status"] for r in runs] == ["ok", "ok"]
+    assert job_id(folder / specs[0].name) and not job_id(folder / specs[1].name)  # only the failed one went to Slurm
+
+
 def test_sbatch_parameters_of_a_ddp_run_on_a_made_up_8_gpu_node(make_config, capsys) -> None:
     path = make_config((ROOT / "defconfigs" / "gpt2-finewebedu-bitter7").read_text() + "CONFIG_EXECUTOR_SLURM=y\n"
                        "CONFIG_SLURM_PARTITION=\"gpu\"\nCONFIG_SLURM_ACCOUNT=\"lab\"\nCONFIG_SLURM_MEM_GB=400\n"

@@ -43,6 +43,7 @@ class SlurmExecutor:
     def __init__(self, settings: ExecutorSettings, node_gpus: int | None = None):
         self.settings = settings
         self.node_gpus = node_gpus  # GPUs of one node (made up by GPUS=, or read from sinfo when needed)
+        self.checked = False  # `make` checks before the results folder exists; run() then need not again
 
     # -- before anything is submitted -------------------------------------------------------------
 
@@ -55,6 +56,7 @@ class SlurmExecutor:
         if specs:  # the scheduler's own verdict on partition, account, QOS, time and GPUs, before any folder exists
             self._test_only(specs[0])
         self.warn_time(specs, say)
+        self.checked = True
 
     def warn_time(self, specs: list[RunSpec], say: Any = print) -> None:
         """A time limit shorter than the checkpoint interval: a job reaching it checkpoints only on the signal."""
@@ -124,7 +126,8 @@ class SlurmExecutor:
 
     def run(self, folder: Path, names: list[str], jobs: int, record: bool = True) -> bool:
         specs = [RunSpec.read(folder / name / "spec.json") for name in names]
-        self.check(specs)
+        if not self.checked:  # `make continue`: the folder exists already
+            self.check(specs)
         ids = self._submit(folder, names, specs)
         print(f"submitted {len(ids)} Slurm job(s): {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}", flush=True)
         if not self.settings.wait:
