@@ -11,6 +11,7 @@ from the runs' own summary.json, never from sacct: a cluster without an accounti
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -141,10 +142,17 @@ class SlurmExecutor:
         from lib.executors.job import RunJob
 
         try:
-            if self.settings.array:
-                executor = _submitit_executor(folder / "slurm", {**self.parameters(specs[0]), "job_name": folder.name})
-                with executor.batch():
-                    jobs = [executor.submit(RunJob(str(folder / name))) for name in names]
+            if self.settings.array:  # one array per set of runs that ask for the same resources
+                groups: dict[str, list[str]] = {}
+                for name, spec in zip(names, specs, strict=True):
+                    key = json.dumps({**self.parameters(spec), "job_name": folder.name}, sort_keys=True)
+                    groups.setdefault(key, []).append(name)
+                by_name = {}
+                for key, members in groups.items():
+                    executor = _submitit_executor(folder / "slurm", json.loads(key))
+                    with executor.batch():
+                        by_name.update({name: executor.submit(RunJob(str(folder / name))) for name in members})
+                jobs = [by_name[name] for name in names]
             else:
                 jobs = [_submitit_executor(folder / name / "slurm", self.parameters(spec)).submit(
                     RunJob(str(folder / name))) for name, spec in zip(names, specs, strict=True)]
