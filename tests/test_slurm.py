@@ -109,37 +109,56 @@ def test_a_signalled_job_is_requeued_and_resumes_to_an_uninterrupted_runs_weight
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_a_failed_job_leaves_the_others_and_continue_reruns_only_it(cluster, make_config, tmp_path: Path) -> None:
+def _two_runs(make_config, tmp_path: Path, broken: int, damage) -> tuple:  # noqa: ANN001
+    """A results folder of two LeNet-5 runs, run ``broken``'s spec.json damaged by ``damage(text) -> text``;
+    returns (executor settings, folder, run names, restore) where restore() puts the spec back."""
     cfg = config.load(_config(make_config, tmp_path, TWO_RUNS + "CONFIG_MAX_ITERS=20\n"))
     specs = matrix.expand(cfg, CPU)
     folder = matrix.create_results_folder(cfg, specs, "test")
-    broken = folder / specs[1].name / "spec.json"
-    good = broken.read_text()
-    data = json.loads(good)
-    data["model_options"]["dataset"], data["data_dir"] = "mnist", str(tmp_path / "no-data")  # a dataset not prepared
-    broken.write_text(json.dumps(data))
-    runs = matrix.run_folder(folder, 2, executor=SlurmExecutor(cfg.executor))
+    path = folder / specs[broken].name / "spec.json"
+    good = path.read_text()
+    path.write_text(damage(good))
+    return cfg.executor, folder, [s.name for s in specs], lambda: path.write_text(good)
+
+
+def _unprepared(text: str) -> str:
+    data = json.loads(text)
+    data["model_options"]["dataset"], data["data_dir"] = "mnist", "/nonexistent/data"  # a dataset not prepared
+    return json.dumps(data)
+
+
+def test_a_failed_job_leaves_the_others_and_continue_reruns_only_it(cluster, make_config, tmp_path: Path) -> None:
+    settings, folder, names, restore = _two_runs(make_config, tmp_path, 1, _unprepared)
+    runs = matrix.run_folder(folder, 2, executor=SlurmExecutor(settings))
     assert [r["status"] for r in runs] == ["ok", "failed"] and "prepare-data" in runs[1]["error"]
-    first = job_id(folder / specs[0].name)
-    broken.write_text(good)
+    first = job_id(folder / names[0])
+    restore()
     runs = matrix.run_folder(folder, 2, only_unfinished=True, executor=LocalExecutor())  # finished locally
     assert [r["status"] for r in runs] == ["ok", "ok"]
-    assert job_id(folder / specs[0].name) == first  # the ok run was not run again
+    assert job_id(folder / names[0]) == first  # the ok run was not run again
 
 
 def test_a_matrix_started_locally_is_finished_on_slurm(cluster, make_config, tmp_path: Path) -> None:
-    cfg = config.load(_config(make_config, tmp_path, TWO_RUNS + "CONFIG_MAX_ITERS=20\n"))
-    specs = matrix.expand(cfg, CPU)
-    folder = matrix.create_results_folder(cfg, specs, "test")
-    spec = folder / specs[0].name / "spec.json"
-    good = spec.read_text()
-    spec.write_text("{damaged")
+    settings, folder, names, restore = _two_runs(make_config, tmp_path, 0, lambda text: "{damaged")
     runs = matrix.run_folder(folder, 2, executor=LocalExecutor())
     assert [r["status"] for r in runs] == ["failed", "ok"]
-    spec.write_text(good)
-    runs = matrix.run_folder(folder, 2, only_unfinished=True, executor=SlurmExecutor(cfg.executor))
+    restore()
+    runs = matrix.run_folder(folder, 2, only_unfinished=True, executor=SlurmExecutor(settings))
     assert [r["status"] for r in runs] == ["ok", "ok"]
-    assert job_id(folder / specs[0].name) and not job_id(folder / specs[1].name)  # only the failed one went to Slurm
+    assert job_id(folder / names[0]) and not job_id(folder / names[1])  # only the failed one went to Slurm
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("CONFIG_SLURM_EXTRA=\"constraint=h100\"", "CONFIG_SLURM_EXTRA: 'constraint=h100' is not an sbatch option like "
+                                               "--constraint=h100"),
+    ("CONFIG_SLURM_TIME=\"4\"", "CONFIG_SLURM_TIME='4' has no unit: write 4s, 4m or 4h"),
+])
+def test_bad_slurm_settings_are_one_line(make_config, line: str, message: str) -> None:
+    from lib.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config.load(make_config(f"CONFIG_MODEL_LENET5=y\n{line}\n"))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
 def test_sbatch_parameters_of_a_ddp_run_on_a_made_up_8_gpu_node(make_config, capsys) -> None:
