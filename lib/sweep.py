@@ -30,7 +30,7 @@ from lib.errors import ConfigError, HarnessError, first_line
 from lib.optim import build_optimizer
 from lib.pruning import build_pruner
 from lib.pruning.importance import build_importance
-from lib.pruning.prunable import PRUNABLE_TYPES, prunable_parameters
+from lib.pruning.prunable import PRUNABLE_TYPES, prunable_parameters, zero_fraction
 from lib.results import load as load_results
 from lib.spec import PruneSettings, RunSpec, SweepSettings, run_spec
 from lib.task import Metric, Task, get_task
@@ -73,7 +73,7 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
     say(f"sweep: {best} (step {payload['step']}) on {subject.device}: {len(settings.patterns)} pattern(s) x "
         f"{len(settings.metrics)} metric(s) x {len(settings.sparsities)} sparsities, one-shot, on the val split")
     subject.calibrated = {metric: calibrate(subject, metric) for metric in settings.metrics}
-    base = _sparsity(subject.model)
+    base = zero_fraction(subject.model)
     reference = "dense" if base == 0 else f"the checkpoint as trained ({100 * base:.1f} % sparse)"
     dense = _dense_row(subject)
     rows = [row for pattern in settings.patterns for metric in settings.metrics
@@ -225,7 +225,7 @@ def _apply(subject: Subject, pruner: Any, target: float) -> None:
 def _measure(subject: Subject, pattern: str, pruner: Any, target: float) -> dict[str, Any]:
     _apply(subject, pruner, target)
     task, spec = subject.task, subject.spec
-    row: dict[str, Any] = {"reached": pruner.sparsity(), "reached_all": _sparsity(subject.model),
+    row: dict[str, Any] = {"reached": pruner.sparsity(), "reached_all": zero_fraction(subject.model),
                            "val": task.evaluate(subject.model, spec, "val")}
     coverage = [name for name, _ in pruner.params]
     if pattern == "structured":
@@ -323,14 +323,6 @@ def tolerance_text(metric: Metric, settings: SweepSettings, reference: str = "de
 def _nm(pattern: str) -> tuple[int, int]:
     n, m = pattern.split(":")
     return int(n), int(m)
-
-
-@torch.no_grad()
-def _sparsity(model: nn.Module) -> float:
-    """Share of all prunable weights that are exactly zero."""
-    params = [p for _, p in prunable_parameters(model)]
-    total = sum(p.numel() for p in params)
-    return sum(int((p == 0).sum()) for p in params) / total if total else 0.0
 
 
 def _sha256(path: Path) -> str:

@@ -10,7 +10,6 @@ from lib.errors import ConfigError, number
 from lib.spec import SweepSettings
 
 PATTERNS = ("unstructured", "structured")  # and N:M, written as e.g. "2:4"
-METRICS = ("magnitude", "gradient-sensitivity", "activation")  # lib/pruning/importance.py's IMPORTANCES
 
 
 def sparsities(text: str, where: str) -> tuple[float, ...]:
@@ -27,12 +26,15 @@ def sparsities(text: str, where: str) -> tuple[float, ...]:
 
 
 def metrics(text: str, where: str) -> tuple[str, ...]:
-    """Importance metric names (``gradient_sensitivity`` or ``gradient-sensitivity``)."""
+    """Importance metric names of lib/pruning/importance.py's registry (``gradient_sensitivity`` or
+    ``gradient-sensitivity``)."""
+    from lib.pruning.importance import IMPORTANCES
+
     found = []
     for item in _items(text, where):
         name = item.replace("_", "-")
-        if name not in METRICS:
-            raise ConfigError(f"{where}: unknown importance metric {item!r}; valid: {', '.join(METRICS)}")
+        if name not in IMPORTANCES:
+            raise ConfigError(f"{where}: unknown importance metric {item!r}; valid: {', '.join(IMPORTANCES)}")
         found.append(name)
     return tuple(dict.fromkeys(found))
 

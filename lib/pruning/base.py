@@ -25,7 +25,7 @@ from lib import kernels
 from lib.errors import HarnessError
 from lib.kernels import native
 from lib.pruning import bitmask
-from lib.pruning.prunable import prunable_parameters
+from lib.pruning.prunable import prunable_parameters, zero_count
 from lib.pruning.schedule import SparsitySchedule
 from lib.pruning.threshold import LazyScores, get_threshold, prune_count, sample_size, sampled_cut
 from lib.spec import PruneSettings
@@ -251,8 +251,7 @@ class Pruner:
         total = self.prunable_count() + self.removed  # weights surgery removed count as pruned
         if total == 0:
             return 0.0
-        zeros = sum(int((param == 0).sum()) for _, param in self.params)
-        return (zeros + self.removed) / total
+        return (zero_count(self.params) + self.removed) / total
 
     def report(self) -> dict[str, Any]:
         """Method-specific facts for summary.json's sparsity entry (structures removed, ...)."""

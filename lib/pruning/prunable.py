@@ -7,6 +7,7 @@ token embeddings. Biases and norms are tiny and stay dense too.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lib.optim.groups import embedding_param_ids
@@ -32,3 +33,16 @@ def prunable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         seen.add(id(weight))
         found.append((f"{module_name}.weight" if module_name else "weight", weight))
     return found
+
+
+@torch.no_grad()
+def zero_count(params: list[tuple[str, nn.Parameter]]) -> int:
+    """How many entries of ``params`` are exactly zero (sparsity is measured on the weights, not the masks)."""
+    return sum(int((param == 0).sum()) for _, param in params)
+
+
+def zero_fraction(model: nn.Module) -> float:
+    """Share of all of ``model``'s prunable weights that are exactly zero."""
+    params = prunable_parameters(model)
+    total = sum(p.numel() for _, p in params)
+    return zero_count(params) / total if total else 0.0
