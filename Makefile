@@ -6,12 +6,30 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := all
 
 VENV ?= .venv
-PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 KCONFIG_CONFIG ?= .config
 export KCONFIG_CONFIG
 export srctree := $(CURDIR)
+WHEELS ?= gpu-wheels
+
+# `make ... PYTHON=/path/python3` runs every target on that interpreter (a GPU node's own CUDA
+# torch, say) instead of building .venv: lib/pyenv.py checks that the harness's packages import
+# and installs missing pure-Python ones from $(WHEELS)/ (`make gpu-wheels`) into a temporary
+# folder put on PYTHONPATH. Without it, PYTHON is only what builds .venv.
+ifeq ($(origin PYTHON),command line)
+EXTERNAL := 1
+PY := $(PYTHON)
+STAMP := python-ready
+HARNESS_SITE := $(shell cd '$(CURDIR)' && '$(PYTHON)' -m lib.pyenv site --wheels '$(WHEELS)' 2>/dev/null)
+ifneq ($(HARNESS_SITE),)
+export PYTHONPATH := $(HARNESS_SITE)$(if $(PYTHONPATH),:$(PYTHONPATH))
+endif
+kconfig_tool = $(PY) -m $(1)
+else
 PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+kconfig_tool = $(VENV)/bin/$(1)
+endif
 
 # Command-line overrides, applied for this invocation only (never written to .config).
 OVERRIDES := $(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),--set $(v)=$($(v)))) \
@@ -22,11 +40,14 @@ CLI := HARNESS_COMMAND='$(RECORDED)' \
 	$(PY) -m lib.cli --config $(KCONFIG_CONFIG) $(OVERRIDES) $(if $(GPUS),--gpus '$(GPUS)') \
 	$(if $(EXECUTOR),--executor '$(EXECUTOR)')
 DEFCONFIG_OUT ?= defconfig
+# ruff comes with .venv; a site's interpreter may lack it (lint is then skipped, saying so)
+LINT = $(if $(EXTERNAL),if '$(PY)' -c 'import ruff' 2>/dev/null; then '$(PY)' -m ruff check .; \
+	else echo "ruff is not installed for $(PY): lint skipped"; fi,$(VENV)/bin/ruff check .)
 RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
 .PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery sweep status prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
-	allnoconfig randconfig clean mrproper
+	allnoconfig randconfig clean mrproper python-ready gpu-wheels gpu-check
 
 help: ## List the make targets
 	@echo "Pruning experiment harness. Typical use: make defconfig-lenet5-quick && make"
@@ -37,8 +58,14 @@ help: ## List the make targets
 	@echo "Overrides for this invocation: MAX_ITERS=N EPOCHS=N TIME=30m (or TIME="1h 30m") SEEDS=N RESULTS_DIR=dir YES=1"
 	@echo "What-if plans: make dry-run GPUS=\"1x NVIDIA A10G:24\" plans for made-up GPUs (COUNTx NAME:TOTAL_GIB[:FREE_GIB])."
 	@echo "KCONFIG_CONFIG=path reads/writes another config file instead of .config."
+	@echo "PYTHON=/path/python3 runs every target on that interpreter (a GPU node's CUDA torch) instead of .venv;"
+	@echo "  missing pure-Python packages install from gpu-wheels/ (make gpu-wheels) into a temporary folder."
 
-$(STAMP): requirements.txt requirements-nodeps.txt
+python-ready:
+	@command -v '$(PYTHON)' >/dev/null 2>&1 || { echo "error: PYTHON=$(PYTHON) is not an interpreter here; name a python3 (e.g. PYTHON=\$$(which python3)), or drop PYTHON= to use .venv" >&2; exit 2; }
+	@'$(PYTHON)' -m lib.pyenv ensure --wheels '$(WHEELS)' --site '$(HARNESS_SITE)' $(if $(filter test gpu-check,$(MAKECMDGOALS)),--tests)
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	@echo "Setting up $(VENV) (torch pinned to 2.13.0; about a minute on a fresh machine)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q -r requirements.txt
@@ -98,32 +125,37 @@ defconfig-%: $(STAMP) ## Write .config from defconfigs/<name>
 	@$(PY) scripts/kconfig_tool.py defconfig $*
 
 menuconfig: $(STAMP) ## Edit .config in a terminal menu
-	@$(VENV)/bin/menuconfig Kconfig
+	@$(call kconfig_tool,menuconfig) Kconfig
 
 olddefconfig: $(STAMP) ## Update .config to the current Kconfig, new symbols at defaults
-	@$(VENV)/bin/olddefconfig Kconfig
+	@$(call kconfig_tool,olddefconfig) Kconfig
 
 savedefconfig: $(STAMP) ## Write the minimal form of .config to ./defconfig (DEFCONFIG_OUT=path)
-	@$(VENV)/bin/savedefconfig --kconfig Kconfig --out $(DEFCONFIG_OUT)
+	@$(call kconfig_tool,savedefconfig) --kconfig Kconfig --out $(DEFCONFIG_OUT)
 	@echo "wrote $(DEFCONFIG_OUT) (copy it to defconfigs/<name> to make it a named experiment)"
 
 listnewconfig: $(STAMP) ## List symbols that .config does not set yet
-	@$(VENV)/bin/listnewconfig Kconfig
+	@$(call kconfig_tool,listnewconfig) Kconfig
 
 allyesconfig: $(STAMP) ## .config with every bool on (the largest matrix)
-	@$(VENV)/bin/allyesconfig Kconfig
+	@$(call kconfig_tool,allyesconfig) Kconfig
 
 allnoconfig: $(STAMP) ## .config with every bool off
-	@$(VENV)/bin/allnoconfig Kconfig
+	@$(call kconfig_tool,allnoconfig) Kconfig
 
 randconfig: $(STAMP) ## Random .config; KCONFIG_SEED=N repeats one
 	@$(PY) scripts/kconfig_tool.py randconfig
 
 test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes)
-	@$(VENV)/bin/ruff check .
+	@$(LINT)
 	@$(PY) -m pytest -q tests
 	@echo "again with AdamWPrune's fused masked step forced on (the pass above runs it as each test built it):"
 	@$(PY) -m pytest -q --fused-step=on tests/test_adamwprune.py tests/test_pruning.py tests/test_trainer.py
+	@echo "make gpu-check DRY=1 (every GPU check part's set-up, on the CPU):"
+	@mkdir -p '$(RESULTS_TREE)'
+	@$(PY) scripts/gpu_check.py --dry --results '$(RESULTS_TREE)' > '$(RESULTS_TREE)/gpu_check_dry.log' 2>&1 || \
+		{ cat '$(RESULTS_TREE)/gpu_check_dry.log'; exit 1; }
+	@grep -E '^\| [0-9] \|' '$(RESULTS_TREE)/gpu_check_dry.log'; tail -n 1 '$(RESULTS_TREE)/gpu_check_dry.log'
 
 bench: $(STAMP) ## Pruning, trainer, checkpoint, activation-checkpointing, surgery and 2:4 benchmarks (ratios side by side; JSON in results/)
 	@$(PY) scripts/bench_pruning.py
@@ -133,8 +165,15 @@ bench: $(STAMP) ## Pruning, trainer, checkpoint, activation-checkpointing, surge
 	@$(PY) scripts/bench_surgery.py
 	@$(PY) scripts/bench_nm.py
 
+gpu-check: $(STAMP) ## Prove every GPU-only path on this machine's CUDA GPU in 8 min (results/gpu_check_<stamp>/); DRY=1: set-up only, on the CPU; ONLY=part,...
+	@$(PY) scripts/gpu_check.py $(if $(filter-out 0 n no,$(DRY)),--dry) $(if $(ONLY),--only '$(ONLY)') \
+		$(if $(RESULTS_DIR),--results '$(RESULTS_DIR)')
+
+gpu-wheels: $(if $(EXTERNAL),,$(STAMP)) ## Fetch into gpu-wheels/ the pure-Python wheels a GPU node's python lacks (needs the network; copy it along) [GPU_PYTHON=3.12]
+	@$(PY) -m lib.pyenv download --wheels '$(WHEELS)' --python-version '$(or $(GPU_PYTHON),3.12)'
+
 lint: $(STAMP) ## ruff over the project
-	@$(VENV)/bin/ruff check .
+	@$(LINT)
 
 quickstart: $(STAMP) ## Set up and run the LeNet-5 quickstart on real MNIST digits (CPU)
 	@$(PY) scripts/kconfig_tool.py defconfig lenet5-quick

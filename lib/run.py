@@ -39,6 +39,8 @@ from lib.spec import RunSpec  # noqa: E402
 
 def run(run_dir: Path) -> int:
     spec = RunSpec.read(run_dir / "spec.json")
+    if spec.train.deterministic:  # cuBLAS reads it when CUDA first makes a handle, so before any CUDA work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     started = time.time()
     shard = distributed.from_env()
     if shard.main:  # one trainer per run folder; the OS lets go of the lock when this process dies
@@ -88,6 +90,7 @@ def run(run_dir: Path) -> int:
     return 1 if summary["status"] == "failed" else 0
 
 
+CUBLAS_DETERMINISTIC = ":4096:8"  # the workspace strict deterministic mode needs on CUDA (torch's randomness notes)
 RANK_FAILED = "rank {rank} failed: "  # the line lib/matrix.py looks for in a log that has no summary
 DISK_FULL_EXIT = 3  # the matrix stops every run on this status: its siblings would fill the same disk
 STOPPED_EXIT = 4  # stopped on SIGTERM/SIGUSR1 after writing a checkpoint; unfinished, resumable

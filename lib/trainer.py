@@ -62,8 +62,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    if deterministic:  # strict: an op without a deterministic kernel stops the run (lib/run.py sets cuBLAS up)
+        torch.use_deterministic_algorithms(True)
 
 
 def planned_steps(train: TrainSettings, examples_per_epoch: int, batch_size: int) -> tuple[int, int]:

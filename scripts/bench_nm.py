@@ -46,9 +46,11 @@ def _timed(fn, device: torch.device) -> float:  # noqa: ANN001
 
 
 def measure(name: str, shape: tuple[int, int], tokens: int, repeats: int, device: torch.device,
-            sparse_kernels: bool) -> dict[str, float | str]:
+            sparse_kernels: bool, dtype: torch.dtype | None = None) -> dict[str, float | str]:
+    """Dense against 2:4 for one layer shape; ``dtype`` defaults to float16 with the sparse kernels
+    (scripts/gpu_check.py also asks for bfloat16), float32 without."""
     d_in, d_out = shape
-    dtype = torch.float16 if sparse_kernels else torch.float32
+    dtype = dtype or (torch.float16 if sparse_kernels else torch.float32)
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(d_out, d_in, generator=gen).to(device, dtype)
     masked = weight * keep_mask(weight.abs().float(), 2, 4).to(device)

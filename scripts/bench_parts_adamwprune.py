@@ -68,8 +68,8 @@ def gpt2_shapes(n_params: int) -> list[tuple[int, int]]:
     return [(max(8, round(i * scale / 8) * 8), max(8, round(o * scale / 8) * 8)) for i, o in GPT2_SHAPES]
 
 
-def make_model(n_params: int, seed: int = 0) -> nn.Module:
-    """The Linear stack with N(0, 0.02) weights and fixed random gradients (1e-3 scale)."""
+def make_model(n_params: int, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """The Linear stack with N(0, 0.02) weights and fixed random gradients (1e-3 scale), on ``device``."""
     gen = torch.Generator().manual_seed(seed)
     layers = [nn.utils.skip_init(nn.Linear, i, o, bias=False) for i, o in gpt2_shapes(n_params)]
     model = nn.Sequential(*layers)
@@ -78,7 +78,7 @@ def make_model(n_params: int, seed: int = 0) -> nn.Module:
         with torch.no_grad():
             p.normal_(0.0, 0.02, generator=gen)
         p.grad = torch.randn(p.shape, generator=gen).mul_(1e-3)
-    return model
+    return model.to(device)  # drawn on the CPU first: the same numbers on every device
 
 
 def fused_adamw(model: nn.Module, **impl: bool) -> torch.optim.Optimizer:
@@ -97,14 +97,22 @@ def interleaved(sides: dict[str, Callable[[], object]], repeats: int, warmup: in
     for _ in range(warmup):
         for fn in sides.values():
             fn()
+    _sync()
     names = list(sides)
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         for name in names[rep % len(names):] + names[: rep % len(names)]:
             start = time.perf_counter()
             sides[name]()
+            _sync()
             times[name].append(time.perf_counter() - start)
     return {f"{name}_ms": statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued kernels (scripts/gpu_check.py times these steps on CUDA); a no-op otherwise."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _result(name: str, value: float, target: float, detail: dict) -> dict:
@@ -131,7 +139,7 @@ def threads(count: int | None) -> Iterator[int]:
 
 def _random_masks(model: nn.Module, keep: float, seed: int = 1) -> dict[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {p: torch.rand(p.shape, generator=gen) < keep for p in model.parameters()}
+    return {p: (torch.rand(p.shape, generator=gen) < keep).to(p.device) for p in model.parameters()}
 
 
 def _subnormal_fraction(opt: torch.optim.Optimizer) -> float:
@@ -144,9 +152,9 @@ def _subnormal_fraction(opt: torch.optim.Optimizer) -> float:
     return count / max(1, total)
 
 
-def p1(n_params: int, *, repeats: int = 7, num_threads: int | None = None) -> dict:
+def p1(n_params: int, *, repeats: int = 7, num_threads: int | None = None, device: str = "cpu") -> dict:
     """AdamWPrune (pruning off) step time / torch fused AdamW step time; target <= 1.05."""
-    a, b = make_model(n_params), make_model(n_params)
+    a, b = make_model(n_params, device=device), make_model(n_params, device=device)
     prune_opt = build_adamwprune(a, SETTINGS)  # fused base: the CPU has torch's fused AdamW
     fused, foreach = fused_adamw(b, fused=True), fused_adamw(b, foreach=True)  # foreach: own state, b's weights
     with threads(num_threads) as used:
@@ -165,7 +173,7 @@ def _masked(model: nn.Module, settings: OptimSettings, warm_steps: int = 1) -> A
     for _ in range(warm_steps):
         opt.step()
     opt.set_masks(_random_masks(model, keep=0.5))
-    opt.fused = masked_step.fusable(opt) and not kernels.why_unavailable("cpu")
+    opt.fused = masked_step.fusable(opt) and not kernels.why_unavailable(next(model.parameters()).device.type)
     return opt
 
 
@@ -179,9 +187,10 @@ def _eager(opt: AdamWPrune) -> Callable[[], None]:
     return step
 
 
-def p2(n_params: int, *, repeats: int = 7, num_threads: int | None = None) -> dict:
+def p2(n_params: int, *, repeats: int = 7, num_threads: int | None = None, device: str = "cpu",
+       inductor: bool = True) -> dict:
     """AdamWPrune's fused masked step with a 50% mask / dense fused AdamW step; target <= 1.15."""
-    a, b = make_model(n_params), make_model(n_params)
+    a, b = make_model(n_params, device=device), make_model(n_params, device=device)
     prune_opt, dense = _masked(a, SETTINGS), fused_adamw(b, fused=True)
     grads = {p: p.grad.clone() for p in a.parameters()}  # the eager side masks them; each round restores them
 
@@ -197,7 +206,8 @@ def p2(n_params: int, *, repeats: int = 7, num_threads: int | None = None) -> di
     with threads(num_threads) as used:
         ms = interleaved({"fused_masked_step": prune_opt.step, "adamw_fused_dense": dense.step,
                           "eager_mask_and_step": eager, "bare_grad_pass": bare_pass}, repeats)
-        ms.update(_inductor_step_ms(a, prune_opt, repeats))
+        if inductor and device == "cpu":  # on a GPU the fused step above is this very kernel
+            ms.update(_inductor_step_ms(a, prune_opt, repeats))
     pruned = sum(int((p == 0).sum()) for p in a.parameters()) / sum(p.numel() for p in a.parameters())
     detail = {**ms, "fused": prune_opt.fused, "pruned_fraction": pruned, "threads": used,
               "eager_over_dense": ms["eager_mask_and_step_ms"] / ms["adamw_fused_dense_ms"],
@@ -228,13 +238,13 @@ def _inductor_step_ms(model: nn.Module, opt: AdamWPrune, repeats: int) -> dict[s
         return {}
 
 
-def p2_spam(n_params: int, *, repeats: int = 7, num_threads: int | None = None) -> dict:
+def p2_spam(n_params: int, *, repeats: int = 7, num_threads: int | None = None, device: str = "cpu") -> dict:
     """AdamWPrune on the released AdamWSPAM base, clipping on, 50% mask / dense fused AdamW step; target <= 1.5.
 
     The seed's defconfigs run this step. The base is stepped past SPAM's clipping
     window (``accu`` = 20 steps) first, so every timed step clips.
     """
-    a, b = make_model(n_params), make_model(n_params)
+    a, b = make_model(n_params, device=device), make_model(n_params, device=device)
     settings = OptimSettings("adamwprune", lr=SETTINGS.lr, weight_decay=SETTINGS.weight_decay, base="adamwspam",
                              spam_clip=True)
     prune_opt, dense = _masked(a, settings, warm_steps=settings.spam_accu), fused_adamw(b, fused=True)

@@ -91,6 +91,9 @@ def small_conv_net(seed: int = 0) -> SmallConvNet:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--gpu-on-cpu", action="store_true",
+                     help="run the tests marked gpu on the CPU (their CUDA-only checks skip): to check those tests "
+                          "themselves where no GPU is")
     parser.addoption(
         "--fused-step", choices=("as-built", "on", "off"), default="as-built",
         help="force AdamWPrune's fused masked step on or off in every test (make test runs the pruning tests "

@@ -497,20 +497,6 @@ def test_report_rewrites_report_md(e2e):
         assert name in report
 
 
-def test_quickstart_with_overrides(tmp_path):
-    result = make(tmp_path, "quickstart", MAX_ITERS="4", timeout=TRAIN_TIMEOUT)
-    assert result.returncode == 0, output(result)
-    match = re.search(r"^results: (\S+)$", result.stdout, re.MULTILINE)
-    assert match, output(result)
-    folder = Path(match.group(1))
-    assert folder.parent == tmp_path / "results" and folder.is_dir()
-    assert 'CONFIG_RESULTS_NAME="lenet5-quick"' in config_lines(tmp_path / ".config")
-    summary = read_json(folder / "summary.json")["runs"]
-    assert len(summary) == QUICK_RUNS
-    assert all(s["status"] == "ok" for s in summary), [(s["name"], s["status"], s.get("error")) for s in summary]
-    assert all(s["steps"]["done"] == 4 for s in summary)
-
-
 # --- venv, lint, test, clean, mrproper ---------------------------------------------------------------------------
 
 
