@@ -61,7 +61,7 @@ help: ## List the make targets
 	@echo "PYTHON=/path/python3 runs every target on that interpreter (a GPU node's CUDA torch) instead of .venv;"
 	@echo "  missing pure-Python packages install from gpu-wheels/ (make gpu-wheels) into a temporary folder."
 
-python-ready:
+python-ready: ## (with PYTHON=) check that interpreter's packages; install missing ones from gpu-wheels/
 	@command -v '$(PYTHON)' >/dev/null 2>&1 || { echo "error: PYTHON=$(PYTHON) is not an interpreter here; name a python3 (e.g. PYTHON=\$$(which python3)), or drop PYTHON= to use .venv" >&2; exit 2; }
 	@'$(PYTHON)' -m lib.pyenv ensure --wheels '$(WHEELS)' --site '$(HARNESS_SITE)' $(if $(filter test gpu-check,$(MAKECMDGOALS)),--tests)
 

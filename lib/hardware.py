@@ -26,6 +26,7 @@ from lib.gpus import gib, identify
 from lib.kconf import ROOT
 from lib.memory import Footprint
 from lib.plan_actckpt import ActCkptPlanner, Decision
+from lib.pyenv import pythonpath_with
 from lib.spec import HardwarePlan, RunSpec
 from lib.task import get_task
 
@@ -116,7 +117,7 @@ def _query_gpus() -> dict:
     matrix and take its memory from the runs."""
     child = subprocess.run([sys.executable, "-c", "from lib.hardware import gpu_report; gpu_report()"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           env={**os.environ, "PYTHONPATH": pythonpath_with(ROOT, os.environ)})
     try:
         return json.loads(child.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):

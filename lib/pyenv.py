@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import importlib.metadata
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -75,6 +76,13 @@ def site_for(folder: Path) -> str:
         return ""
     key = "\n".join([sys.executable, sys.version, *sorted(w.name for w in wheels.values())])
     return str(Path(tempfile.gettempdir()) / f"pruning-harness-site-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
+def pythonpath_with(root: Path | str, environ: dict[str, str] | os._Environ) -> str:
+    """PYTHONPATH for a child process: ``root`` first, then what this process was given (with PYTHON=, the
+    folder the missing wheels went into), so that children import what their parent imports."""
+    given = environ.get("PYTHONPATH", "")
+    return os.pathsep.join([str(root)] + [p for p in given.split(os.pathsep) if p and p != str(root)])
 
 
 def missing(modules: dict[str, str]) -> list[str]:

@@ -69,6 +69,20 @@ def test_the_compiled_masked_step_equals_the_eager_reference(device: torch.devic
     assert not torch.equal(eager[0], p.to(device))  # the step did something
 
 
+def test_the_exact_threshold_on_the_device_runs_in_strict_deterministic_mode(device: torch.device) -> None:
+    from lib.pruning.threshold import exact_value
+
+    gen = torch.Generator().manual_seed(3)
+    scores = [torch.randn(n, generator=gen).abs() for n in (1000, 4096, 77)]
+    want = float(torch.cat(scores).sort().values[round(0.5 * 5173) - 1])
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert exact_value([s.to(device) for s in scores], 0.5) == want
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def test_adamwprune_fused_on_the_device_equals_its_eager_path(device: torch.device) -> None:
     from lib.optim.adamwprune import build
 

@@ -45,6 +45,8 @@ FAKES = {
                  "    time.sleep(600)\n",
     "fake_raises": "def run(ctx):\n    raise ValueError('boom at step 3')\n",
     "fake_exits": "import os\ndef run(ctx):\n    os._exit(9)\n",
+    "fake_old_torch": "def run(ctx):\n    raise AttributeError(\"module 'torch.sparse' has no attribute "
+                      "'to_sparse_semi_structured'\")\n",
     "fake_skips": "from gpucheck import result\n"
                   "def run(ctx):\n    return result('skipped', 'compute capability 7.5: no sparse tensor cores')\n",
 }
@@ -63,12 +65,15 @@ def test_each_part_gets_its_status_and_a_bad_one_never_stops_the_others(fake_par
     out = tmp_path / "check"
     record = runner.run_all(out, True, [], {"stamp": "x", "commit": "abc"}, parts=fake_parts, say=lambda *a, **k: None)
     by_key = {p["part"]: p for p in record["parts"]}
-    assert [p["part"] for p in record["parts"]] == ["ok", "slow", "raises", "exits", "skips"]
+    assert [p["part"] for p in record["parts"]] == ["ok", "slow", "raises", "exits", "old_torch", "skips"]
     assert by_key["ok"]["status"] == "ok" and by_key["ok"]["results"] == {"answer": 42}
     assert by_key["slow"]["status"] == "timeout" and "over its 3 s budget" in by_key["slow"]["reason"]
     assert by_key["raises"]["status"] == "failed" and by_key["raises"]["reason"] == "ValueError: boom at step 3"
     assert by_key["exits"]["status"] == "failed" and by_key["exits"]["reason"].startswith("exit 9 without a result")
     assert by_key["skips"]["status"] == "skipped" and "7.5" in by_key["skips"]["reason"]
+    assert by_key["old_torch"]["status"] == "skipped"
+    assert by_key["old_torch"]["reason"] == (f"torch {torch.__version__} lacks what this part needs: module "
+                                             f"'torch.sparse' has no attribute 'to_sparse_semi_structured'")
     assert record["status"] == "failed"
     assert json.loads((out / "gpu_check.json").read_text()) == json.loads(json.dumps(record))
     table = (out / "gpu_check.md").read_text()
@@ -137,3 +142,26 @@ def test_the_record_carries_the_commit_and_versions(tmp_path: Path) -> None:
 def test_the_budgets_add_up_to_eight_minutes_on_one_h100() -> None:
     assert TOTAL_BUDGET_S == 480 == sum(p.budget_s for p in PARTS)
     assert [p.number for p in PARTS] == list(range(8))
+
+
+def test_a_part_needing_more_free_gpu_memory_than_there_is_is_skipped_with_the_figures(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(5.5 * 2**30), 80 * 2**30))
+    entry = runner._gate(24.0, dry=False)
+    assert entry["status"] == "skipped"
+    assert entry["reason"] == "needs 24 GiB of free GPU memory; 5.5 GiB of 80.0 GiB are free"
+    assert runner._gate(4.0, dry=False) is None and runner._gate(24.0, dry=True) is None
+
+
+def test_deterministic_runs_are_strict_and_set_cublas_before_cuda(tmp_path: Path, monkeypatch) -> None:
+    from tests.conftest import tiny_spec, trained_run
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        trained_run(tmp_path, tiny_spec("strict", max_iters=2))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -138,6 +138,13 @@ def test_missing_wheels_install_into_a_temporary_folder_and_make_uses_it(tree: P
         assert subprocess.run(check, env=env, capture_output=True, cwd=tmp_path).returncode == 1  # unchanged
         again = make(tree, "list-defconfigs", PYTHON=str(without_kconfiglib), WHEELS=str(wheels))
         assert again.returncode == 0 and "installed" not in again.stderr  # found there the next time
+        where = {"PYTHON": str(without_kconfiglib), "WHEELS": str(wheels), "KCONFIG_CONFIG": str(tmp_path / "cfg"),
+                 "RESULTS_DIR": str(tmp_path / "results")}
+        assert make(tree, "defconfig-lenet5-adamw-dense", **where).returncode == 0
+        trained = make(tree, "run", MAX_ITERS="2", timeout=TRAIN_TIMEOUT, **where)  # each run is a child process
+        assert trained.returncode == 0, trained.stdout + trained.stderr
+        runs = read_json(next((tmp_path / "results").iterdir()) / "summary.json")["runs"]
+        assert [r["status"] for r in runs] == ["ok"], runs
     finally:
         shutil.rmtree(site, ignore_errors=True)
 
@@ -194,3 +201,8 @@ def test_torch_releases_outside_the_checked_range_are_named(monkeypatch, version
     assert bool(note) == warned
     if warned:
         assert f"torch {version} is outside" in note and "2.11 to 2.13" in note
+
+
+def test_children_put_the_project_first_and_keep_the_parents_path() -> None:
+    assert pyenv.pythonpath_with("/repo", {}) == "/repo"
+    assert pyenv.pythonpath_with("/repo", {"PYTHONPATH": "/tmp/site:/repo::/x"}) == "/repo:/tmp/site:/x"

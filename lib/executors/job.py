@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.kconf import ROOT
+from lib.pyenv import pythonpath_with
 
 STOP_WAIT_S = 600  # at most: lib.run finishes the step in progress, then writes the checkpoint
 
@@ -46,7 +47,7 @@ class RunJob:
             command = distributed.launch_command(RunSpec.read(run_dir / "spec.json").hardware, run_dir)
         except HarnessError:  # lib.run says what is wrong with the spec, in the run's log and record
             command = [sys.executable, "-m", "lib.run", str(run_dir)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": pythonpath_with(ROOT, os.environ), "PYTHONUNBUFFERED": "1"}
         (run_dir / "summary.json").unlink(missing_ok=True)
         with (run_dir / "log.txt").open("a") as log:
             log.write(f"[slurm job {os.environ.get('SLURM_JOB_ID', '?')} on {os.uname().nodename}]\n")

@@ -22,6 +22,7 @@ from lib import distributed, runlock
 from lib.errors import HarnessError
 from lib.files import DiskFullError, write_error
 from lib.kconf import ROOT
+from lib.pyenv import pythonpath_with
 from lib.run import DISK_FULL_EXIT, STOPPED_EXIT
 from lib.run_records import disk_full_line, one_line, read_summary
 from lib.spec import RunSpec
@@ -112,7 +113,8 @@ def _launch(run_dir: Path, devices: list[str]) -> subprocess.Popen:
         command = [sys.executable, "-m", "lib.run", str(run_dir)]
     lock = runlock.lock(run_dir)
     try:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", runlock.FD_ENV: str(lock)}
+        env = {**os.environ, "PYTHONPATH": pythonpath_with(ROOT, os.environ), "PYTHONUNBUFFERED": "1",
+               runlock.FD_ENV: str(lock)}
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         (run_dir / "summary.json").unlink(missing_ok=True)

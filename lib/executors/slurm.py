@@ -106,7 +106,7 @@ class SlurmExecutor:
         params: dict[str, Any] = {
             "job_name": spec.name, "time": s.time_min, "signal_delay_s": s.signal_delay_s, "nodes": 1,
             "ntasks_per_node": 1, "cpus_per_task": gpus * s.cpus_per_gpu if gpus else s.cpus_per_run,
-            "setup": [f"export PYTHONPATH={ROOT}", "export SUBMITIT_PREEMPT_SIGNAL=USR1"],
+            "setup": [f"export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}", "export SUBMITIT_PREEMPT_SIGNAL=USR1"],
             "additional_parameters": dict(_extra(option) for option in s.extra)}
         if gpus:
             params["gpus_per_node"] = gpus

@@ -101,11 +101,24 @@ def child(module: str, work: Path, budget: float, dry: bool, min_free_gib: float
     try:
         entry = _gate(min_free_gib, dry) or importlib.import_module(module).run(
             Context(dry=dry, device="cpu" if dry else "cuda", work=work, budget_s=budget))
+    except (ImportError, AttributeError) as exc:  # an API this torch lacks (2.11 to 2.13 are supported)
+        traceback.print_exc()
+        entry = _missing_api(exc)
     except Exception as exc:  # a part's failure is its record, never the others'
         traceback.print_exc()
         entry = result("failed", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}")
     answer.write_text(json.dumps(entry, indent=1, default=str) + "\n")
     return 0
+
+
+def _missing_api(exc: Exception) -> dict:
+    """Skipped when this torch lacks what the part needs; any other import or attribute error is a failure."""
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    if "torch" in text:
+        import torch
+
+        return result("skipped", f"torch {torch.__version__} lacks what this part needs: {text}")
+    return result("failed", f"{type(exc).__name__}: {text}")
 
 
 def _gate(min_free_gib: float, dry: bool) -> dict | None:

@@ -11,7 +11,7 @@ from gpucheck import ROOT, Context, result
 
 TOKENS, DRY_TOKENS = 8192, 64
 REPEATS, DRY_REPEATS = 25, 2
-TINY = {"CONFIG_COMPILE_OFF": "y", "CONFIG_MAX_ITERS": "30", "CONFIG_EVAL_INTERVAL": "15"}
+TINY_RUN = {"CONFIG_COMPILE_OFF": "y", "CONFIG_MAX_ITERS": "30", "CONFIG_EVAL_INTERVAL": "15"}  # seconds on a GPU
 
 
 def run(ctx: Context) -> dict:
@@ -48,10 +48,10 @@ def run(ctx: Context) -> dict:
 
 def sweep_row(ctx: Context) -> dict:
     """Train a tiny GPT on the device (no compile: seconds), sweep its best checkpoint at 2:4 by magnitude."""
-    from gpucheck.train import specs, train_one
+    from gpucheck.train import ON_CPU, specs, train_one
     from lib.sweep import sweep_run
 
-    extra = {"CONFIG_COMPILE_OFF": "y"} if ctx.dry else TINY
+    extra = {"CONFIG_COMPILE_OFF": "y", **ON_CPU} if ctx.dry else TINY_RUN
     dense = [s for s in specs(ctx.work, True, ROOT / "data", extra) if s.pruning == "none"][0]
     run_dir, summary = train_one(dense, ctx.work, ctx.budget_s / 2, ctx.dry)
     if summary["status"] != "ok":
