@@ -35,10 +35,11 @@ endif
 OVERRIDES := $(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),--set $(v)=$($(v)))) \
 	$(if $(TIME),--set 'TIME_BUDGET=$(TIME)')
 RECORDED := $(strip make $(MAKECMDGOALS) $(if $(filter-out .config,$(KCONFIG_CONFIG)),KCONFIG_CONFIG=$(KCONFIG_CONFIG)) \
-	$(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),$(v)=$($(v)))) $(if $(TIME),TIME="$(TIME)"))
+	$(foreach v,MAX_ITERS EPOCHS SEEDS RESULTS_DIR,$(if $($(v)),$(v)=$($(v)))) $(if $(TIME),TIME="$(TIME)") \
+	$(if $(ONLY),ONLY="$(ONLY)"))
 CLI := HARNESS_COMMAND='$(RECORDED)' \
 	$(PY) -m lib.cli --config $(KCONFIG_CONFIG) $(OVERRIDES) $(if $(GPUS),--gpus '$(GPUS)') \
-	$(if $(EXECUTOR),--executor '$(EXECUTOR)')
+	$(if $(EXECUTOR),--executor '$(EXECUTOR)') $(if $(ONLY),--only '$(ONLY)')
 DEFCONFIG_OUT ?= defconfig
 # ruff comes with .venv; a site's interpreter may lack it (lint is then skipped, saying so)
 LINT = $(if $(EXTERNAL),if '$(PY)' -c 'import ruff' 2>/dev/null; then '$(PY)' -m ruff check .; \
@@ -47,7 +48,7 @@ RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
 .PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery sweep status prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
-	allnoconfig randconfig clean mrproper python-ready gpu-wheels gpu-check
+	allnoconfig randconfig set clean mrproper python-ready gpu-wheels gpu-check
 
 help: ## List the make targets
 	@echo "Pruning experiment harness. Typical use: make defconfig-lenet5-quick && make"
@@ -56,6 +57,7 @@ help: ## List the make targets
 		awk -F'\t' '{printf "  %-22s %s\n", $$1, $$2}'
 	@echo
 	@echo "Overrides for this invocation: MAX_ITERS=N EPOCHS=N TIME=30m (or TIME="1h 30m") SEEDS=N RESULTS_DIR=dir YES=1"
+	@echo "ONLY='glob,glob' (run names): make, make dry-run and make continue take only those cells of the matrix."
 	@echo "What-if plans: make dry-run GPUS=\"1x NVIDIA A10G:24\" plans for made-up GPUs (COUNTx NAME:TOTAL_GIB[:FREE_GIB])."
 	@echo "KCONFIG_CONFIG=path reads/writes another config file instead of .config."
 	@echo "PYTHON=/path/python3 runs every target on that interpreter (a GPU node's CUDA torch) instead of .venv;"
@@ -143,6 +145,9 @@ allyesconfig: $(STAMP) ## .config with every bool on (the largest matrix)
 allnoconfig: $(STAMP) ## .config with every bool off
 	@$(call kconfig_tool,allnoconfig) Kconfig
 
+set: $(STAMP) ## Change .config settings from a script: make set CONFIG="MAX_ITERS=200 SEEDS=3" (each checked like a .config line)
+	@$(PY) scripts/kconfig_tool.py set '$(CONFIG)'
+
 randconfig: $(STAMP) ## Random .config; KCONFIG_SEED=N repeats one
 	@$(PY) scripts/kconfig_tool.py randconfig
 
@@ -165,8 +170,8 @@ bench: $(STAMP) ## Pruning, trainer, checkpoint, activation-checkpointing, surge
 	@$(PY) scripts/bench_surgery.py
 	@$(PY) scripts/bench_nm.py
 
-gpu-check: $(STAMP) ## Prove every GPU-only path on this machine's CUDA GPU in 8 min (results/gpu_check_<stamp>/); DRY=1: set-up only, on the CPU; ONLY=part,...
-	@$(PY) scripts/gpu_check.py $(if $(filter-out 0 n no,$(DRY)),--dry) $(if $(ONLY),--only '$(ONLY)') \
+gpu-check: $(STAMP) ## Prove every GPU-only path on this machine's CUDA GPU in 8 min (results/gpu_check_<stamp>/); DRY=1: set-up only, on the CPU; PARTS=box,train,...
+	@$(PY) scripts/gpu_check.py $(if $(filter-out 0 n no,$(DRY)),--dry) $(if $(PARTS),--parts '$(PARTS)') \
 		$(if $(RESULTS_DIR),--results '$(RESULTS_DIR)')
 
 gpu-wheels: $(if $(EXTERNAL),,$(STAMP)) ## Fetch into gpu-wheels/ the pure-Python wheels a GPU node's python lacks (needs the network; copy it along) [GPU_PYTHON=3.12]

@@ -48,6 +48,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                                        "COUNTx NAME:TOTAL_GIB[:FREE_GIB] (make dry-run GPUS=\"1x NVIDIA A10G:24:8\"); "
                                        "with the Slurm executor, run/continue: the GPUs of one compute node")
     parser.add_argument("--executor", help="run, continue, dry-run: local or slurm for this invocation")
+    parser.add_argument("--only", help="run, continue, dry-run, hwinfo: only the runs whose names match these "
+                                       "comma-separated globs (make ONLY='*_adamw_*')")
     return parser.parse_args(argv)
 
 
@@ -105,8 +107,15 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
     executor = build_executor(settings, devices.count if args.gpus else None)
     if args.command == "continue":
         folder = Path(args.results) if args.results else matrix.newest_unfinished(config.results_dir)
-        return _finish(folder, matrix.run_folder(folder, config.jobs, only_unfinished=True, executor=executor))
+        runs = matrix.run_folder(folder, config.jobs, only_unfinished=True, executor=executor, only=args.only or "")
+        if args.only:  # the verdict is on the runs asked for; the folder's summary still lists them all
+            chosen = set(matrix.select(matrix.run_names(folder), args.only))
+            runs = [r for r in runs if r["name"] in chosen]
+        return _finish(folder, runs)
     specs = matrix.expand(config, devices)
+    if args.only:  # a cell of the matrix: its name, plan and folder are exactly what the whole matrix gives it
+        chosen = set(matrix.select([s.name for s in specs], args.only))
+        specs = [s for s in specs if s.name in chosen]
     if args.command in ("dry-run", "hwinfo"):
         if args.command == "hwinfo":
             print(f"{'made up (GPUS=)' if args.gpus else 'detected'}:\n{devices.describe()}\n")

@@ -9,6 +9,7 @@ of the newest folder that have no ok or diverged summary.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import itertools
 import json
 import os
@@ -180,7 +181,19 @@ def create_results_folder(config: Config, specs: list[RunSpec], command: str) ->
     return folder
 
 
-def run_folder(folder: Path, jobs: int, only_unfinished: bool = False, executor: Any = None) -> list[dict[str, Any]]:
+def select(names: list[str], patterns: str) -> list[str]:
+    """The run names matching any of the comma-separated globs of ``patterns`` (make ONLY=...), in order."""
+    globs = [g.strip() for g in patterns.split(",") if g.strip()]
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+    if not chosen:
+        sample = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        raise HarnessError(f"ONLY={patterns!r} matches no run here; the runs are named like {sample} "
+                           f"(globs over run names, comma-separated, e.g. ONLY='*_adamw_*')")
+    return chosen
+
+
+def run_folder(folder: Path, jobs: int, only_unfinished: bool = False, executor: Any = None,
+               only: str = "") -> list[dict[str, Any]]:
     """Run the folder's runs with ``executor`` (lib/executors/; local processes, ``jobs`` at a time, by
     default); write summary and report once every run has ended here.
 
@@ -192,7 +205,8 @@ def run_folder(folder: Path, jobs: int, only_unfinished: bool = False, executor:
 
     executor = executor or LocalExecutor()
     matrix = _read_matrix(folder)
-    todo = [name for name in matrix["runs"] if not (only_unfinished and _finished(folder / name))]
+    chosen = select(matrix["runs"], only) if only else matrix["runs"]
+    todo = [name for name in chosen if not (only_unfinished and _finished(folder / name))]
     _no_live_jobs(folder, todo)
     for name in matrix["runs"]:  # one driver per folder: another `make` may still be training in it
         runlock.check_free(folder / name)

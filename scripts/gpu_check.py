@@ -11,7 +11,7 @@ Writes results/gpu_check_<stamp>/gpu_check.json and gpu_check.md (after every pa
 part is ok or skipped, 1 when one failed or timed out, 2 without a CUDA GPU, 3 for a CPU build of torch
 on a machine with a GPU. --dry (make gpu-check DRY=1): every part's set-up on the CPU on tiny shapes.
 
-Usage: python scripts/gpu_check.py [--dry] [--only box,plan,...] [--results DIR]
+Usage: python scripts/gpu_check.py [--dry] [--parts box,plan,...] [--results DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from gpucheck import BY_KEY, box, runner  # noqa: E402
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__.splitlines()[0])
     parser.add_argument("--dry", action="store_true", help="every part's set-up on the CPU, tiny shapes (CI)")
-    parser.add_argument("--only", default="", help=f"comma-separated parts: {','.join(BY_KEY)}")
+    parser.add_argument("--parts", default="", help=f"comma-separated parts: {','.join(BY_KEY)}")
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where gpu_check_<stamp>/ goes")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # the child process of one part
     parser.add_argument("--module", help=argparse.SUPPRESS)
@@ -60,10 +60,10 @@ def main(argv: list[str]) -> int:
     args = _parse(argv)
     if args.part:
         return runner.child(args.module, args.work, args.budget, args.dry, args.min_free_gib)
-    only = [k.strip() for k in args.only.split(",") if k.strip()]
+    only = [k.strip() for k in args.parts.split(",") if k.strip()]
     unknown = [k for k in only if k not in BY_KEY]
     if unknown:
-        print(f"error: ONLY={args.only!r}: no part named {', '.join(unknown)}; the parts are "
+        print(f"error: PARTS={args.parts!r}: no part named {', '.join(unknown)}; the parts are "
               f"{', '.join(BY_KEY)}", file=sys.stderr)
         return 2
     refused = box.preflight(args.dry)

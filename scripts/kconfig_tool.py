@@ -1,6 +1,6 @@
 """Config-writing helpers kconfiglib does not ship: named defconfigs and randconfig.
 
-python scripts/kconfig_tool.py list | defconfig NAME | randconfig
+python scripts/kconfig_tool.py list | defconfig NAME | randconfig | set "SYMBOL=VALUE [SYMBOL=VALUE ...]"
 The target file is $KCONFIG_CONFIG (default .config). Reading and validating
 stays in lib/config.py, which every written file is checked against.
 
@@ -19,6 +19,8 @@ from __future__ import annotations
 import difflib
 import os
 import random
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -61,6 +63,63 @@ def defconfig(name: str) -> None:
     kconf.write_config(target(), save_old=False)
     config = load(target())
     print(f"wrote {target()} from defconfigs/{name}: {_describe(config)}; now run `make` (or `make dry-run`)")
+
+
+def set_values(text: str) -> None:
+    """`make set CONFIG="MAX_ITERS=200 CONFIG_SPARSITY_LIST=30,60"`: change settings of the existing config, like
+    the kernel's scripts/config (kconfiglib's setconfig), each checked as a .config line would be; a refused
+    setting leaves the file as it was."""
+    pairs = _assignments(text)
+    path = Path(target())
+    if not path.is_file():
+        raise HarnessError(f"{path} does not exist; write one first (`make defconfig-<name>`), then `make set`")
+    kconf = open_kconfig()
+    kconf.load_config(str(path))
+    for name, value in pairs:
+        _set_one(kconf, name, value)
+    try:
+        check_user_values(kconf)
+    except ConfigError as exc:
+        raise HarnessError(f"make set: {exc}; {path} is unchanged") from None
+    staged = path.with_name(f".{path.name}.set")
+    kconf.write_config(str(staged), save_old=False)
+    try:
+        load(staged)  # the one reader's checks (values, lists, the matrix) before the file is replaced
+    except ConfigError as exc:
+        staged.unlink(missing_ok=True)
+        raise HarnessError(f"make set: {exc}; {path} is unchanged") from None
+    os.replace(staged, path)
+    print(f"{path}: set {' '.join(f'CONFIG_{n}={v}' for n, v in pairs)}")
+
+
+def _assignments(text: str) -> list[tuple[str, str]]:
+    words = shlex.split(text)
+    if not words:
+        raise HarnessError('make set needs CONFIG="SYMBOL=VALUE [SYMBOL=VALUE ...]", e.g. make set '
+                           'CONFIG="MAX_ITERS=200 SEEDS=3"')
+    pairs = []
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not sep or not name:
+            raise HarnessError(f"make set: {word!r} is not SYMBOL=VALUE (e.g. MAX_ITERS=200; several separated by "
+                               f"spaces inside the quotes)")
+        pairs.append((name.removeprefix("CONFIG_"), value))
+    return pairs
+
+
+def _set_one(kconf: kconfiglib.Kconfig, name: str, value: str) -> None:
+    sym = kconf.syms.get(name)
+    if sym is None or not sym.nodes:
+        close = difflib.get_close_matches(name, [s.name for s in kconf.unique_defined_syms], n=3, cutoff=0.6)
+        hint = f"closest: {', '.join('CONFIG_' + c for c in close)}" if close else "see `make menuconfig`"
+        raise HarnessError(f"make set: CONFIG_{name} is not a symbol of this Kconfig tree; {hint}")
+    if sym.orig_type in (kconfiglib.BOOL, kconfiglib.TRISTATE):
+        if value not in ("y", "n"):
+            raise HarnessError(f"make set: CONFIG_{name}={value!r}: a yes/no setting takes y or n")
+    elif sym.orig_type in (kconfiglib.INT, kconfiglib.HEX) and not re.fullmatch(r"-?\d+", value):
+        raise HarnessError(f"make set: CONFIG_{name}={value!r} takes a whole number")
+    if not sym.set_value(value):
+        raise HarnessError(f"make set: CONFIG_{name}={value!r} is not a valid value for it (make menuconfig)")
 
 
 def randconfig() -> None:
@@ -118,6 +177,8 @@ def main(argv: list[str]) -> int:
             defconfig(argv[1])
         elif argv[:1] == ["randconfig"]:
             randconfig()
+        elif argv[:1] == ["set"] and len(argv) == 2:
+            set_values(argv[1])
         else:
             print(__doc__.strip().splitlines()[2], file=sys.stderr)
             return 2

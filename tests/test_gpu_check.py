@@ -124,13 +124,13 @@ def test_a_cpu_build_of_torch_beside_a_gpu_is_exit_3_naming_python(monkeypatch, 
 
 
 def test_an_unknown_part_in_only_is_one_line(capsys) -> None:
-    assert load_cli().main(["--dry", "--only", "box,nope"]) == 2
+    assert load_cli().main(["--dry", "--parts", "box,nope"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: ONLY='box,nope': no part named nope; the parts are {', '.join(p.key for p in PARTS)}"
+    assert err == f"error: PARTS='box,nope': no part named nope; the parts are {', '.join(p.key for p in PARTS)}"
 
 
 def test_the_record_carries_the_commit_and_versions(tmp_path: Path) -> None:
-    done = subprocess.run([PY, "scripts/gpu_check.py", "--dry", "--only", "box", "--results", str(tmp_path)],
+    done = subprocess.run([PY, "scripts/gpu_check.py", "--dry", "--parts", "box", "--results", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     record = json.loads(next(tmp_path.glob("gpu_check_dry_*/gpu_check.json")).read_text())
