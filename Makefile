@@ -46,7 +46,7 @@ LINT = $(if $(EXTERNAL),if '$(PY)' -c 'import ruff' 2>/dev/null; then '$(PY)' -m
 	else echo "ruff is not installed for $(PY): lint skipped"; fi,$(VENV)/bin/ruff check .)
 RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
-.PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery sweep status prepare-data test bench lint quickstart venv \
+.PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery sweep status rerun prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
 	allnoconfig randconfig set clean mrproper python-ready gpu-wheels gpu-check
 
@@ -113,6 +113,9 @@ sweep: $(STAMP) ## One-shot sweep of RUN=<run dir>'s best checkpoint (or every o
 		$(if $(SPARSITIES),--sparsities '$(SPARSITIES)') $(if $(METRICS),--metrics '$(METRICS)') \
 		$(if $(PATTERNS),--patterns '$(PATTERNS)') $(if $(CALIBRATION),--calibration '$(CALIBRATION)') \
 		$(if $(TOLERANCE),--tolerance '$(TOLERANCE)')
+
+rerun: $(STAMP) ## Train RUN=<run folder> again from its spec.json into a new results folder and say if it came out identical (STRICT=1: exit 1 if not)
+	@$(CLI) rerun --run '$(RUN)' $(if $(filter 1 y yes,$(STRICT)),--strict)
 
 surgery: $(STAMP) ## Cut RUN=<run dir>'s checkpoint smaller [FRACTION=0.3] [STRUCTURE=heads|neurons|channels|units|blocks]
 	@$(CLI) surgery --run '$(RUN)' $(if $(FRACTION),--fraction '$(FRACTION)') $(if $(STRUCTURE),--structure '$(STRUCTURE)')

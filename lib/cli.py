@@ -8,7 +8,8 @@ report (rewrite summary.json, graphs/ and report.md of a results folder), graphs
 by side), publish (copy a results folder into key_results/), prepare-data,
 export (a run's best checkpoint as safetensors), surgery (cut a run's checkpoint
 smaller, lib/surgery_command.py), sweep (one-shot sparsity sweep on a run's best
-checkpoint, or on every ok run of a results folder, lib/sweep.py).
+checkpoint, or on every ok run of a results folder, lib/sweep.py), rerun (train one
+run again from its spec.json and compare, lib/rerun.py).
 A HarnessError prints as one line ``error: ...`` with exit status 2.
 """
 
@@ -29,14 +30,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lib.cli", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["check", "dry-run", "hwinfo", "run", "continue", "report", "graphs",
                                             "compare", "publish", "prepare-data", "export", "surgery",
-                                            "sweep", "status"])
+                                            "sweep", "status", "rerun"])
     parser.add_argument("--config", default=".config", help="the .config to read (default: .config)")
     parser.add_argument("--set", action="append", default=[], metavar="SYMBOL=VALUE",
                         help="override a symbol for this invocation only (make MAX_ITERS=... etc.)")
     parser.add_argument("--results", help="results folder for report/graphs/compare/publish (default: the newest)")
     parser.add_argument("--against", help="compare: a second results folder, shown side by side")
     parser.add_argument("--name", help="publish: the name of the key_results/<date>_<name>/ folder")
-    parser.add_argument("--run", help="export, surgery, sweep: the run folder whose checkpoint to use")
+    parser.add_argument("--run", help="export, surgery, sweep: the run folder whose checkpoint to use; rerun: the "
+                                      "run to train again from its spec.json")
+    parser.add_argument("--strict", action="store_true", help="rerun: exit 1 when the rerun differs")
     parser.add_argument("--fraction", help="surgery: share of each layer's structures to remove (0 < f < 1)")
     parser.add_argument("--structure", help="surgery: all, heads, neurons, channels, units or blocks")
     for name, what in (("sparsities", "percent, e.g. 30,50,70,90"), ("metrics", "magnitude,gradient-sensitivity,..."),
@@ -90,6 +93,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         return _surgery(args)
     if args.command == "sweep":
         return _sweep(args)
+    if args.command == "rerun":
+        return _rerun(args, command)
     config = config_mod.load(args.config, _overrides(args.set))
     settings = dataclasses.replace(config.executor, name=args.executor) if args.executor else config.executor
     if args.gpus and args.command not in ("dry-run", "hwinfo") and settings.name != "slurm":
@@ -174,6 +179,14 @@ def _surgery(args: argparse.Namespace) -> int:
         raise HarnessError("surgery needs a run folder: `make surgery RUN=results/<folder>/<run> [FRACTION=0.3]`")
     operate(Path(args.run), args.fraction, args.structure)
     return 0
+
+
+def _rerun(args: argparse.Namespace, command: str) -> int:
+    from lib.rerun import rerun
+
+    if not args.run:
+        raise HarnessError("rerun needs RUN=<run folder>, e.g. make rerun RUN=key_results/<publication>/<run>")
+    return rerun(Path(args.run), _overrides(args.set).get("RESULTS_DIR", "results"), command, args.strict)
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -151,8 +151,14 @@ def plan_lines(specs: list[RunSpec]) -> list[str]:
 
 def create_results_folder(config: Config, specs: list[RunSpec], command: str) -> Path:
     """results/<name>_<YYYYmmdd_HHMMSS>/ with config.txt, matrix.json and one spec.json per run."""
-    base = Path(_absolute(config.results_dir))
     prefix = config.results_name or (config.models[0] if len(config.models) == 1 else "matrix")
+    overrides = "".join(f"# override: {k}={v}\n" for k, v in config.overrides.items())
+    return new_results_folder(config.results_dir, prefix, specs, command, config.text + overrides)
+
+
+def new_results_folder(results_dir: str, prefix: str, specs: list[RunSpec], command: str, config_text: str) -> Path:
+    """``results_dir``/<prefix>_<YYYYmmdd_HHMMSS>/ with config.txt, matrix.json and one spec.json per run."""
+    base = Path(_absolute(results_dir))
     stamp = time.strftime("%Y%m%d_%H%M%S")
     try:
         base.mkdir(parents=True, exist_ok=True)
@@ -162,8 +168,7 @@ def create_results_folder(config: Config, specs: list[RunSpec], command: str) ->
             n += 1
             folder = base / f"{prefix}_{stamp}_{n}"
         folder.mkdir()
-        overrides = "".join(f"# override: {k}={v}\n" for k, v in config.overrides.items())
-        (folder / "config.txt").write_text(config.text + overrides)
+        (folder / "config.txt").write_text(config_text)
         for spec in specs:
             (folder / spec.name).mkdir()
             spec.write(folder / spec.name / "spec.json")

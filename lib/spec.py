@@ -176,10 +176,12 @@ class RunSpec:
         return self.prune.target
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"schema": SCHEMA_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        """The RunSpec of a spec.json of any schema version (older ones migrated, see ``migrate``)."""
+        data, _ = migrate(data)
         parts = {
             "optim": OptimSettings,
             "prune": PruneSettings,
@@ -205,6 +207,45 @@ class RunSpec:
             raise HarnessError(f"{path}: no such spec.json; give a run folder made by `make`") from None
         except (json.JSONDecodeError, TypeError, KeyError) as exc:
             raise HarnessError(f"{path}: not a valid spec.json ({exc}); re-create the run with `make`") from None
+
+
+# Every change to the RunSpec's fields bumps SCHEMA_VERSION and adds a migration from the version before, so
+# that every spec.json ever published loads (tests/test_spec_versions.py guards the field list).
+SCHEMA_VERSION = 1
+
+
+def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``data`` of any schema version brought to today's, and one line per removed behaviour it asked for: what
+    a rerun runs instead and why it cannot match. Settings added since take their defaults."""
+    data = dict(data)
+    version = data.pop("schema", 0)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise HarnessError(f"spec.json schema {version!r} is newer than this harness's {SCHEMA_VERSION}; update the "
+                           f"harness (git pull) to read it")
+    notes: list[str] = []
+    for step in _MIGRATIONS[version:]:
+        data = step(data, notes)
+    return data, notes
+
+
+def _from_unversioned(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Schema 0 -> 1 (issue 12, 2026-12-02): the sampled threshold's fraction became a tolerance, and AdamWSPAM's
+    'paper' form was removed."""
+    prune, optim = dict(data.get("prune", {})), dict(data.get("optim", {}))
+    fraction = prune.pop("sample_fraction", None)
+    if fraction is not None and prune.get("threshold") == "sampled" and prune.get("method", "none") != "none":
+        notes.append(f"its sampled threshold drew {fraction:g} of the scores, a rule since replaced by a fixed-size "
+                     f"block sample at PRUNING_SAMPLE_TOLERANCE {PruneSettings.sample_tolerance:g} points; the rerun "
+                     f"uses that, so its masks cannot match")
+    if optim.get("spam_form") == "paper":
+        optim["spam_form"] = "released"
+        if optim.get("name") == "adamwspam" or optim.get("base") == "adamwspam":
+            notes.append("AdamWSPAM's 'paper' form was removed (no rule of it could be shown to differ from the "
+                         "authors' released code); the rerun uses the released form and may not match")
+    return {**data, "prune": prune, "optim": optim}
+
+
+_MIGRATIONS = [_from_unversioned]  # _MIGRATIONS[v] takes schema v to v + 1
 
 
 def run_spec(run_dir: Path) -> RunSpec:
