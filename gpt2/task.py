@@ -21,7 +21,7 @@ from torch import nn
 from gpt2 import prepare
 from gpt2.data import Shards, eval_windows, load_shards, train_batches
 from gpt2.model import GPT, PADDED_VOCAB, config_for, flops_per_token
-from gpt2.sources import DATASETS, source_of
+from gpt2.sources import DATASETS, SPLITS, source_of
 from lib import distributed
 from lib.distributed import SINGLE, Shard
 from lib.errors import ConfigError
@@ -85,6 +85,7 @@ class GPT2Task:
     def __init__(self) -> None:
         self._shards: dict[tuple, Shards] = {}
         self._eval: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hashes: dict[tuple[str, int, int], str] = {}
 
     def _data(self, spec: RunSpec) -> Shards:
         o = Options.of(spec)
@@ -105,6 +106,21 @@ class GPT2Task:
             if not meta.exists():
                 print(f"gpt2: {self.fetch_data(spec, workers=1)}", flush=True)
         self._data(spec)
+
+    def data_fingerprint(self, spec: RunSpec) -> dict[str, str]:
+        """The token files' SHA-256 (hashed once per file version in this process) and their source."""
+        from lib.provenance import file_sha256
+
+        shards = self._data(spec)
+        found = {"source": Options.of(spec).source}
+        for split in SPLITS:
+            path = shards.root / f"{split}.bin"
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            if key not in self._hashes:
+                self._hashes[key] = file_sha256(path)
+            found[f"{split}_sha256"] = self._hashes[key]
+        return found
 
     def fetch_data(self, spec: RunSpec, workers: int | None = None) -> str:
         """Tokenize the configured dataset into shards (`make prepare-data`); resumes an interrupted run."""

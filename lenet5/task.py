@@ -60,6 +60,9 @@ class LeNet5Task(classification.ClassificationTask):
     def prepare(self, spec: RunSpec) -> None:
         self._data(spec)
 
+    def data_fingerprint(self, spec: RunSpec) -> dict[str, str]:
+        return classification.fingerprint(self._data(spec), dataset_of(spec))
+
     def fetch_data(self, spec: RunSpec) -> str:
         """Download what ``spec`` needs (for `make prepare-data`); returns a line saying what was done."""
         if dataset_of(spec) == "mnist5k":

@@ -44,6 +44,15 @@ class SplitData:
         return getattr(self, name)
 
 
+def fingerprint(data: SplitData, source: str) -> dict[str, str]:
+    """The data a run used, for its provenance: each split's SHA-256 over its images and labels (so the split
+    indices and the pixels alike), and where it came from."""
+    from lib.provenance import tensors_sha256
+
+    return {"source": source, **{f"{name}_sha256": tensors_sha256(data.split(name).images, data.split(name).labels)
+                                 for name in ("train", "val", "test")}}
+
+
 def global_batches(count: int, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[torch.Tensor]:
     """Endless indices of global batches (micro x world) cut from back-to-back epoch permutations of ``count``.
 

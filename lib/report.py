@@ -35,7 +35,8 @@ def render(folder: Path) -> str:
     """The report's Markdown text."""
     data = load(folder)
     lines = [f"# Results: {Path(folder).name}", ""]
-    lines += [f"Command: `{data.command or 'unknown'}`  ", f"Created: {data.created or 'unknown'}", ""]
+    lines += [f"Command: `{data.command or 'unknown'}`  ", f"Created: {data.created or 'unknown'}  ",
+              *made_by(data.runs), ""]
     lines += _status_line(data.runs) + [""]
     if data.notes:
         lines += ["## What is missing", ""] + [f"- {n}" for n in data.notes] + [""]
@@ -47,6 +48,35 @@ def render(folder: Path) -> str:
         lines += _graphs(manifest, model)
     lines += _provenance(data)
     return "\n".join(lines) + "\n"
+
+
+def made_by(runs: list[Run]) -> list[str]:
+    """The provenance header: commit, software, device and data of the runs (each distinct value once)."""
+    found = [r.summary.get("provenance") for r in runs if isinstance(r.summary.get("provenance"), dict)]
+    if not found:
+        return ["Provenance: not recorded (runs made before provenance was kept)"]
+
+    def distinct(text_of: Any) -> str:
+        return " / ".join(dict.fromkeys(text_of(p) for p in found))
+
+    def code(p: dict) -> str:
+        commit = (p.get("commit") or "unknown")[:12]
+        return commit + (" with uncommitted changes" if p.get("dirty") else " (clean)" if p.get("dirty") is False
+                         else "")
+
+    def software(p: dict) -> str:
+        v = p.get("versions") or {}
+        return f"python {v.get('python')}, torch {v.get('torch')}, numpy {v.get('numpy')}"
+
+    def data(p: dict) -> str:
+        d = p.get("data") or {}
+        return f"{d.get('source', '?')} train {str(d.get('train_sha256', '?'))[:12]}"
+
+    def machine(p: dict) -> str:
+        return f"{p.get('device')}, {p.get('threads')} thread(s), world size {p.get('world_size')}"
+
+    return [f"Commit: {distinct(code)}  ", f"Software: {distinct(software)}  ", f"Device: {distinct(machine)}  ",
+            f"Data: {distinct(data)}"]
 
 
 def _status_line(runs: list[Run]) -> list[str]:

@@ -30,7 +30,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from lib import distributed, runlock  # noqa: E402
+from lib import distributed, provenance, runlock  # noqa: E402
 from lib.checkpoint import state as ckpt_state  # noqa: E402
 from lib.errors import HarnessError  # noqa: E402
 from lib.files import DiskFullError, is_disk_full, write_error, write_json_atomic  # noqa: E402
@@ -78,6 +78,7 @@ def run(run_dir: Path) -> int:
                 _wait_for_record(run_dir / "summary.json", started)
         return 1 if summary["status"] == "failed" else 0
     summary["spec"] = spec.to_dict()
+    summary["provenance"] = provenance.record(spec, shard.world_size)  # code, software, machine, data
     summary["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
     try:
         write_json_atomic(run_dir / "summary.json", summary)

@@ -87,6 +87,11 @@ class Task(Protocol):
         reduced (lib.distributed.reduce_sum), so every rank returns the whole split's metrics.
         """
 
+    def data_fingerprint(self, spec: RunSpec) -> dict[str, str]:
+        """Optional: what identifies the data a run used (split contents, token files' SHA-256), for the
+        provenance in summary.json (lib/provenance.py)."""
+        ...
+
     def fetch_data(self, spec: RunSpec) -> str:
         """Download what this task needs into spec.data_dir (`make prepare-data`); say what was done."""
 

@@ -63,6 +63,9 @@ class ResNetTask(classification.ClassificationTask):
     def prepare(self, spec: RunSpec) -> None:
         self._data(spec)
 
+    def data_fingerprint(self, spec: RunSpec) -> dict[str, str]:
+        return classification.fingerprint(self._data(spec), self.dataset)
+
     def fetch_data(self, spec: RunSpec) -> str:
         """Download the dataset (for `make prepare-data`); returns a line saying what was done."""
         dest = Path(spec.data_dir) / self.dataset
