@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gpucheck import Context, result
+from lib.provenance import device_name
 
 NO_GPU_EXIT, CPU_TORCH_EXIT = 2, 3
 
@@ -59,7 +60,7 @@ def describe() -> dict[str, Any]:
         "python": platform.python_version(), "interpreter": sys.executable, "torch": torch.__version__,
         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
         else None, "triton": _version("triton"), "c_compiler": shutil.which("cc") or shutil.which("gcc") or None,
-        "cpu": _cpu_model(), "cpu_cores": len(os.sched_getaffinity(0)), "gpus": [],
+        "cpu": device_name("cpu"), "cpu_cores": len(os.sched_getaffinity(0)), "gpus": [],
     }
     cusparselt = getattr(torch.backends, "cusparselt", None)
     info["cusparselt"] = (cusparselt.version() if cusparselt and cusparselt.is_available() else None)
@@ -83,16 +84,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _driver() -> str | None:
