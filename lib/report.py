@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lib.compare import tied
+from lib.compare import by_validation, method_groups, tied
 from lib.plots import read_manifest
 from lib.results import Folder, Metric, Run, Stat, groups, load, metric_of, mib, stat, test_stat
 
@@ -168,29 +168,24 @@ def _surgeries(runs: list[Run]) -> list[str]:
 
 
 def _best_per_sparsity(runs: list[Run], metric: Metric | None) -> list[str]:
-    """The best method at each target sparsity by mean test metric (`make compare` ranks them all);
-    methods with the same best mean are listed together as a tie, never one picked by order."""
+    """The best method at each target sparsity, picked by mean best-validation metric (never by test); its test
+    metric is reported as the value at the chosen checkpoints. Equal means are listed together as a tie."""
     if metric is None:
         return []
-    at: dict[float, list[tuple[str, Stat]]] = {}
-    for (_, method, target), members in groups(runs).items():
-        s = test_stat(members)
-        if s is not None:
-            at.setdefault(target, []).append((method, s))
-    if not at:
-        return []
-    lines = [f"Best test {metric.name} per target sparsity ({metric.direction}; mean over seeds; a tie lists "
-             "every method with the same mean; `make compare` ranks every method and marks differences within "
-             "the seeds' spread):", ""]
-    for target, entries in sorted(at.items()):
-        best = metric.best([s.mean for _, s in entries])
-        leaders = [(m, s) for m, s in entries if tied(s.mean, best)]
-        if len(leaders) == 1:
-            lines.append(f"- {target:.0%}: {leaders[0][0]} {leaders[0][1].text()}")
-        else:
-            names = " = ".join(m for m, _ in leaders)
-            lines.append(f"- {target:.0%}: tie between {len(leaders)} methods, {names}: {leaders[0][1].text()} "
-                         "(the same mean)")
+    groups = method_groups(runs)
+    lines = [f"Best method per target sparsity, picked by mean best-validation {metric.name} ({metric.direction}; "
+             f"never by test; a tie lists every method with the same mean). Test is the value at the "
+             f"validation-chosen checkpoints; `make compare` ranks every method with stated tests:", ""]
+    for target in sorted({g.target for g in groups}):
+        ranked = by_validation([g for g in groups if g.target == target], metric)
+        if not ranked:
+            continue
+        best = stat(list(ranked[0].val.values())).mean
+        leaders = [g for g in ranked if tied(stat(list(g.val.values())).mean, best)]
+        text = "; ".join(f"{g.label}: val {stat(list(g.val.values())).text()}, test "
+                         f"{_stat(stat(list(g.test.values())))}" for g in leaders)
+        lines.append(f"- {target:.0%}: " + (f"tie between {len(leaders)} methods, " if len(leaders) > 1 else "")
+                     + text)
     return lines + [""]
 
 

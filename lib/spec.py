@@ -248,6 +248,35 @@ def _from_unversioned(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
 _MIGRATIONS = [_from_unversioned]  # _MIGRATIONS[v] takes schema v to v + 1
 
 
+# A method's identity: every setting that changes what training does. Two runs are the same method (and may be
+# paired, seed by seed) only when these agree; the seed, the target sparsity (the other axis), where and how it
+# ran (hardware plan, data_dir, tracker) and what only bookkeeps (logging, checkpoint cadence) are left out.
+NOT_METHOD = {"prune.target", "train.log_interval", "train.deterministic", "train.keep_checkpoints",
+              "train.ckpt_interval", "train.ckpt_time_s", "train.ckpt_keep_last", "train.ckpt_milestone",
+              "model_options.text_dir"}
+
+
+def method_identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """The flat identity of ``spec`` (a spec.json of any schema): "part.field" -> value, defaults filled in."""
+    data, _ = migrate(spec)
+    found: dict[str, Any] = {"model": data.get("model")}
+    found.update({f"model_options.{k}": v for k, v in sorted((data.get("model_options") or {}).items())})
+    parts = {"optim": OptimSettings, "prune": PruneSettings, "train": TrainSettings}
+    if (data.get("train") or {}).get("surgery_every"):  # cuts during training change what is trained
+        parts["surgery"] = SurgerySettings
+    for part, kind in parts.items():
+        given = data.get(part) or {}
+        for f in dataclasses.fields(kind):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            found[f"{part}.{f.name}"] = given.get(f.name, default)
+    return {k: v for k, v in found.items() if k not in NOT_METHOD}
+
+
+def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """'setting A-value vs B-value' for each setting where two identities differ."""
+    return [f"{key} {a.get(key)!r} vs {b.get(key)!r}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
 def run_spec(run_dir: Path) -> RunSpec:
     """The RunSpec of the run folder ``run_dir``; one line when it is not a run folder."""
     if not (Path(run_dir) / "spec.json").is_file():

@@ -8,11 +8,17 @@ from pathlib import Path
 import pytest
 
 from lib import cli
-from lib.compare import compare, significance
+from lib.compare import compare
 from lib.errors import HarnessError
 from lib.publish import publish
-from lib.results import Stat
+from lib.report import render
+from lib.stats import compare_seeds, t95
 from tests.synthetic_results import ACCURACY, PERPLEXITY, build, set_run
+
+
+def _section(text: str, model: str) -> str:
+    """The part of a compare view about ``model``."""
+    return text.split(f"## {model}:", 1)[1].split("\n## ", 1)[0]
 
 
 def _rows(text: str) -> list[list[str]]:
@@ -20,46 +26,75 @@ def _rows(text: str) -> list[list[str]]:
             if line.startswith("| ") and not line.startswith("| sparsity")]
 
 
-def test_significance_rule():
-    assert significance(Stat(97.7, 0.28, 2), Stat(97.6, 0.28, 2)) == "not significant"
-    assert significance(Stat(95.5, 0.71, 2), Stat(90.5, 0.71, 2)) == "significant"
-    assert significance(Stat(95.5, None, 1), Stat(90.5, 0.71, 2)) == "n/a (1 seed)"
+def test_the_stated_tests_by_hand():
+    t = compare_seeds({1: 0.0, 2: 0.0, 3: 0.0}, {1: 5.0, 2: 5.1, 3: 4.9})  # paired: mean 5, sd 0.1, t(2) = 4.303
+    assert (t.kind, t.n) == ("paired", "3") and t.significant
+    assert abs(t.low - (5 - 4.303 * 0.1 / 3**0.5)) < 1e-9 and abs(t.high - (5 + 4.303 * 0.1 / 3**0.5)) < 1e-9
+    assert t.text() == "+5.00 [+4.75, +5.25] (paired t, n=3): significant"
+    wide = compare_seeds({1: 0.0, 2: 0.0, 3: 0.0}, {1: 1.0, 2: 2.0, 3: 3.0})
+    assert wide.text() == "+2.00 [-0.48, +4.48] (paired t, n=3): not significant"
+    w = compare_seeds({1: 1.0, 2: 2.0, 3: 3.0}, {4: 4.0, 5: 5.0, 6: 6.0, 7: 7.0})  # Welch df 4.96 -> t(4) = 2.776
+    assert w.text() == "+3.50 [+1.10, +5.90] (Welch t, n=3+4): significant"
+    one = compare_seeds({1: 97.0}, {1: 98.0, 2: 99.0})
+    assert one.text() == "no test possible (one seed on a side)" and one.significant is None
+    assert t95(4.96) == t95(4) == 2.776 and t95(500) == 1.96
 
 
-def test_ranking_per_sparsity_marks_differences_within_the_seed_spread(tmp_path):
-    out = compare(build(tmp_path / "r", ACCURACY, PERPLEXITY))
+def test_ranking_is_by_validation_never_by_test(tmp_path):
+    folder = build(tmp_path / "r", ACCURACY, PERPLEXITY)
+    for seed in (1, 2):  # sgd/magnitude 50 %: the better validation, the worse test
+        set_run(folder, f"lenet5_sgd_magnitude_50_s{seed}", best={"step": 20, "val": {"loss": 0.5, "accuracy": 99.0}})
+    out = compare(folder)
     rows = _rows(out)
-    assert ["50%", "1", "adamw/magnitude", "97.70 ± 0.28 (n=2/2)", "-", "-"] in rows
-    assert ["50%", "2", "sgd/magnitude", "97.60 ± 0.28 (n=2/2)", "-0.10", "not significant"] in rows
-    assert ["90%", "2", "sgd/magnitude", "90.50 ± 0.71 (n=2/2)", "-5.00", "significant"] in rows
-    # perplexity: the lowest ranks first
-    assert ["50%", "1", "adamwprune/bitter7/state", "37.28 ± 0.40 (n=2/2)", "-", "-"] in rows
-    assert ["50%", "2", "adamw/magnitude", "44.15 ± 0.21 (n=2/2)", "+6.87", "significant"] in rows
-    assert "lower is better" in out and "|Δ mean| < max(std of the two)" in out
+    assert rows[0][:5] == ["0%", "1", "adamw/none", "97.70 ± 0.28 (n=2/2)", "98.20 ± 0.28 (n=2/2)"]
+    at50 = [r for r in _rows(_section(out, "lenet5")) if r[0] == "50%"]
+    assert [r[1:3] for r in at50] == [["1", "sgd/magnitude"], ["2", "adamw/magnitude"]]
+    assert at50[0][4] == "97.60 ± 0.28 (n=2/2)" and at50[1][4] == "97.70 ± 0.28 (n=2/2)"  # test only reported
+    assert at50[1][5] == compare_seeds({1: 97.8, 2: 97.4}, {1: 97.5, 2: 97.9}).text()
+    assert at50[0][6] == compare_seeds({1: 97.0, 2: 97.2}, {1: 97.8, 2: 97.4}).text()  # vs sgd's dense run
+    assert "never by test" in out and "paired over the seeds both sides share" in out
+    # perplexity: the lowest validation ranks first
+    gpt2 = [r[1:3] for r in _rows(_section(out, "gpt2")) if r[0] == "50%"]
+    assert gpt2 == [["1", "adamwprune/bitter7/state"], ["2", "adamw/magnitude"]]
+    report = render(folder)
+    assert "- 50%: sgd/magnitude: val 99.00 ± 0.00, test 97.60 ± 0.28" in report
+    assert "Best test" not in report
 
 
 def test_single_seed_and_failed_groups(tmp_path):
     folder = build(tmp_path / "one", ACCURACY, seeds=(1,))
     set_run(folder, "lenet5_sgd_magnitude_90_s1", status="failed", error="boom", test_at_best=None)
     rows = _rows(compare(folder))
-    assert ["50%", "2", "adamw/magnitude", "97.50 (n=1/1)", "-0.30", "n/a (1 seed)"] in rows
-    assert ["90%", "-", "sgd/magnitude", "- (n=0/1)", "-", "no finished run"] in rows
+    assert ["50%", "1", "sgd/magnitude", "97.30 (n=1/1)", "97.80 (n=1/1)", "-",
+            "no test possible (one seed on a side)"] in rows
+    assert ["50%", "2", "adamw/magnitude", "97.00 (n=1/1)", "97.50 (n=1/1)", "no test possible (one seed on a side)",
+            "no test possible (one seed on a side)"] in rows
+    assert ["90%", "-", "sgd/magnitude", "- (n=0/1)", "-", "no finished run", "-"] in rows
 
 
-def test_two_folders_side_by_side(tmp_path):
+def test_two_folders_pair_only_the_same_method(tmp_path):
     a = build(tmp_path / "a", ACCURACY, PERPLEXITY)
     b = build(tmp_path / "b", ACCURACY)
-    set_run(b, "lenet5_sgd_magnitude_90_s1", test_at_best={"step": 20, "loss": 1.0, "accuracy": 95.0})
     set_run(b, "lenet5_adamw_magnitude_50_s1", test_at_best={"step": 20, "loss": 1.0, "accuracy": 99.5})
     set_run(b, "lenet5_adamw_magnitude_50_s2", test_at_best={"step": 20, "loss": 1.0, "accuracy": 99.9})
+    for seed in (1, 2):  # scored by gradient sensitivity in B: another method, never paired with A's magnitude
+        spec = json.loads((b / f"lenet5_sgd_magnitude_90_s{seed}" / "spec.json").read_text())
+        spec["prune"]["importance"] = "gradient-sensitivity"
+        set_run(b, f"lenet5_sgd_magnitude_90_s{seed}", spec=spec)
     out = compare(a, b)
-    assert out.startswith("# Compare: A = a vs B = b")
-    rows = _rows(out)
-    assert ["90%", "sgd/magnitude", "90.50 ± 0.71 (n=2/2)", "93.00 ± 2.83 (n=2/2)", "+2.50", "B",
-            "not significant"] in rows
-    assert ["50%", "adamw/magnitude", "97.70 ± 0.28 (n=2/2)", "99.70 ± 0.28 (n=2/2)", "+2.00", "B",
-            "significant"] in rows
-    assert ["50%", "adamwprune/bitter7/state", "37.28 ± 0.40 (n=2/2)", "- (n=0/0)", "-", "-", "only in A"] in rows
+    rows = {(r[0], r[1]): r for r in _rows(_section(out, "lenet5"))}
+    assert rows[("50%", "adamw/magnitude")][4] == "+2.00 [+2.00, +2.00] (paired t, n=2): significant"
+    assert rows[("90%", "sgd/magnitude")][4] == ("unpaired: another method (prune.importance 'magnitude' vs "
+                                                 "'gradient-sensitivity')")
+    gpt2 = {(r[0], r[1]): r for r in _rows(_section(out, "gpt2"))}
+    assert gpt2[("50%", "adamwprune/bitter7/state")][3:] == ["-", "unpaired: only in A"]
+
+
+def test_two_folders_with_one_seed_against_three_give_no_verdict(tmp_path):
+    a = build(tmp_path / "a", ACCURACY, seeds=(1,))
+    b = build(tmp_path / "b", ACCURACY)
+    rows = {(r[0], r[1]): r for r in _rows(compare(a, b))}
+    assert rows[("50%", "adamw/magnitude")][4] == "no test possible (one seed on a side)"
 
 
 def test_compare_cli_prints_markdown_and_rejects_a_missing_folder(tmp_path, capsys):
@@ -79,7 +114,8 @@ def test_compare_tolerates_empty_and_interrupted_folders(tmp_path):
     (cut / "summary.json").write_text('{"runs": [{"name": "lenet5_')
     (cut / "lenet5_sgd_none_0_s1" / "summary.json").unlink()
     out = compare(cut)
-    assert ["0%", "2", "sgd/none", "97.20 (n=1/2)", "-1.00", "n/a (1 seed)"] in _rows(out)
+    assert ["0%", "2", "sgd/none", "96.70 (n=1/2)", "97.20 (n=1/2)", "no test possible (one seed on a side)", "-"] \
+        in _rows(out)
     assert "summary.json is truncated or not JSON" in out
 
 

@@ -152,16 +152,18 @@ def test_a_single_run_says_so(tmp_path):
 
 def test_report_marks_ties_and_says_what_wall_time_measures(twins):
     report = render(twins)
-    assert "- 0%: tie between 2 methods, adamw/none = adamwprune/none: 98.20 ± 0.28 (the same mean)" in report
-    assert "- 50%: adamw/magnitude 97.70 ± 0.28" in report  # no tie: one name, as before
+    assert ("- 0%: tie between 2 methods, adamw/none: val 97.70 ± 0.28, test 98.20 ± 0.28; adamwprune/none: "
+            "val 97.70 ± 0.28, test 98.20 ± 0.28") in report
+    assert "- 50%: adamw/magnitude: val 97.20 ± 0.28, test 97.70 ± 0.28" in report  # no tie: one name
     assert "wall time (training loop) |" in report and "the test evaluation are not in it" in report
 
 
 def test_compare_ranks_ties_as_ties(twins):
     assert ranks([98.0, 98.0, 97.0, 96.0, 96.0]) == ["1=", "1=", "3", "4=", "4="]
     out = compare(twins)
-    assert "| 0% | 1= | adamw/none | 98.20 ± 0.28 (n=2/2) | - | tie (same mean) |" in out
-    assert "| 0% | 1= | adamwprune/none | 98.20 ± 0.28 (n=2/2) | +0.00 | tie (same mean) |" in out
+    assert "| 0% | 1= | adamw/none | 97.70 ± 0.28 (n=2/2) | 98.20 ± 0.28 (n=2/2) | - | - |" in out
+    assert ("| 0% | 1= | adamwprune/none | 97.70 ± 0.28 (n=2/2) | 98.20 ± 0.28 (n=2/2) | +0.00 [+0.00, +0.00] "
+            "(paired t, n=2): not significant | - |") in out
 
 
 def test_unreadable_runs_are_flagged(tmp_path):

@@ -92,7 +92,7 @@ def test_report_tables_hold_the_runs_numbers(acc):
                  "| sgd | magnitude | 90% | 2 / 2 | 90.50 ± 0.71 |"):
         assert text in report, text
     assert "## lenet5: accuracy (higher is better)" in report
-    assert "- 50%: adamw/magnitude 97.70 ± 0.28" in report  # the highest accuracy is best
+    assert "- 50%: adamw/magnitude: val 97.20 ± 0.28, test 97.70 ± 0.28" in report  # picked by the highest val
     assert "Command: `make MAX_ITERS=30 SEEDS=2`" in report and "CONFIG_MAX_ITERS=30" in report
     for slug in GRAPH_SLUGS:
         assert f"(graphs/{slug}_lenet5.png)" in report
@@ -102,8 +102,8 @@ def test_report_tables_hold_the_runs_numbers(acc):
 def test_perplexity_report_picks_the_lowest_as_best(ppl):
     report = (ppl / "report.md").read_text()
     assert "## gpt2: perplexity (lower is better)" in report
-    assert "- 50%: adamwprune/bitter7/state 37.28 ± 0.40" in report
-    assert "- 70%: adamwprune/bitter7/state 39.20 ± 0.28" in report
+    assert "- 50%: adamwprune/bitter7/state: val 37.78 ± 0.40, test 37.28 ± 0.40" in report  # the lowest val
+    assert "- 70%: adamwprune/bitter7/state: val 39.70 ± 0.28, test 39.20 ± 0.28" in report
     assert "| adamwprune | bitter7 | state | 50% | 2 / 2 | 37.28 ± 0.40 |" in report
     row = next(line for line in report.splitlines() if line.startswith("| gpt2_adamwprune_bitter7_state_50_s1 |"))
     assert "| 37.50 (20) | 37.00 |" in row  # best val is the lowest perplexity, at step 20
