@@ -64,6 +64,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with tmp.open("rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # a writer that made it 0600 (safetensors does) follows the umask too
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -77,6 +78,12 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _nearly_full(path: Path) -> bool:

@@ -336,7 +336,11 @@ def test_export_is_safetensors_with_exact_zeros_and_evaluates_the_same(tmp_path)
     run_dir.mkdir()
     spec.write(run_dir / "spec.json")
     assert run_mod.run(run_dir) == 0
+    mask = os.umask(0o022)
+    os.umask(mask)
     assert cli.main(["export", "--run", str(run_dir)]) == 0
+    for name in ("model.safetensors", "model_card.json"):  # the umask's mode, not safetensors' 0600
+        assert (run_dir / "export" / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert card["checkpoint_step"] == summary["best"]["step"] and card["test_at_checkpoint"] == summary["test_at_best"]

@@ -124,3 +124,21 @@ def _status(run_dir: Path) -> str | None:
         return json.loads((run_dir / "summary.json").read_text()).get("status")
     except (OSError, ValueError):
         return None
+
+
+def test_files_written_atomically_follow_the_umask_whatever_the_writer(tmp_path: Path) -> None:
+    """safetensors wrote exports 0600; every record now gets the mode a plain open() would give."""
+    import os
+
+    def private(tmp: Path) -> None:
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+
+    before = os.umask(0o022)
+    try:
+        files.write_atomic(tmp_path / "model.safetensors", private)
+        assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        files.write_atomic(tmp_path / "secret.json", private)
+        assert (tmp_path / "secret.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(before)
