@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2 import prepare
+from gpt2 import prepare, tokenizer
 from gpt2.data import Shards, eval_windows, load_shards, train_batches
 from gpt2.model import GPT, PADDED_VOCAB, config_for, flops_per_token
 from gpt2.sources import DATASETS, SPLITS, source_of
@@ -121,6 +121,16 @@ class GPT2Task:
                 self._hashes[key] = file_sha256(path)
             found[f"{split}_sha256"] = self._hashes[key]
         return found
+
+    def usage(self, spec: RunSpec) -> dict[str, str]:
+        """What running an export outside the harness needs (gpt2/tokenizer.py, gpt2/model.py)."""
+        o = Options.of(spec)
+        return {"tokenizer": f"GPT-2 BPE (tiktoken '{tokenizer.NAME}', {tokenizer.VOCAB} ids, <|endoftext|> = "
+                             f"{tokenizer.EOT}); the embedding is padded to {o.vocab_size} rows",
+                "input": f"int64 token ids, at most {o.block_size} per sequence",
+                "forward": "token + learned position embeddings, pre-LayerNorm blocks (causal self-attention; MLP "
+                           "widening 4x with tanh-approximated GELU), final LayerNorm, head tied to the token "
+                           "embedding (logits over the padded vocabulary)"}
 
     def fetch_data(self, spec: RunSpec, workers: int | None = None) -> str:
         """Tokenize the configured dataset into shards (`make prepare-data`); resumes an interrupted run."""

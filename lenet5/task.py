@@ -9,6 +9,8 @@ from torch import nn
 
 from lenet5.data import (
     MNIST5K_HINT,
+    MNIST_MEAN,
+    MNIST_STD,
     MNIST_VAL_COUNT,
     MnistData,
     download_mnist,
@@ -62,6 +64,13 @@ class LeNet5Task(classification.ClassificationTask):
 
     def data_fingerprint(self, spec: RunSpec) -> dict[str, str]:
         return classification.fingerprint(self._data(spec), dataset_of(spec))
+
+    def usage(self, spec: RunSpec) -> dict[str, str]:
+        """What running an export outside the harness needs (lenet5/data.py to_images, lenet5/model.py)."""
+        return {"input": "1 x 32 x 32 float32: the 28 x 28 digit zero-padded by 2 pixels on each side (raw 0-255), "
+                         f"scaled to [0, 1], minus {MNIST_MEAN}, over {MNIST_STD}",
+                "forward": "conv5 -> ReLU -> max-pool 2, conv5 -> ReLU -> max-pool 2, flatten, fc -> ReLU, "
+                           "fc -> ReLU, fc (logits over 10 digit classes)"}
 
     def fetch_data(self, spec: RunSpec) -> str:
         """Download what ``spec`` needs (for `make prepare-data`); returns a line saying what was done."""

@@ -92,6 +92,11 @@ class Task(Protocol):
         provenance in summary.json (lib/provenance.py)."""
         ...
 
+    def usage(self, spec: RunSpec) -> dict[str, str]:
+        """Optional: what running an exported model outside the harness needs (input preprocessing, the
+        forward's activations and pooling, the tokenizer), for the model card (lib/checkpoint/export.py)."""
+        ...
+
     def fetch_data(self, spec: RunSpec) -> str:
         """Download what this task needs into spec.data_dir (`make prepare-data`); say what was done."""
 

@@ -66,6 +66,15 @@ class ResNetTask(classification.ClassificationTask):
     def data_fingerprint(self, spec: RunSpec) -> dict[str, str]:
         return classification.fingerprint(self._data(spec), self.dataset)
 
+    def usage(self, spec: RunSpec) -> dict[str, str]:
+        """What running an export outside the harness needs (resnet/data.py normalize, resnet/model.py)."""
+        return {"input": f"3 x 32 x 32 float32: RGB scaled to [0, 1], minus the channel means {self.layout.mean}, "
+                         f"over the channel stds {self.layout.std} (no padding at test time; training crops from "
+                         f"a 4-pixel zero padding and flips)",
+                "forward": "3x3 conv stem (no max-pool) -> batch norm -> ReLU, four stages of residual blocks "
+                           "(ReLU after each addition), global average pool (a mean over H and W), Linear head "
+                           f"over {self.classes} classes; batch norm in eval mode"}
+
     def fetch_data(self, spec: RunSpec) -> str:
         """Download the dataset (for `make prepare-data`); returns a line saying what was done."""
         dest = Path(spec.data_dir) / self.dataset

@@ -343,6 +343,9 @@ def test_export_is_safetensors_with_exact_zeros_and_evaluates_the_same(tmp_path)
         assert (run_dir / "export" / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert card["structure"]["reduction"] == 0 and card["structure"]["parameters_now"] == 61706  # nothing cut
+    assert card["provenance"]["data"] == summary["provenance"]["data"]  # the split's hash travels with the model
+    assert "zero-padded by 2 pixels" in card["usage"]["input"] and "max-pool" in card["usage"]["forward"]
     assert card["checkpoint_step"] == summary["best"]["step"] and card["test_at_checkpoint"] == summary["test_at_best"]
     assert card["made_by"]["commit"] and card["sparsity"]["prunable_reached"] == summary["sparsity"]["reached"]
     weights = [n for n in card["shapes"] if n.endswith("weight")]  # LeNet-5's prunable tensors: every weight

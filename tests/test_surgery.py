@@ -261,6 +261,12 @@ def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path:
 
     exported, _ = load_export(export(run_dir))  # rebuilt from the recorded architecture
     assert sum(p.numel() for p in exported.parameters()) == measured["parameters"]["after"]
+    card = json.loads((run_dir / "export" / "model_card.json").read_text())
+    structure = card["structure"]  # the cut is in the card beside the (near) zero fraction
+    assert structure["parameters_as_built"] == measured["parameters"]["before"]
+    assert structure["parameters_now"] == measured["parameters"]["after"] < structure["parameters_as_built"]
+    assert structure["reduction"] == pytest.approx(1 - structure["parameters_now"] / structure["parameters_as_built"])
+    assert "tokenizer" in card["usage"] and "GELU" in card["usage"]["forward"]
 
 
 def test_rollback_leaves_every_file_byte_identical(trained: Path, tmp_path: Path) -> None:

@@ -98,6 +98,9 @@ def _card(run_dir: Path, spec: RunSpec, summary: dict[str, Any], step: int, mode
     params = dict(model.named_parameters())
     total = sum(p.numel() for p in params.values())
     zeros = sum(layers[n] * params[n].numel() for n in params)
+    with torch.device("meta"):  # the model as built before any cut: what surgery removed, beside the zeros
+        uncut = sum(p.numel() for p in _build(spec, None).parameters())
+    task = get_task(spec.model)
     matrix = _read_json(run_dir.parent / "matrix.json")
     config = run_dir.parent / "config.txt"
     return {
@@ -107,6 +110,8 @@ def _card(run_dir: Path, spec: RunSpec, summary: dict[str, Any], step: int, mode
         "shapes": {name: list(p.shape) for name, p in params.items()},
         "architecture": architecture_of(model),  # after checkpoint-time surgery: what build_model rebuilds
         "parameters": total,
+        "structure": {"parameters_as_built": uncut, "parameters_now": total, "removed_by_surgery": uncut - total,
+                      "reduction": 1 - total / uncut},
         "sparsity": {"overall": zeros / total, "prunable_target": spec.sparsity,
                      "prunable_reached": summary.get("sparsity", {}).get("reached"), "per_layer": layers},
         "checkpoint_step": step,
@@ -117,6 +122,8 @@ def _card(run_dir: Path, spec: RunSpec, summary: dict[str, Any], step: int, mode
         "command": matrix.get("command"),
         "config": config.read_text() if config.is_file() else None,
         "made_by": versions(),
+        "provenance": summary.get("provenance"),  # commit, software, device, the data's SHA-256
+        "usage": task.usage(spec) if hasattr(task, "usage") else None,  # preprocessing, forward, tokenizer
         "spec": spec.to_dict(),
     }
 
