@@ -15,13 +15,11 @@ old and new interleaved so that both see the same machine state.
 from __future__ import annotations
 
 import io
-import statistics
-import time
 from typing import Any
 
 import torch
 
-from lib import memory
+from lib import memory, timing
 from lib.spec import RunSpec
 from lib.task import Task
 
@@ -34,12 +32,16 @@ def before_after(task: Task, spec: RunSpec, old: tuple[Any, dict], new: tuple[An
     """{quantity: {"before": ..., "after": ..., "ratio": after / before}} for a cut's two sides
     (each side: a lib.surgery_command.Trained and its checkpoint payload)."""
     sides = [_static(task, spec, trained, payload) for trained, payload in (old, new)]
+    checks = {}
     for batch in (1, LARGE_BATCH):
-        times = latency(task, spec, [old[0].model, new[0].model], batch)
+        machine = timing.load()
+        times = timings(task, spec, [old[0].model, new[0].model], batch)
+        checks[f"latency_ms_batch_{batch}"] = timing.record(times, machine)
         for side, t in zip(sides, times, strict=True):
-            side[f"latency_ms_batch_{batch}"] = t
+            side[f"latency_ms_batch_{batch}"] = t.median_ms
     return {key: {"before": sides[0][key], "after": sides[1][key],
-                  "ratio": sides[1][key] / sides[0][key] if sides[0][key] else None} for key in sides[0]}
+                  "ratio": sides[1][key] / sides[0][key] if sides[0][key] else None,
+                  **({"timing": checks[key]} if key in checks else {})} for key in sides[0]}
 
 
 def _static(task: Task, spec: RunSpec, trained: Any, payload: dict) -> dict[str, float]:
@@ -65,21 +67,21 @@ def latency(task: Task, spec: RunSpec, models: list[torch.nn.Module], batch: int
             device: torch.device | None = None, repeats: int = REPEATS) -> list[float]:
     """Median milliseconds of one no-grad forward of ``batch`` examples for each model (all on ``device``),
     the models interleaved so that each sees the same machine state."""
+    return [t.median_ms for t in timings(task, spec, models, batch, device, repeats)]
+
+
+@torch.no_grad()
+def timings(task: Task, spec: RunSpec, models: list[torch.nn.Module], batch: int,
+            device: torch.device | None = None, repeats: int = REPEATS) -> list[timing.Timing]:
+    """Median and interquartile range of one no-grad forward per model, interleaved (lib/timing.py)."""
     device = device or torch.device("cpu")
     inputs = task.example_batch(spec, batch, device)[0]
-    times: list[list[float]] = [[] for _ in models]
+    calls = []
     for model in models:
         model.eval()
-        model(inputs.to(next(model.parameters()).dtype) if inputs.is_floating_point() else inputs)  # warm-up
-    for _ in range(repeats):
-        for i, model in enumerate(models):
-            x = inputs.to(next(model.parameters()).dtype) if inputs.is_floating_point() else inputs
-            _sync(device)
-            start = time.perf_counter()
-            model(x)
-            _sync(device)
-            times[i].append(1000 * (time.perf_counter() - start))
-    return [statistics.median(t) for t in times]
+        x = inputs.to(next(model.parameters()).dtype) if inputs.is_floating_point() else inputs
+        calls.append(lambda model=model, x=x: model(x))
+    return timing.measure(calls, repeats, lambda: _sync(device))
 
 
 def _sync(device: torch.device) -> None:
@@ -92,6 +94,8 @@ def table(record: dict[str, Any]) -> str:
     rows = ["| quantity | before | after | after / before |", "|---|---:|---:|---:|"]
     for key, value in record["measured"].items():
         ratio = f"{value['ratio']:.3f}" if value["ratio"] is not None else "-"
+        if value.get("timing") and not value["timing"]["reliable"]:
+            ratio += f" (unreliable: {value['timing']['why']})"
         rows.append(f"| {key.replace('_', ' ')} | {_fmt(key, value['before'])} | {_fmt(key, value['after'])} "
                     f"| {ratio} |")
     loss = record.get("val_loss")

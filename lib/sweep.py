@@ -33,6 +33,7 @@ from lib.pruning.importance import build_importance
 from lib.pruning.prunable import PRUNABLE_TYPES, prunable_parameters, zero_fraction
 from lib.results import load as load_results
 from lib.spec import PruneSettings, RunSpec, SweepSettings, run_spec
+from lib.surgery_measure import LARGE_BATCH
 from lib.task import Metric, Task, get_task
 
 NEEDS_CALIBRATION = ("gradient-sensitivity", "activation")
@@ -80,7 +81,7 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
             for row in _rows(subject, pattern, metric, base, say)]
     value = dense["val"][task.metric.name]
     picks = recommend(rows, value, task.metric, settings)
-    chosen = overall(rows, picks, task.metric)
+    chosen = overall(rows, picks, task.metric, dense)
     test = _test(subject, rows[chosen]) if chosen is not None else None
     record = {"run": spec.name, "model": spec.model, "checkpoint": {"path": "checkpoints/best.pt", "sha256": digest,
                                                                     "step": int(payload["step"])},
@@ -90,7 +91,7 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
               "calibration": {"batches": settings.calibration_batches, "micro_batch": spec.hardware.micro_batch},
               "checkpoint_sparsity": base, "dense": dense, "rows": rows,
               "recommended": {pattern: pick for pattern, pick in picks.items()},
-              "overall": None if chosen is None else {"row": chosen, "test": test},
+              "overall": None if chosen is None else {"row": chosen, "test": test, "buys": buys(rows[chosen], dense)},
               "note": sweep_measure.CPU_NOTE if subject.device.type == "cpu" else ""}
     if _sha256(best) != digest:
         record["note"] += "; best.pt was replaced while the sweep read it (is the run still training?)"
@@ -296,13 +297,36 @@ def recommend(rows: list[dict[str, Any]], dense: float, metric: Metric,
     return picks
 
 
-def overall(rows: list[dict[str, Any]], picks: dict[str, int | None], metric: Metric) -> int | None:
-    """Of the patterns' picks, the one with the highest sparsity over all prunable weights (ties: better metric)."""
+def overall(rows: list[dict[str, Any]], picks: dict[str, int | None], metric: Metric,
+            dense: dict[str, Any] | None = None) -> int | None:
+    """Of the patterns' picks (all within tolerance, so their quality ties), one that buys something measured
+    here (``buys``) before one that does not; then the highest sparsity over all prunable weights; then the
+    better metric."""
     best = None
     for i in picks.values():
-        if i is not None and (best is None or _ahead(rows[i], rows[best], "reached_all", metric)):
+        if i is None:
+            continue
+        gains, leader = bool(buys(rows[i], dense)), best is not None and bool(buys(rows[best], dense))
+        if best is None or gains > leader or (gains == leader and _ahead(rows[i], rows[best], "reached_all", metric)):
             best = i
     return best
+
+
+MIN_SPEEDUP = 1.05  # below this a speed-up is within what repeated timings wander by
+
+
+def buys(row: dict[str, Any], dense: dict[str, Any] | None) -> list[str]:
+    """What a row's model gains over dense, measured here: fewer parameters to hold and run, or a speed-up that
+    is reliable (lib/timing.py) and at least MIN_SPEEDUP. Zeros stored densely buy neither."""
+    gains = []
+    size, before = row.get("size") or {}, ((dense or {}).get("size") or {}).get("parameters")
+    if before and size.get("parameters") and size["parameters"] < before:
+        gains.append(f"parameters {before:,} -> {size['parameters']:,} ({size['parameters'] / before:.2f}x)")
+    for name, speed in (("", row.get("speed")), (" on 2:4 sparse kernels", row.get("speed_sparse_kernels"))):
+        up = (speed or {}).get(f"speedup_batch_{LARGE_BATCH}")
+        if speed and "error" not in speed and speed.get("reliable") and up and up >= MIN_SPEEDUP:
+            gains.append(f"throughput {up:.2f}x{name}")
+    return gains
 
 
 def _ahead(a: dict[str, Any], b: dict[str, Any], key: str, metric: Metric) -> bool:

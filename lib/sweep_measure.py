@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib import timing
 from lib.pruning.prunable import prunable_parameters
 from lib.spec import RunSpec
-from lib.surgery_measure import LARGE_BATCH, latency
+from lib.surgery_measure import LARGE_BATCH, latency, timings
 from lib.task import Task
 
 REPEATS = 7  # at least; a fast forward is repeated until both sides have run for about TIMED_MS
@@ -62,13 +63,19 @@ def _kept(param: torch.Tensor) -> int:
 def speed(task: Task, spec: RunSpec, dense: nn.Module, model: nn.Module, device: torch.device) -> dict[str, Any]:
     """Latency at batch 1 and throughput at ``LARGE_BATCH`` of ``model`` and of ``dense``, side by side."""
     result: dict[str, Any] = {}
+    checks = []
     for batch in (1, LARGE_BATCH):
         once = latency(task, spec, [dense], batch, device, 1)[0]  # sub-millisecond forwards need many repeats
         repeats = min(100, max(REPEATS, math.ceil(TIMED_MS / max(once, 1e-3))))
-        ours, theirs = latency(task, spec, [model, dense], batch, device, repeats)
-        result[f"latency_ms_batch_{batch}"] = ours
-        result[f"dense_latency_ms_batch_{batch}"] = theirs
-        result[f"speedup_batch_{batch}"] = theirs / ours if ours else None
+        machine = timing.load()
+        ours, theirs = timings(task, spec, [model, dense], batch, device, repeats)
+        result[f"latency_ms_batch_{batch}"] = ours.median_ms
+        result[f"dense_latency_ms_batch_{batch}"] = theirs.median_ms
+        result[f"speedup_batch_{batch}"] = theirs.median_ms / ours.median_ms if ours.median_ms else None
+        result[f"timing_batch_{batch}"] = timing.record([ours, theirs], machine)
+        checks.append(result[f"timing_batch_{batch}"])
+    result["reliable"] = all(c["reliable"] for c in checks)  # a recommendation may rest on it only then
+    result["unreliable_why"] = "; ".join(dict.fromkeys(c["why"] for c in checks if c["why"]))
     samples = task.samples_in(task.example_batch(spec, LARGE_BATCH, torch.device("cpu")))
     result["throughput"] = samples / (result[f"latency_ms_batch_{LARGE_BATCH}"] / 1000)
     result["unit"] = f"{task.sample_unit}/s at batch {LARGE_BATCH}"

@@ -38,7 +38,12 @@ def row_line(metric: Metric, row: dict[str, Any]) -> str:
     up = speed.get("speedup_batch_1")
     return (f"val {metric.name} {row['val'][metric.name]:.2f}, reached {100 * row['reached_all']:.1f} % of all "
             f"prunable weights, stored {_mib(row['size']['stored_bytes'])}"
-            + (f", speed-up {up:.2f}x at batch 1" if up else ""))
+            + (f", speed-up {up:.2f}x at batch 1{_trust(speed)}" if up else ""))
+
+
+def _trust(speed: dict[str, Any]) -> str:
+    """' (unreliable: why)' for a timing the spread or the load discredits (lib/timing.py), else ''."""
+    return "" if speed.get("reliable", True) else f" (unreliable: {speed.get('unreliable_why')})"
 
 
 def recommendation_lines(record: dict[str, Any]) -> str:
@@ -57,6 +62,11 @@ def recommendation_lines(record: dict[str, Any]) -> str:
         lines.append(f"  overall: {row['pattern']} {row['metric']} at {100 * row['target']:g} % (reached "
                      f"{100 * row['reached_all']:.1f} %): val {metric.name} {row['val'][metric.name]:.2f}, test "
                      f"{test[metric.name]:.2f}")
+        gains = record["overall"].get("buys")
+        stored = row["size"]["stored_bytes"] / record["dense"]["size"]["dense_bytes"]
+        lines.append(f"  what it buys here: {'; '.join(gains)}" if gains else
+                     f"  what it buys here: nothing measured (the same parameters and no reliable speed-up of "
+                     f"1.05x or more); stored, it would take {stored:.2f}x of dense")
     return "\n".join(lines)
 
 
@@ -76,7 +86,11 @@ def markdown(record: dict[str, Any]) -> str:
              f"| stored (/dense) | latency b1 (speed-up) | throughput (speed-up) |", "|---|---|" + "---:|" * 8]
     for row in record["rows"]:
         table.append(_table_row(metric, dense, row))
-    notes = [f"\n{recommendation_lines(record)}\n", "Reached: zeros among all prunable weights (N:M leaves the "
+    notes = [f"\n{recommendation_lines(record)}\n", "Timings: medians over interleaved repeats; a speed-up is "
+             "marked unreliable, and no recommendation rests on it, when either side's interquartile range exceeds "
+             "25 % of its median or the load average exceeds the cores (lib/timing.py). The overall pick prefers, "
+             "among patterns within tolerance, one that buys something measured here (fewer parameters or a "
+             "reliable speed-up of 1.05x or more). Reached: zeros among all prunable weights (N:M leaves the "
              "layers M does not divide dense). Stored: unstructured as kept values plus a 1-bit mask, N:M as kept "
              "values plus ceil(log2 M) bits of position each, structured as the smaller model cut out."]
     if record.get("note"):
@@ -94,7 +108,7 @@ def _table_row(metric: Metric, dense: dict[str, Any], row: dict[str, Any]) -> st
     return (start + f" {100 * row['reached_all']:.1f} % | {value:.2f} | {delta} | {size['parameters']:,} | "
             f"{_mib(size['stored_bytes'])} ({size['stored_bytes'] / dense['size']['dense_bytes']:.3f}) | "
             f"{speed['latency_ms_batch_1']:.2f} ms ({speed['speedup_batch_1']:.2f}x) | "
-            f"{speed['throughput']:,.0f} ({speed[_large(speed)]:.2f}x){_sparse_kernels(row)} |")
+            f"{speed['throughput']:,.0f} ({speed[_large(speed)]:.2f}x){_trust(speed)}{_sparse_kernels(row)} |")
 
 
 def _sparse_kernels(row: dict[str, Any]) -> str:
@@ -105,7 +119,7 @@ def _sparse_kernels(row: dict[str, Any]) -> str:
     if "error" in sparse:
         return f"; 2:4 kernels failed: {sparse['error']}"
     return (f"; 2:4 kernels ({sparse['kernels']}): {sparse['speedup_batch_1']:.2f}x at batch 1, "
-            f"{sparse[_large(sparse)]:.2f}x in throughput")
+            f"{sparse[_large(sparse)]:.2f}x in throughput{_trust(sparse)}")
 
 
 def _large(speed: dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ from lib import config
 from lib.errors import ConfigError, HarnessError
 from lib.pruning.threshold import prune_count
 from lib.spec import SweepSettings
-from lib.sweep import overall, recommend, sweep_results, sweep_run
+from lib.sweep import buys, overall, recommend, sweep_results, sweep_run
+from lib.sweep_report import recommendation_lines
 from lib.task import Metric
 from tests.conftest import ROOT, tiny_spec, trained_run
 from tests.test_gpt2 import synthetic_spec
@@ -206,3 +207,50 @@ def test_sweep_settings_reach_the_run_spec_and_bad_ones_are_one_line(make_config
     assert spec.sweep == SweepSettings((0.2, 0.4), ("gradient-sensitivity",), ("1:4", "structured"), 3, 0.5, 5.0)
     with pytest.raises(ConfigError, match=r"^CONFIG_SWEEP_PATTERNS: unknown pattern 'dense'"):
         config.load(make_config("CONFIG_MODEL_LENET5=y\nCONFIG_SWEEP_PATTERNS=\"dense\"\n"))
+
+
+def _sized(pattern: str, target: float, value: float, parameters: int, speedup: float, reliable: bool = True,
+           reached: float | None = None) -> dict:
+    speed = {"speedup_batch_1": speedup, "speedup_batch_16": speedup, "reliable": reliable,
+             "unreliable_why": "" if reliable else "load average 6.0 on 2 core(s)"}
+    return {**_row(pattern, target, value, reached=reached), "size": {"parameters": parameters,
+                                                                      "stored_bytes": parameters * 4},
+            "speed": speed}
+
+
+DENSE_ROW = {"size": {"parameters": 1000, "dense_bytes": 4000}, "val": {"accuracy": 98.0}}
+
+
+def test_the_overall_pick_prefers_a_pattern_that_buys_something_measured() -> None:
+    rows = [_sized("unstructured", 0.5, 97.9, 1000, 1.00, reached=0.55),  # zeros stored densely: buys nothing
+            _sized("structured", 0.5, 97.5, 520, 1.08, reached=0.50)]  # half the parameters, and faster
+    picks = recommend(rows, 98.0, ACC, SweepSettings(tolerance_accuracy=1.0))
+    assert overall(rows, picks, ACC, DENSE_ROW) == 1
+    noisy = [rows[0], {**rows[1], "speed": {**rows[1]["speed"], "reliable": False}}]
+    assert overall(noisy, picks, ACC) == 0  # nothing bought that is known: the higher sparsity, as before
+    assert buys(rows[0], DENSE_ROW) == []
+    assert buys(rows[1], DENSE_ROW) == ["parameters 1,000 -> 520 (0.52x)", "throughput 1.08x"]
+
+
+def test_an_unreliable_speed_up_buys_nothing() -> None:
+    fast_but_noisy = _sized("2:4", 0.5, 97.8, 1000, 1.50, reliable=False, reached=0.48)
+    plain = _sized("unstructured", 0.5, 97.9, 1000, 1.00, reached=0.5)
+    assert buys(fast_but_noisy, DENSE_ROW) == []
+    picks = recommend([plain, fast_but_noisy], 98.0, ACC, SweepSettings(tolerance_accuracy=1.0))
+    assert overall([plain, fast_but_noisy], picks, ACC, DENSE_ROW) == 0  # the higher sparsity decides
+    assert buys({**fast_but_noisy, "speed": {**fast_but_noisy["speed"], "reliable": True}}, DENSE_ROW) == [
+        "throughput 1.50x"]
+
+
+def test_the_recommendation_says_what_the_pick_buys(lenet: Path) -> None:
+    record = sweep_run(lenet, {"SPARSITIES": "50", "METRICS": "magnitude", "PATTERNS": "unstructured,structured"},
+                       say=lambda _: None)
+    text = recommendation_lines(record)
+    assert "what it buys here: " in text
+    row = record["rows"][record["overall"]["row"]]
+    for key in ("timing_batch_1", "timing_batch_16"):  # every timing keeps its spread and the load
+        t = row["speed"][key]
+        assert {"sides", "load_avg_1min", "cores", "reliable", "why"} <= set(t)
+        assert all(s["median_ms"] > 0 and s["iqr_ms"] >= 0 and s["repeats"] >= 7 for s in t["sides"])
+    if row["pattern"] == "structured":
+        assert "parameters " in text
