@@ -20,7 +20,7 @@ MAX_SPREAD = 0.25
 
 @dataclass(frozen=True)
 class Timing:
-    """One candidate's milliseconds over its repeats."""
+    """One candidate's time over its repeats (milliseconds, or the unit a benchmark's summary names)."""
 
     median_ms: float
     iqr_ms: float
@@ -73,3 +73,17 @@ def verdict(timings: list[Timing], machine: dict[str, float]) -> dict[str, objec
 def record(timings: list[Timing], machine: dict[str, float]) -> dict[str, object]:
     """What a row stores about its timings: each side's median and IQR, the load, and the verdict."""
     return {"sides": [asdict(t) for t in timings], **machine, **verdict(timings, machine)}
+
+
+def summary(samples: dict[str, list[float]], unit: str = "s") -> dict[str, object]:
+    """For a benchmark's raw repeats (side -> values in ``unit``): each side's median and IQR, the load now and
+    the verdict, so a printed ratio can say whether it may be trusted."""
+    sides = {name: Timing(statistics.median(v), _iqr(v), len(v)) for name, v in samples.items() if v}
+    machine = load()
+    return {"unit": unit, "sides": {name: {"median": t.median_ms, "iqr": t.iqr_ms, "repeats": t.repeats}
+                                    for name, t in sides.items()}, **machine, **verdict(list(sides.values()), machine)}
+
+
+def mark(check: dict[str, object] | None) -> str:
+    """'' for a trustworthy timing, else ' (unreliable: why)' to print beside its figure."""
+    return "" if not check or check.get("reliable", True) else f" (unreliable: {check.get('why')})"

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpt2.model import GPT, config_for  # noqa: E402
-from lib import actckpt, memory  # noqa: E402
+from lib import actckpt, memory, timing  # noqa: E402
 from lib.actckpt import Segment  # noqa: E402
 from resnet.model import resnet18  # noqa: E402
 
@@ -98,9 +98,11 @@ def measure(build: Callable, device: torch.device, repeats: int) -> list[dict]:
                      "estimated_peak_bytes": actckpt.peak_saved(plans[policy], profile),
                      "cuda_peak_bytes": m["peak"], "seconds": m["s"]})
     none = rows[0]
+    check = timing.summary({policy: seen[policy]["s"] for policy in POLICIES})  # the time ratios' spread and load
     for row in rows:
         row["memory_ratio"] = row["measured_bytes"] / none["measured_bytes"] if none["measured_bytes"] else None
         row["time_ratio"] = row["seconds"] / none["seconds"]
+        row["timing"] = check
     return rows
 
 
@@ -141,7 +143,7 @@ def verdicts(results: dict[str, list[dict]]) -> list[str]:
         mem, t = sqrt["memory_ratio"], sqrt["time_ratio"]
         met = "?" if mem is None else "yes" if mem <= TARGET_MEMORY and t <= TARGET_TIME else "no"
         out.append(f"{name}: sqrt memory {'-' if mem is None else f'{mem:.3f}'}x (<= {TARGET_MEMORY}) at time "
-                   f"{t:.3f}x (<= {TARGET_TIME}): met {met}")
+                   f"{t:.3f}x (<= {TARGET_TIME}): met {met}{timing.mark(sqrt.get('timing'))}")
     return out
 
 

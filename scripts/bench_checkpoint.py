@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpt2.model import GPT, config_for  # noqa: E402
+from lib import timing  # noqa: E402
 from lib.checkpoint import load  # noqa: E402
 from lib.checkpoint import state as ckpt_state  # noqa: E402
 from lib.checkpoint.manager import Manager, Policy  # noqa: E402
@@ -83,6 +84,7 @@ def measure(size: str, repeats: int, where: Path, block: int = 64) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()), "weights_bytes": weights,
         "checkpoint_bytes": size_bytes, "size_over_weights": size_bytes / weights,
         **median, "write_over_train_step": median["write_s"] / median["train_step_s"], "rounds": times,
+        "timing": timing.summary(times),
         "where": str(where),
     }
 
@@ -108,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  write (tmp + fsync + rename + latest) {result['write_s']:.2f} s; load + SHA-256 check "
           f"{result['load_verify_s']:.2f} s; one training step (1 x {result['block']} tokens) "
           f"{result['train_step_s']:.2f} s; write / step = {result['write_over_train_step']:.2f}")
-    print(f"  medians of {result['repeats']} rounds on {result['threads']} threads; raw rounds in {out}")
+    check = result["timing"]
+    print(f"  medians of {result['repeats']} rounds on {result['threads']} threads, load average "
+          f"{check['load_avg_1min']:.2f} on {check['cores']} core(s){timing.mark(check)}; raw rounds in {out}")
     return 0
 
 

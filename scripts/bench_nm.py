@@ -30,6 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lib import timing  # noqa: E402
 from lib.pruning.nm import is_exactly_nm, keep_mask  # noqa: E402
 
 SHAPES = {"attn.c_attn": (768, 2304), "attn.c_proj": (768, 768), "mlp.c_fc": (768, 3072), "mlp.c_proj": (3072, 768)}
@@ -74,7 +75,7 @@ def measure(name: str, shape: tuple[int, int], tokens: int, repeats: int, device
         times["2:4"].append(_timed(other, device))
     dense_ms, nm_ms = statistics.median(times["dense"]), statistics.median(times["2:4"])
     return {"layer": name, "in": d_in, "out": d_out, "dense_ms": dense_ms, "nm_ms": nm_ms,
-            "speedup": dense_ms / nm_ms, "max_abs_error": error}
+            "speedup": dense_ms / nm_ms, "max_abs_error": error, "timing": timing.summary(times, "ms")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(name, shape, args.tokens, args.repeats, device, sparse_kernels) for name, shape in SHAPES.items()]
     for row in rows:
         print(f"  {row['layer']:<12} {row['in']:>5} -> {row['out']:<5} dense {row['dense_ms']:8.3f} ms   "
-              f"2:4 {row['nm_ms']:8.3f} ms   speed-up {row['speedup']:.2f}x")
+              f"2:4 {row['nm_ms']:8.3f} ms   speed-up {row['speedup']:.2f}x{timing.mark(row['timing'])}")
     block = sum(r["dense_ms"] for r in rows) / sum(r["nm_ms"] for r in rows)
     print(f"  all four (one block's linear layers): speed-up {block:.2f}x")
     if not sparse_kernels:

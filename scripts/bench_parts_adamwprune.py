@@ -47,7 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from lib import kernels, memory  # noqa: E402
+from lib import kernels, memory, timing  # noqa: E402
 from lib.kernels import torch_kernels  # noqa: E402
 from lib.optim import masked_step  # noqa: E402
 from lib.optim.adamwprune import AdamWPrune  # noqa: E402
@@ -106,7 +106,8 @@ def interleaved(sides: dict[str, Callable[[], object]], repeats: int, warmup: in
             sides[name]()
             _sync()
             times[name].append(time.perf_counter() - start)
-    return {f"{name}_ms": statistics.median(t) * 1e3 for name, t in times.items()}
+    return {**{f"{name}_ms": statistics.median(t) * 1e3 for name, t in times.items()},
+            "timing": timing.summary(times)}  # each side's spread and the load (lib/timing.py)
 
 
 def _sync() -> None:

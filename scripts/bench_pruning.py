@@ -44,6 +44,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lib import timing  # noqa: E402
 from lib.memory import peak, tensor_bytes  # noqa: E402
 from lib.pruning import build_pruner  # noqa: E402
 from lib.pruning.threshold import BLOCK, exact_value, sample_size, sampled_value  # noqa: E402
@@ -68,8 +69,12 @@ def gpt2_like(scale: float = 1.0) -> nn.Module:
     return model
 
 
+LAST_TIMING: dict[str, Any] = {}  # the spread and load of the latest interleaved() (lib/timing.summary)
+
+
 def interleaved(fns: list[Callable[[int], object]], repeats: int) -> list[float]:
-    """Median seconds of each fn(i), run in turn (A, B, A, B, ...) after one warm-up round."""
+    """Median seconds of each fn(i), run in turn (A, B, A, B, ...) after one warm-up round; their spread and the
+    load are left in LAST_TIMING for the row that reports them."""
     times: list[list[float]] = [[] for _ in fns]
     for i in range(repeats + 1):
         for fn, out in zip(fns, times, strict=True):
@@ -77,11 +82,15 @@ def interleaved(fns: list[Callable[[int], object]], repeats: int) -> list[float]
             fn(i)
             if i:
                 out.append(time.perf_counter() - start)
+    LAST_TIMING.clear()
+    LAST_TIMING.update(timing.summary({f"side {k}": t for k, t in enumerate(times)}))
     return [statistics.median(t) for t in times]
 
 
-def row(name: str, value: float | None, target: str, detail: str) -> dict[str, Any]:
-    return {"name": name, "value": value, "target": target, "met": met(value, target), "detail": detail}
+def row(name: str, value: float | None, target: str, detail: str, check: dict | None = None) -> dict[str, Any]:
+    """One table row; ``check`` is its timing's spread, load and verdict (lib/timing.summary)."""
+    return {"name": name, "value": value, "target": target, "met": met(value, target),
+            "detail": detail + timing.mark(check), **({"timing": check} if check else {})}
 
 
 def met(value: Any, target: Any) -> str:
@@ -113,8 +122,10 @@ def p3(model: nn.Module, repeats: int, draws: int) -> list[dict[str, Any]]:
 
     exact, sampled = interleaved(
         [lambda i: exact_value(scores, SPARSITY), lambda i: sampled_value(scores, SPARSITY, seed=i)], repeats)
+    first = dict(LAST_TIMING)
     textbook, sampled2 = interleaved([kthvalue_on_cat, lambda i: sampled_value(scores, SPARSITY, seed=i)],
                                      max(1, repeats // 2))
+    second = dict(LAST_TIMING)
     errors = []
     for seed in range(draws):
         cut = sampled_value(scores, SPARSITY, seed=1000 + seed)
@@ -124,9 +135,10 @@ def p3(model: nn.Module, repeats: int, draws: int) -> list[dict[str, Any]]:
              f"({size / total:.1%}, blocks of {BLOCK}), {draws} draws")
     return [
         row("P3 exact / sampled threshold time", exact / sampled, ">= 40",
-            f"exact {exact * 1e3:.0f} ms (in-place partition), sampled {sampled * 1e3:.1f} ms; {where}"),
+            f"exact {exact * 1e3:.0f} ms (in-place partition), sampled {sampled * 1e3:.1f} ms; {where}", first),
         row("P3 cat+kthvalue / sampled threshold time", textbook / sampled2, ">= 80",
-            f"torch.cat + kthvalue {textbook * 1e3:.0f} ms, sampled {sampled2 * 1e3:.1f} ms (the predecessor's cut)"),
+            f"torch.cat + kthvalue {textbook * 1e3:.0f} ms, sampled {sampled2 * 1e3:.1f} ms (the predecessor's cut)",
+            second),
         row("P3 sampled mean sparsity error (points)", abs(bias), "<= 0.02",
             f"signed mean {bias:+.4f}, sd {statistics.pstdev(errors):.4f}; {where}"),
         row("P3 sampled worst sparsity error (points)", worst, "<= 0.1", where),
@@ -153,11 +165,12 @@ def p3b(model: nn.Module, opt: torch.optim.Optimizer, repeats: int) -> dict[str,
     pruner = build_pruner(model, opt, settings)
     exact = build_pruner(model, opt, PruneSettings("magnitude", target=SPARSITY))
     update = _alternate(pruner, opt, repeats)
+    check = dict(LAST_TIMING)
     exact_update = _alternate(exact, opt, max(1, repeats // 2))
     return row("P3b mask update / fused AdamW step", update[0] / update[1], "<= 3",
                f"update {update[0] * 1e3:.0f} ms, AdamW step {update[1] * 1e3:.0f} ms (magnitude, sampled "
                f"threshold, one pass per tensor, bit-packed masks); with the exact threshold "
-               f"{exact_update[0] / exact_update[1]:.1f}x")
+               f"{exact_update[0] / exact_update[1]:.1f}x", check)
 
 
 def _alternate(pruner: Any, opt: torch.optim.Optimizer, repeats: int) -> tuple[float, float]:
@@ -174,6 +187,8 @@ def _alternate(pruner: Any, opt: torch.optim.Optimizer, repeats: int) -> tuple[f
         if i:
             updates.append(middle - start)
             steps.append(end - resume)
+    LAST_TIMING.clear()
+    LAST_TIMING.update(timing.summary({"mask update": updates, "AdamW step": steps}))
     return statistics.median(updates), statistics.median(steps)
 
 
@@ -210,7 +225,10 @@ def adamwprune_rows(n: int, path: Path = PARTS) -> list[dict[str, Any]]:
             rows.append(row(f"{name} (failed)", None, "-", f"{type(exc).__name__}: {exc}"))
             continue
         detail = part.get("detail", "")
-        part["detail"] = detail if isinstance(detail, str) else json.dumps(detail, default=str)
+        if isinstance(detail, dict) and "timing" in detail:  # the part's spread and load, as every row has them
+            part["timing"] = detail.pop("timing")
+        part["detail"] = (detail if isinstance(detail, str) else json.dumps(detail, default=str)) + timing.mark(
+            part.get("timing"))
         part["met"] = part.get("met") or met(part.get("value"), part.get("target"))
         rows.append(part)
     return rows

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib import surgery_measure  # noqa: E402
+from lib import surgery_measure, timing  # noqa: E402
 from lib.optim import build_optimizer  # noqa: E402
 from lib.pruning import build_pruner  # noqa: E402
 from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings  # noqa: E402
@@ -107,7 +107,7 @@ def statistics_overhead(repeats: int) -> dict:
     every = next(n for n in range(1, 10_000) if extra / n <= TARGET_OVERHEAD)
     return {"step_s": statistics.median(plain), "recorded_step_s": statistics.median(recorded),
             "extra_per_recorded_step": extra, "overhead_at_every_10": extra / 10,
-            "smallest_every_within_target": every}
+            "smallest_every_within_target": every, "timing": timing.summary({"plain": plain, "recorded": recorded})}
 
 
 def cut_family(label: str) -> dict:
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats} interleaved rounds): a training step {1000 * overhead['step_s']:.1f} ms, with a record "
           f"{1000 * overhead['recorded_step_s']:.1f} ms (+{100 * overhead['extra_per_recorded_step']:.1f} %); "
           f"at STRUCTURE_STATS_EVERY=10 {100 * overhead['overhead_at_every_10']:.2f} % of a step; within "
-          f"{100 * TARGET_OVERHEAD:g} % from every {overhead['smallest_every_within_target']} steps")
+          f"{100 * TARGET_OVERHEAD:g} % from every {overhead['smallest_every_within_target']} steps"
+          f"{timing.mark(overhead['timing'])}")
     cuts = {label: cut_family(label) for label in FAMILIES}
     for label, result in cuts.items():
         removed = ", ".join(f"{n} {k}s" for k, n in result["removed"].items())

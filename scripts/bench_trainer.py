@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from gpt2.model import GPT, config_for  # noqa: E402
 from gpt2.prepare import shard_dir, write_shards  # noqa: E402
 from gpt2.sources import source_of  # noqa: E402
+from lib import timing  # noqa: E402
 from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings  # noqa: E402
 from lib.trainer import train  # noqa: E402
 
@@ -142,17 +143,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     of_medians = statistics.median(trainer) / statistics.median(bare)
     setup = (f"tiny GPT-2 (4x128), vocab {args.vocab}, {args.batch}x{args.block} tokens/step, {args.steps} steps "
              f"per round, {args.repeats} rounds, {torch.get_num_threads()} thread(s)")
+    check = timing.summary({"trainer": trainer, "bare": bare}, "tokens/s")
     rows = [
         {"name": "trainer tokens/s (median)", "value": statistics.median(trainer), "target": "", "met": "",
          "detail": json.dumps(trainer)},
         {"name": "bare loop tokens/s (median)", "value": statistics.median(bare), "target": "", "met": "",
          "detail": json.dumps(bare)},
         {"name": "P5 trainer / bare", "value": ratio, "target": f">= {TARGET}",
-         "met": "yes" if ratio >= TARGET else "no",
-         "detail": f"median of per-round ratios; ratio of medians {of_medians:.3f}; {setup}"},
+         "met": "yes" if ratio >= TARGET else "no", "timing": check,
+         "detail": f"median of per-round ratios; ratio of medians {of_medians:.3f}; {setup}{timing.mark(check)}"},
     ]
     print(table(rows))
-    print(f"  {setup}")
+    print(f"  {setup}; load average {check['load_avg_1min']:.2f} on {check['cores']} core(s)"
+          f"{timing.mark(check) or ', spread within 25 %'}")
     data = {"benchmark": "bench_trainer", "setup": setup, "steps": args.steps, "repeats": args.repeats,
             "batch": args.batch, "block": args.block, "vocab": args.vocab, "threads": torch.get_num_threads(),
             "rounds": {"trainer": trainer, "bare": bare}, "rows": rows}

@@ -20,6 +20,12 @@ def load_script(name: str):
     return module
 
 
+def assert_timing(check: dict, sides: int) -> None:
+    """A benchmark's timing record (lib/timing.summary): each side's median and IQR, the load, the verdict."""
+    assert len(check["sides"]) == sides and all(s["median"] > 0 and s["iqr"] >= 0 for s in check["sides"].values())
+    assert check["load_avg_1min"] >= 0 and check["cores"] >= 1 and isinstance(check["reliable"], bool)
+
+
 @pytest.fixture(scope="module")
 def bench():
     return load_script("bench_pruning")
@@ -39,6 +45,9 @@ def test_tiny_run_writes_table_and_json(bench, tmp_path: Path, capsys: pytest.Ca
         assert set(r) >= {"name", "value", "target", "met", "detail"}
         assert r["met"] in ("yes", "no", "?")
         assert isinstance(r["detail"], str)
+    for r in data["rows"]:  # every timed row keeps its spread and the load it was measured under
+        if r["name"].startswith(("P3 exact", "P3 cat", "P3b")):
+            assert_timing(r["timing"], 2)
     printed = capsys.readouterr().out
     assert "name" in printed and "target" in printed and "met" in printed
     assert all(r["name"][:52] in printed for r in data["rows"])
@@ -86,6 +95,7 @@ def test_checkpoint_bench_structure(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert 2.9 < data["size_over_weights"] < 3.1  # weights + two AdamW moments + 1-bit masks
     assert data["write_s"] > 0 and data["load_verify_s"] > 0 and data["write_over_train_step"] > 0
     assert not list(tmp_path.glob("bench_checkpoint_*"))  # the checkpoints it wrote are gone
+    assert_timing(data["timing"], 3)
     assert "x the weights" in capsys.readouterr().out
 
 
@@ -99,6 +109,7 @@ def test_the_activation_checkpointing_bench_writes_its_table(tmp_path: Path, cap
     assert [r["policy"] for r in rows] == ["none", "uniform", "sqrt", "selective", "budget"]
     assert rows[0]["time_ratio"] == 1.0 and all(r["estimated_bytes"] > 0 for r in rows)
     assert rows[2]["estimated_bytes"] < 0.5 * rows[0]["estimated_bytes"]  # sqrt keeps segment inputs only
+    assert_timing(rows[2]["timing"], 5)
     printed = capsys.readouterr().out
     assert "tiny GPT (8x64 tokens): sqrt memory" in printed and "met " in printed
     assert module.main(["--only", "nothing"]) == 2
@@ -110,5 +121,6 @@ def test_the_2_of_4_bench_writes_its_rows_and_says_what_it_could_not_measure(tmp
     data = json.loads(out.read_text())
     assert [r["layer"] for r in data["rows"]] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     assert all(r["dense_ms"] > 0 and r["nm_ms"] > 0 for r in data["rows"])
+    assert_timing(data["rows"][0]["timing"], 2)
     if not data["sparse_kernels"]:
         assert "GPU 2:4 kernels: unmeasured here" in capsys.readouterr().out
