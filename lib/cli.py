@@ -152,11 +152,11 @@ def _finish(folder: Path, runs: list[dict]) -> int:
     if not runs:  # recorded elsewhere: jobs submitted and not waited for, or a worker node of a multi-node run
         print(f"results: {folder} (recorded when the runs end; `make status` shows them)")
         return 0
-    statuses = ("ok", "diverged", "failed", "unreadable")
-    counts = {s: sum(r["status"] == s for r in runs) for s in statuses}
+    statuses = ("ok", "diverged", "failed", "unreadable", "preempted", "cut", "running", "queued", "incomplete")
+    counts = {s: sum(r["status"] == s for r in runs) for s in statuses}  # the words `make status` uses
     print(f"results: {folder}")
     report = folder / "report.md"
-    print(", ".join(f"{counts[s]} {s}" for s in statuses if counts[s] or s != "unreadable") + f"; report: {report}")
+    print(", ".join(f"{counts[s]} {s}" for s in statuses if counts[s] or s in statuses[:3]) + f"; report: {report}")
     return 1 if counts["failed"] or counts["unreadable"] else 0
 
 

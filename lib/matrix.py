@@ -20,10 +20,10 @@ from typing import Any
 from lib import hardware, runlock
 from lib.config import Config
 from lib.errors import HarnessError
+from lib.executors.status import run_state
 from lib.files import is_disk_full, write_error, write_json_atomic
 from lib.kconf import ROOT
 from lib.results import read_json, record_problem, results_folders, unreadable_record
-from lib.run_records import read_summary
 from lib.spec import HardwarePlan, PruneSettings, RunSpec
 from lib.task import get_task
 
@@ -278,9 +278,11 @@ def _record_for_summary(run_dir: Path, last: dict[str, Any] | None) -> dict[str,
     problem = why if data is None else record_problem(data)
     if problem is None:
         return data
-    had_result = bool(last) and last.get("status") in (*FINISHED, "unreadable")
-    if why == "missing" and not had_result:
-        return read_summary(run_dir)  # never finished: a failed record with its log's last line
+    if why == "missing":
+        state, detail = run_state(run_dir)  # the word `make status` uses: preempted, cut, running, ...
+        had_result = bool(last) and last.get("status") in (*FINISHED, "unreadable")
+        if state in ("cut", "running", "preempted") or not had_result:
+            return {"name": run_dir.name, "status": state, "error": detail, "flags": []}
     return unreadable_record(run_dir.name, "is missing" if why == "missing" else problem, last)
 
 

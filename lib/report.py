@@ -15,7 +15,7 @@ from lib.compare import by_validation, method_groups, tied
 from lib.plots import read_manifest
 from lib.results import Folder, Metric, Run, Stat, groups, load, metric_of, mib, stat, test_stat
 
-FLAGGED = ("failed", "diverged", "incomplete", "unknown", "unreadable")
+FLAGGED = ("failed", "diverged", "incomplete", "unknown", "unreadable", "preempted", "cut", "running", "queued")
 WALL = "wall time (training loop)"
 WALL_NOTE = ("Wall time (training loop) is the run's own `wall_time_s`: from its first training step to its last, "
              "the validation evaluations and checkpoint saves included; process start, data loading, model "
@@ -123,13 +123,24 @@ def _model_section(model: str, runs: list[Run], metric: Metric | None) -> list[s
 def _structures(runs: list[Run]) -> list[str]:
     """What structured and layer-dropout runs removed, unit by unit kind (summary.json's sparsity entry)."""
     found = [(r, (r.summary.get("sparsity") or {}).get("structures")) for r in runs]
-    rows = [[r.name] + [", ".join(f"{kind}: {c.get('removed', '?')} of {c.get('total', '?')}"
+    rows = [[r.name] + [", ".join(f"{kind}: {c.get('removed', '?')} of {c.get('total', '?')} masked"
+                                  + (f", {cut} cut by surgery" if (cut := _cut_units(r).get(kind)) else "")
                                   for kind, c in counts.items())] for r, counts in found if isinstance(counts, dict)]
     if not rows:
         return []
     return ["### Whole units removed", ""] + _table(["run", "units removed"], rows) + [
         "", "Masked during training: the weights of these units, their gradients and optimizer state are zero, "
-        "so the model computes what the smaller model without them computes.", ""]
+        "so the model computes what the smaller model without them computes. Cut by surgery: physically removed "
+        "at a checkpoint (the totals are of the model after the cuts).", ""]
+
+
+def _cut_units(run: Run) -> dict[str, int]:
+    """Units each checkpoint-time surgery of ``run`` removed, by kind, added up."""
+    found: dict[str, int] = {}
+    for cut in run.summary.get("surgery") or []:
+        for kind, n in (cut.get("removed") or {}).items():
+            found[kind] = found.get(kind, 0) + int(n)
+    return found
 
 
 def _patterns(runs: list[Run]) -> list[str]:
@@ -200,7 +211,9 @@ def _run_row(r: Run) -> list[str]:
     best_value = r.best_value()
     sp = r.summary.get("sparsity") or {}
     reached = sp.get("reached")
-    sparsity = f"{reached:.1%} / {r.target:.0%}" if isinstance(reached, (int, float)) else f"- / {r.target:.0%}"
+    cut = sp.get("cut_by_surgery") or 0  # where the figure comes from: zeros, or weights surgery removed
+    sparsity = (f"{reached:.1%}{f' ({cut:.1%} cut by surgery)' if cut else ''} / {r.target:.0%}"
+                if isinstance(reached, (int, float)) else f"- / {r.target:.0%}")
     tp = r.summary.get("throughput") or {}
     wall = r.summary.get("wall_time_s")
     return [

@@ -181,7 +181,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-STATUSES = ("ok", "diverged", "failed", "unreadable", "incomplete")
+STATUSES = ("ok", "diverged", "failed", "unreadable", "incomplete", "preempted", "cut", "running", "queued")
 _OBJECTS = ("metric", "best", "test_at_best", "sparsity", "steps", "memory", "throughput", "mfu", "hardware", "spec")
 _NUMBERS = (("wall_time_s",), ("sparsity", "reached"), ("sparsity", "target"), ("throughput", "value"),
             ("best", "step"), ("spec", "prune", "target"))

@@ -267,6 +267,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
         "best": {"step": best.step, "val": best.metrics} if best.step else None,
         "test_at_best": test,
         "sparsity": {"target": spec.sparsity, "reached": reached, "prunable_params": pruner.prunable_count(),
+                     "cut_by_surgery": pruner.removed / max(1, pruner.prunable_count() + pruner.removed),
                      "total_params": sum(p.numel() for p in model.parameters()), **pruner.report()},
         "steps": {"planned": provisional, "done": step, "evaluations": evals},
         "memory": {**memory.peak(device), "state_bytes": memory.state_bytes(model, optimizer, pruner.buffer_bytes())},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -110,3 +111,15 @@ def _forced_fused_step(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
 
     forced = mode == "on"
     monkeypatch.setattr(AdamWPrune, "fused", property(lambda self: forced, lambda self, value: None), raising=False)
+
+
+def folder_states(folder: Path, name: str) -> tuple[str, str, str]:
+    """The run's state as `make status`, summary.json and report.md's totals each name it."""
+    from lib import matrix
+    from lib.executors import status
+
+    (folder / "matrix.json").write_text(json.dumps({"created": "2026-12-06T00:00:00", "command": "make",
+                                                    "runs": [name]}))
+    record = matrix.write_summary(folder)[0]
+    total = (folder / "report.md").read_text().split("run(s): ", 1)[1].split(".", 1)[0]
+    return status.states(folder, [name])[0][1], record["status"], total

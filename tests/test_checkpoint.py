@@ -25,7 +25,7 @@ from lib.checkpoint import CheckpointError, load, save
 from lib.checkpoint.compare import logs, run_differences
 from lib.checkpoint.manager import Manager, Policy
 from lib.files import DiskFullError
-from tests.conftest import PY, ROOT, tiny_spec
+from tests.conftest import PY, ROOT, folder_states, tiny_spec
 
 STEPS = 40
 
@@ -163,6 +163,7 @@ def test_sigterm_writes_a_checkpoint_at_the_end_of_the_step_and_resumes(referenc
     assert proc.returncode == 4, out
     assert "stopped by SIGTERM after step" in out and "make continue" in out
     assert not (run_dir / "summary.json").exists()
+    assert folder_states(tmp_path, run_dir.name) == ("preempted", "preempted", "1 preempted")  # never "1 failed"
     steps = [p.name for p in (run_dir / "checkpoints").glob("step_*.ckpt")]
     assert len(steps) == 1
     done = finish(run_dir, spec)

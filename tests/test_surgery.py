@@ -30,7 +30,7 @@ from lib.spec import OptimSettings, PruneSettings
 from lib.structures import residual_blocks, structures
 from lib.surgery_command import operate
 from resnet.model import resnet18
-from tests.conftest import ROOT
+from tests.conftest import ROOT, folder_states
 from tests.test_gpt2 import synthetic_spec
 
 FAMILIES = {
@@ -233,8 +233,11 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path: Path) -> None:
     run_dir = _copy(trained, tmp_path)
+    assert folder_states(tmp_path, run_dir.name) == ("ok", "ok", "1 ok")
     lines: list[str] = []
     record = operate(run_dir, "0.25", None, say=lines.append)
+    assert folder_states(tmp_path, run_dir.name) == ("cut", "cut", "1 cut")  # one word everywhere, not "preempted"
+    assert "restore the file" not in (tmp_path / "report.md").read_text()
     assert record["accepted"] and record["source"] == "statistics"
     assert record["removed"] == {"head": 4, "neuron": 512}  # a quarter of 4 layers x (4 heads, 512 neurons)
     assert record["architecture"]["after"] == {"n_layer": 4, "heads": [3] * 4, "mlp": [384] * 4}
@@ -254,6 +257,9 @@ def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path:
     assert summary["steps"]["done"] == 20 and summary["surgery"][0]["removed"] == {"head": 4, "neuron": 512}
     assert summary["sparsity"]["total_params"] == measured["parameters"]["after"]
     assert summary["sparsity"]["reached"] == pytest.approx(0.25)  # the removed quarter counts as pruned
+    assert summary["sparsity"]["cut_by_surgery"] == pytest.approx(0.25)  # ... and says so
+    assert folder_states(tmp_path, run_dir.name) == ("ok", "ok", "1 ok")
+    assert "25.0% (25.0% cut by surgery) / 0%" in (tmp_path / "report.md").read_text()
     assert json.loads((run_dir / "surgery.json").read_text())[0]["accepted"] is True
     assert (run_dir / "checkpoints" / "before_surgery" / "best.pt").is_file()  # the uncut model's best, aside
     assert summary["best"]["step"] > 10  # chosen among the cut model's evaluations

@@ -1,8 +1,11 @@
-"""`make status [RESULTS=dir]`: each run's state, whatever executed it.
+"""`make status [RESULTS=dir]`: each run's state, whatever executed it; the one vocabulary every command uses.
 
 ok / failed / diverged come from the run's summary.json. A run without one is running (a live trainer
-holds its lock, or its Slurm job runs), queued (its job waits, or it has not started), or preempted
-(stopped after a checkpoint, or its job requeued: `make continue` or the requeued job resumes it).
+holds its lock, or its Slurm job runs), queued (its job waits, or it has not started), preempted
+(stopped after a checkpoint, or its job requeued: `make continue` or the requeued job resumes it), cut
+(made smaller by `make surgery`: `make continue` trains the smaller model on), or failed (it ran, and
+left neither a record nor a checkpoint). summary.json and report.md (lib/matrix.py) and the totals at
+the end of `make` / `make continue` name a run without a record with ``run_state``, as `make status` does.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from lib import runlock
 from lib.executors.slurm import ENDED, job_id, job_states
 from lib.results import read_json, record_problem
+from lib.run_records import failure_line
 
 SLURM = {"PENDING": "queued", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
          "REQUEUED": "preempted", "REQUEUE_HOLD": "preempted", "REQUEUE_FED": "preempted",
@@ -25,11 +29,21 @@ def states(folder: Path, names: list[str]) -> list[tuple[str, str, str]]:
     return [(name, *_state(folder / name, ids[name], slurm)) for name in names]
 
 
+def run_state(run_dir: Path) -> tuple[str, str]:
+    """(state, detail) of one run, as `make status` names it (its Slurm job, if any, asked for)."""
+    job = job_id(run_dir)
+    return _state(run_dir, job, job_states([job]) if job else {})
+
+
 def _state(run_dir: Path, job: str | None, slurm: dict[str, str]) -> tuple[str, str]:
     data, _ = read_json(run_dir / "summary.json")
     if record_problem(data) is None:
         return str(data["status"]), (data.get("error") or "")[:100]
     where = f"Slurm job {job}" if job else "local"
+    if (run_dir / "summary.before_surgery.json").exists() and not (job and job in slurm):
+        if _busy(run_dir):
+            return "running", f"{where}, trainer pid {runlock.holder(run_dir)}, on the model surgery cut"
+        return "cut", "made smaller by `make surgery`; `make continue` trains the smaller model on"
     if job and job in slurm:
         state = slurm[job]
         resumable = (run_dir / "checkpoints" / "latest").exists()
@@ -40,13 +54,21 @@ def _state(run_dir: Path, job: str | None, slurm: dict[str, str]) -> tuple[str, 
         if state == "PENDING" and resumable:  # requeued after a warning signal: it resumes from its checkpoint
             return "preempted", f"{where} requeued, resumes from its checkpoint"
         return SLURM.get(state, state.lower()), f"{where} {state}"
-    try:
-        runlock.check_free(run_dir, grace_s=0.0)
-    except runlock.RunBusyError:
+    if _busy(run_dir):
         return "running", f"{where}, trainer pid {runlock.holder(run_dir)}"
     if (run_dir / "checkpoints" / "latest").exists():
         return "preempted", f"{where}: stopped after a checkpoint; `make continue` resumes it"
+    if (run_dir / "log.txt").is_file() and (run_dir / "log.txt").stat().st_size:
+        return "failed", f"{where}: ended without a record or a checkpoint: {failure_line(run_dir / 'log.txt')}"
     return "queued", f"{where}: not started"
+
+
+def _busy(run_dir: Path) -> bool:
+    try:
+        runlock.check_free(run_dir, grace_s=0.0)
+    except runlock.RunBusyError:
+        return True
+    return False
 
 
 def table(folder: Path, names: list[str]) -> str:
