@@ -203,3 +203,14 @@ def test_cli_graphs_on_a_folder(tmp_path, capsys, low_dpi):
     assert f"wrote {folder / 'graphs' / 'metric_vs_sparsity_lenet5.png'}" in out
     assert cli.main(["graphs", "--results", str(tmp_path / "nope")]) == 2
     assert "not a results folder" in capsys.readouterr().err
+
+
+def test_the_units_table_adds_what_surgery_cut_to_what_was_masked(tmp_path) -> None:
+    from lib.report import render
+
+    folder = build(tmp_path / "cut", ACCURACY)
+    name = "lenet5_adamw_magnitude_50_s1"
+    sparsity = {"target": 0.5, "reached": 0.5, "structures": {"channel": {"removed": 0, "total": 19}}}
+    set_run(folder, name, sparsity=sparsity, surgery=[{"step": 10, "removed": {"channel": 3}}])
+    row = next(line for line in render(folder).splitlines() if line.startswith(f"| {name} | channel"))
+    assert row == f"| {name} | channel: 0 of 19 masked, 3 cut by surgery |"
