@@ -63,11 +63,11 @@ def record(spec: Any, world_size: int) -> dict[str, Any]:
     """The provenance entry of one run's summary.json."""
     from lib.task import get_task
 
-    task = get_task(spec.model)
-    try:
+    try:  # never raises: a failed run (an unknown model, missing data) still records the rest
+        task = get_task(spec.model)
         data = task.data_fingerprint(spec) if hasattr(task, "data_fingerprint") else {
             "note": f"the {spec.model} task records no data fingerprint"}
-    except Exception as exc:  # noqa: BLE001 - a run without readable data still records the rest
+    except Exception as exc:  # noqa: BLE001
         data = {"error": f"{type(exc).__name__}: {exc}"}
     return {**code_state(), "versions": versions(), "device": device_name(spec.hardware.device),
             "threads": torch.get_num_threads(), "world_size": world_size, "data": data}

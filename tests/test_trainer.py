@@ -140,6 +140,8 @@ def test_a_raising_run_is_recorded_as_failed(tmp_path):
     summary, _ = _run(bad, tmp_path)
     assert summary["status"] == "failed"
     assert "unknown model 'nosuchmodel'" in summary["error"]
+    provenance = summary["provenance"]  # a failed run still says what made it; only the data is unknown
+    assert provenance["commit"] and "unknown model 'nosuchmodel'" in provenance["data"]["error"]
 
 
 def test_missing_dataset_fails_with_the_prepare_data_command(tmp_path):
