@@ -25,6 +25,7 @@ from gpt2.sources import DATASETS, SPLITS, source_of
 from lib import distributed
 from lib.distributed import SINGLE, Shard
 from lib.errors import ConfigError
+from lib.provenance import file_sha256
 from lib.spec import RunSpec
 from lib.task import Batch, Metric
 
@@ -109,8 +110,6 @@ class GPT2Task:
 
     def data_fingerprint(self, spec: RunSpec) -> dict[str, str]:
         """The token files' SHA-256 (hashed once per file version in this process) and their source."""
-        from lib.provenance import file_sha256
-
         shards = self._data(spec)
         found = {"source": Options.of(spec).source}
         for split in SPLITS:

@@ -16,6 +16,7 @@ from torch import nn
 from lib import distributed
 from lib.distributed import SINGLE, Shard
 from lib.errors import ConfigError
+from lib.provenance import tensors_sha256
 from lib.task import Metric
 
 
@@ -47,8 +48,6 @@ class SplitData:
 def fingerprint(data: SplitData, source: str) -> dict[str, str]:
     """The data a run used, for its provenance: each split's SHA-256 over its images and labels (so the split
     indices and the pixels alike), and where it came from."""
-    from lib.provenance import tensors_sha256
-
     return {"source": source, **{f"{name}_sha256": tensors_sha256(data.split(name).images, data.split(name).labels)
                                  for name in ("train", "val", "test")}}
 

@@ -17,7 +17,6 @@ Usage: python scripts/gpu_check.py [--dry] [--parts box,plan,...] [--results DIR
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "scripts"))
 
 from gpucheck import BY_KEY, box, runner  # noqa: E402
+
+from lib.provenance import code_state  # noqa: E402
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -43,17 +44,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def commit() -> str:
-    """The commit checked, with "+dirty" for uncommitted changes ("unknown" without git)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown (no git)"
-    if head.returncode:
-        return "unknown (not a git checkout)"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    """The commit checked, with "+dirty" for uncommitted changes to tracked files (lib/provenance.py)."""
+    state = code_state()
+    return (state["commit"][:12] + ("+dirty" if state["dirty"] else "")) if state["commit"] else "unknown (no git)"
 
 
 def main(argv: list[str]) -> int:

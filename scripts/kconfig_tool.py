@@ -52,15 +52,7 @@ def defconfig(name: str) -> None:
         close = difflib.get_close_matches(name, names(), n=3, cutoff=0.4)
         hint = f"closest: {', '.join(close)}" if close else "see `make list-defconfigs`"
         raise HarnessError(f"no defconfig named {name!r} in defconfigs/; {hint}")
-    kconf = open_kconfig()
-    kconf.load_config(str(path))
-    try:
-        raise_on_load_warnings(kconf, f"defconfigs/{name}")  # unknown symbols and choice members, bad values
-        check_user_values(kconf)  # a line Kconfig would override is refused, not silently dropped
-    except ConfigError as exc:
-        text = str(exc)
-        raise HarnessError(text if text.startswith("defconfigs/") else f"defconfigs/{name}: {text}") from None
-    kconf.write_config(target(), save_old=False)
+    write_defconfig(path, Path(target()), f"defconfigs/{name}")
     config = load(target())
     print(f"wrote {target()} from defconfigs/{name}: {_describe(config)}; now run `make` (or `make dry-run`)")
 
@@ -120,6 +112,20 @@ def _set_one(kconf: kconfiglib.Kconfig, name: str, value: str) -> None:
         raise HarnessError(f"make set: CONFIG_{name}={value!r} takes a whole number")
     if not sym.set_value(value):
         raise HarnessError(f"make set: CONFIG_{name}={value!r} is not a valid value for it (make menuconfig)")
+
+
+def write_defconfig(source: Path, out: Path, label: str) -> None:
+    """Resolve the defconfig-style file ``source`` into a full config at ``out`` (the one writer of them: make
+    defconfig-<name>, and make gpu-check's temporary configs); what Kconfig would drop or override is refused."""
+    kconf = open_kconfig()
+    kconf.load_config(str(source))
+    try:
+        raise_on_load_warnings(kconf, label)  # unknown symbols and choice members, bad values
+        check_user_values(kconf)  # a line Kconfig would override is refused, not silently dropped
+    except ConfigError as exc:
+        text = str(exc)
+        raise HarnessError(text if text.startswith(label) else f"{label}: {text}") from None
+    kconf.write_config(str(out), save_old=False)
 
 
 def randconfig() -> None:

@@ -108,9 +108,19 @@ def test_adamwprune_fused_on_the_device_equals_its_eager_path(device: torch.devi
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_bf16_autocast_training_steps_learn_and_keep_pruned_weights_zero(device: torch.device,
-                                                                         tmp_path: Path) -> None:
+def test_bf16_autocast_training_steps_learn_and_keep_pruned_weights_zero(device: torch.device, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     bf16_capable(device)
+    from lib.task import get_task
+
+    task, seen = get_task("gpt2"), []
+    plain_loss = task.loss
+
+    def loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:  # the precision each training forward ran in
+        seen.append((torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)))
+        return plain_loss(model, batch)
+
+    monkeypatch.setattr(task, "loss", loss)
     spec = synthetic_spec(tmp_path, max_iters=40)
     spec = dataclasses.replace(
         spec, optim=OptimSettings("adamwprune", 3e-3, 0.0),
@@ -123,6 +133,7 @@ def test_bf16_autocast_training_steps_learn_and_keep_pruned_weights_zero(device:
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert evals[-1]["val"]["perplexity"] < 0.8 * evals[0]["val"]["perplexity"], evals
     assert abs(summary["sparsity"]["reached"] - 0.5) < 0.005
+    assert len(seen) >= 40 and set(seen) == {(True, torch.bfloat16)}
     if device.type == "cuda":
         assert summary["memory"]["cuda_max_allocated_bytes"] > 0
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from lib.pruning import build_pruner
 from lib.rerun import compare
 from lib.spec import SCHEMA_VERSION, RunSpec, migrate
 from lib.task import get_task
-from tests.test_make import LEAKY_ENV, TRAIN_TIMEOUT
+from tests.test_make import TRAIN_TIMEOUT, make
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = sorted(ROOT.glob("key_results/*/*/spec.json"))
@@ -90,10 +88,7 @@ def test_a_spec_from_a_newer_harness_is_one_line(tmp_path: Path) -> None:
 
 
 def test_make_rerun_of_a_published_lenet5_adamw_run_is_identical(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
-    done = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "rerun", f"RUN={ADAMW_RUN}",
-                           f"RESULTS_DIR={tmp_path / 'results'}"], capture_output=True, text=True,
-                          timeout=TRAIN_TIMEOUT, env=env)
+    done = make(tmp_path, "rerun", RUN=str(ADAMW_RUN), timeout=TRAIN_TIMEOUT)  # RESULTS_DIR=tmp_path/results
     assert done.returncode == 0, done.stdout + done.stderr
     last = done.stdout.strip().splitlines()[-1]
     assert re.match(rf"lenet5_adamw_none_0_s1: identical to {ADAMW_RUN}: best val accuracy \S+ at step \d+", last), last

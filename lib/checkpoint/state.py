@@ -13,7 +13,6 @@ from __future__ import annotations
 import platform
 import random
 import signal
-import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 
 from lib.checkpoint.format import CheckpointError
 from lib.errors import first_line
+from lib.provenance import code_state
 
 FORMAT = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it preempts a job
@@ -183,15 +183,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def versions() -> dict[str, str]:
-    """What made the checkpoint: the commit and the library versions."""
-    return {"commit": git_commit(), "torch": str(torch.__version__), "numpy": np.__version__,
-            "python": platform.python_version()}
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent.parent
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
+    """What made the checkpoint: the commit and the library versions (lib/provenance.py collects them)."""
+    return {"commit": code_state()["commit"] or "unknown", "torch": str(torch.__version__),
+            "numpy": np.__version__, "python": platform.python_version()}

@@ -18,20 +18,16 @@ DEFCONFIG = "gpt2-finewebedu-bitter7"
 
 def temp_config(folder: Path, defconfig: str, changes: dict[str, str], drop: tuple[str, ...] = ()) -> Path:
     """``defconfigs/<defconfig>`` with ``changes`` (symbol -> value, CONFIG_ prefix included), and without its
-    lines for the symbols in ``drop``, resolved by kconfiglib into ``folder``/.config."""
-    from lib.kconf import open_kconfig, raise_on_load_warnings
+    lines for the symbols in ``drop``, resolved into ``folder``/.config by the defconfig writer."""
+    from kconfig_tool import write_defconfig
 
     folder.mkdir(parents=True, exist_ok=True)
     kept = [line for line in (ROOT / "defconfigs" / defconfig).read_text().splitlines()
             if line.split("=", 1)[0] not in (*changes, *drop)]
     source = folder / "defconfig"
     source.write_text("\n".join(kept + [f"{k}={v}" for k, v in changes.items()]) + "\n")
-    os.environ.setdefault("srctree", str(ROOT))
-    kconf = open_kconfig()
-    kconf.load_config(str(source))
-    raise_on_load_warnings(kconf, str(source))
     target = folder / ".config"
-    kconf.write_config(str(target), save_old=False)
+    write_defconfig(source, target, str(source))
     return target
 
 

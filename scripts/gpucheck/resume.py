@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from gpucheck import ROOT, Context, result
+from lib.run_records import failure_line
 
 EVERY, DRY_EVERY = 20, 2  # checkpoint (and milestone) interval; the run is three of them
 NO_AUTOTUNE = """
@@ -57,13 +58,13 @@ def run(ctx: Context) -> dict:
     quiet = "" if ctx.dry else NO_AUTOTUNE  # nothing compiles on the CPU; importing inductor costs seconds
     first = _run(reference, quiet, timeout, ctx.dry)
     if first.returncode:
-        return result("failed", f"the uninterrupted run failed: {_tail(reference)}")
+        return result("failed", f"the uninterrupted run failed: {failure_line(reference / 'log.txt')}")
     killed = _run(resumed, quiet + KILL_AT.format(step=every + 2), timeout, ctx.dry)
     if killed.returncode != -signal.SIGKILL or (resumed / "summary.json").exists():
         return result("failed", f"the run was not killed at step {every + 2} (exit {killed.returncode})")
     again = _run(resumed, quiet, timeout, ctx.dry)
     if again.returncode:
-        return result("failed", f"the resumed run failed: {_tail(resumed)}")
+        return result("failed", f"the resumed run failed: {failure_line(resumed / 'log.txt')}")
     differences = run_differences(reference, resumed)
     rng = _cuda_rng_round_trip() if ctx.device == "cuda" else "n/a on the CPU"
     found = {"run": spec.name, "steps": 3 * every, "killed_at": every + 2, "resumed_from": every,
@@ -91,11 +92,6 @@ def _run(run_dir: Path, patch: str, timeout: float, dry: bool) -> subprocess.Com
                 return subprocess.CompletedProcess([], run_mod.main([str(run_dir)]))
         return subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
-
-
-def _tail(run_dir: Path) -> str:
-    lines = [line for line in (run_dir / "log.txt").read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "no output"
 
 
 def _cuda_rng_round_trip() -> str:

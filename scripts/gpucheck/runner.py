@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpucheck import PARTS, ROOT, TOTAL_BUDGET_S, Context, Part, result
+from lib.run_records import failure_line
 
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 BULKY = ("*.pt", "*.ckpt")
@@ -68,7 +69,7 @@ def run_one(part: Part, out: Path, dry: bool) -> dict[str, Any]:
     elif answer.exists():
         entry = json.loads(answer.read_text())
     else:
-        entry = result("failed", f"exit {child.returncode} without a result: {_last_line(work / 'log.txt')}")
+        entry = result("failed", f"exit {child.returncode} without a result: {failure_line(work / 'log.txt')[:300]}")
     _drop_bulky(work)
     return {"part": part.key, "number": part.number, "title": part.title, **entry, "seconds": round(seconds, 1),
             "budget_s": budget, "log": str((work / "log.txt").relative_to(out))}
@@ -81,11 +82,6 @@ def _kill_group(child: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     child.wait()
-
-
-def _last_line(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "no output"
 
 
 def _drop_bulky(work: Path) -> None:
