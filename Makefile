@@ -48,7 +48,7 @@ RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
 .PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery sweep status rerun prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
-	allnoconfig randconfig set clean mrproper python-ready gpu-wheels gpu-check
+	allnoconfig randconfig set clean mrproper python-ready gpu-wheels gpu-check slurm-up slurm-down
 
 help: ## List the make targets
 	@echo "Pruning experiment harness. Typical use: make defconfig-lenet5-quick && make"
@@ -176,6 +176,12 @@ bench: $(STAMP) ## Pruning, trainer, checkpoint, activation-checkpointing, surge
 gpu-check: $(STAMP) ## Prove every GPU-only path on this machine's CUDA GPU in 8 min (results/gpu_check_<stamp>/); DRY=1: set-up only, on the CPU; PARTS=box,train,...
 	@$(PY) scripts/gpu_check.py $(if $(filter-out 0 n no,$(DRY)),--dry) $(if $(PARTS),--parts '$(PARTS)') \
 		$(if $(RESULTS_DIR),--results '$(RESULTS_DIR)')
+
+slurm-up: ## Start a one-node Slurm cluster here (root; installs slurm-wlm and munge if missing) for EXECUTOR=slurm and its tests
+	@scripts/local_slurm.sh start
+
+slurm-down: ## Stop the Slurm daemons that make slurm-up started (others are left alone)
+	@scripts/local_slurm.sh stop
 
 gpu-wheels: $(if $(EXTERNAL),,$(STAMP)) ## Fetch into gpu-wheels/ the pure-Python wheels a GPU node's python lacks (needs the network; copy it along) [GPU_PYTHON=3.12]
 	@$(PY) -m lib.pyenv download --wheels '$(WHEELS)' --python-version '$(or $(GPU_PYTHON),3.12)'

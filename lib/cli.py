@@ -75,6 +75,13 @@ def main(argv: list[str]) -> int:
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the last net under the checks that name the fix: still one line, with the path
+        from lib.files import READ_ONLY, read_only_line
+
+        where = exc.filename or "a file"
+        text = read_only_line(where, exc) if exc.errno in READ_ONLY else f"{where}: {exc.strerror or exc}"
+        print(f"error: {text}", file=sys.stderr)
+        return 2
 
 
 def _dispatch(args: argparse.Namespace, command: str) -> int:
@@ -87,6 +94,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
                            f"drop it to {args.command}")
     if args.command in ("report", "graphs", "compare", "publish", "status"):
         return _results_command(args)
+    if args.command in ("export", "surgery", "sweep") and args.run:  # each writes into the run folder
+        _writable(Path(args.run))
     if args.command == "export":
         return _export(args.run)
     if args.command == "surgery":
@@ -111,7 +120,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         devices = hardware.made_up(args.gpus, devices.cpu_cores)
     executor = build_executor(settings, devices.count if args.gpus else None)
     if args.command == "continue":
-        folder = Path(args.results) if args.results else matrix.newest_unfinished(config.results_dir)
+        folder = _writable(Path(args.results) if args.results else matrix.newest_unfinished(config.results_dir))
         runs = matrix.run_folder(folder, config.jobs, only_unfinished=True, executor=executor, only=args.only or "")
         if args.only:  # the verdict is on the runs asked for; the folder's summary still lists them all
             chosen = set(matrix.select(matrix.run_names(folder), args.only))
@@ -138,9 +147,15 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
 
 def _sbatch_lines(executor: Any, specs: list, config: Any) -> list[str]:
     """Each run's sbatch parameters (`make dry-run` with the Slurm executor)."""
+    from lib.executors.slurm import require_slurm
+
     if executor.node_gpus is not None:  # GPUS= describes the nodes: the same check `make` makes
         executor.check_gpus(specs)
     executor.warn_time(specs)
+    try:
+        require_slurm()
+    except HarnessError as exc:  # the preview is still useful, for a cluster elsewhere
+        print(f"warning: {exc}")
     lines = []
     for spec in specs:
         folder = Path(config.results_dir) / "<folder>" / spec.name / "slurm"
@@ -152,7 +167,7 @@ def _finish(folder: Path, runs: list[dict]) -> int:
     if not runs:  # recorded elsewhere: jobs submitted and not waited for, or a worker node of a multi-node run
         print(f"results: {folder} (recorded when the runs end; `make status` shows them)")
         return 0
-    statuses = ("ok", "diverged", "failed", "unreadable", "preempted", "cut", "running", "queued", "incomplete")
+    statuses = ("ok", "diverged", "failed", "unreadable", "stopped", "cut", "running", "queued", "incomplete")
     counts = {s: sum(r["status"] == s for r in runs) for s in statuses}  # the words `make status` uses
     print(f"results: {folder}")
     report = folder / "report.md"
@@ -199,7 +214,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.run:
         sweep_run(Path(args.run), given)
     elif args.results:
-        sweep_results(_results_folder(args), given)
+        sweep_results(_writable(_results_folder(args)), given)
     else:
         raise HarnessError("sweep needs a run or a results folder: `make sweep RUN=results/<folder>/<run>` or "
                            "`make sweep RESULTS=results/<folder>`")
@@ -218,6 +233,8 @@ def _results_command(args: argparse.Namespace) -> int:
 
         print(table(folder, matrix.run_names(folder)))
         return 0
+    if args.command in ("report", "graphs"):
+        _writable(folder)
     print(f"{args.command}: {folder}", flush=True)
     if args.command == "report":
         runs = matrix.write_summary(folder)
@@ -237,6 +254,15 @@ def _results_command(args: argparse.Namespace) -> int:
         for g in manifest["skipped"]:
             print(f"skipped {g['graph']} ({g['model']}): {g['reason']}")
     return 0
+
+
+def _writable(folder: Path) -> Path:
+    """``folder``, once it is known to be writable (one line otherwise); a missing one is left to its command."""
+    from lib.files import require_writable
+
+    if folder.is_dir():
+        require_writable(folder)
+    return folder
 
 
 def _results_folder(args: argparse.Namespace) -> Path:

@@ -27,6 +27,7 @@ from lib.kconf import (
     check_user_values,
     open_kconfig,
     raise_on_load_warnings,
+    refuse_conflicting_lines,
 )
 from lib.spec import OptimSettings, PruneSettings, SurgerySettings, SweepSettings, TrainSettings
 from lib.task import model_folder
@@ -76,6 +77,7 @@ def load_with_reads(path: str | Path, overrides: Mapping[str, str] | None = None
         raise ConfigError(f"{path} not found: run `make defconfig-<name>` first ({_MAKE_ONE})")
     text = _config_text(path)
     kconf = open_kconfig()
+    refuse_conflicting_lines(kconf, text, path)
     kconf.load_config(str(path))
     raise_on_load_warnings(kconf, path)
     apply_overrides(kconf, overrides or {})

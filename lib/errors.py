@@ -9,6 +9,14 @@ class HarnessError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+class Interrupted(HarnessError):
+    """Ctrl-C or SIGTERM stopped a matrix: its runs were stopped after a checkpoint (`make continue`)."""
+
+    def __init__(self, signal_name: str, stopped: int, waiting: int) -> None:
+        super().__init__(f"{signal_name}: {stopped} run(s) stopped after a checkpoint, {waiting} not started")
+        self.signal_name, self.stopped, self.waiting = signal_name, stopped, waiting
+
+
 class ConfigError(HarnessError):
     """A .config value that is missing, malformed, out of range or inconsistent."""
 

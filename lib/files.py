@@ -38,7 +38,32 @@ def write_error(path: Path, exc: OSError) -> HarnessError:
     if is_disk_full(exc):
         return DiskFullError(f"disk full writing {path} ({free_space(path)} free there); "
                              f"free some space, then run `make continue` to finish")
+    if exc.errno in READ_ONLY:
+        return HarnessError(read_only_line(path, exc))
     return HarnessError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def read_only_line(path: Path, exc: OSError | None = None) -> str:
+    why = (exc.strerror if exc else None) or "no write permission"
+    return (f"cannot write {path}: {why}; make its folder writable, or copy the results folder somewhere "
+            f"writable (cp -r) and point RESULTS= or RUN= there")
+
+
+def require_writable(folder: Path) -> None:
+    """One line, before anything is written, when ``folder`` is on a read-only file system or not writable
+    by this user (report, graphs, export, surgery, sweep and continue all write into the folder they read)."""
+    folder = Path(folder)
+    if os.access(folder, os.W_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    code = errno.EROFS if read_only else errno.EACCES
+    raise HarnessError(read_only_line(folder, OSError(code, os.strerror(code))))
 
 
 def free_space(path: Path) -> str:
@@ -67,17 +92,26 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.chmod(tmp, 0o666 & ~_umask())  # a writer that made it 0600 (safetensors does) follows the umask too
         tmp.replace(path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise write_error(path, exc) from None
     except RuntimeError:  # torch.save reports a short write as RuntimeError, without an errno
         full = _nearly_full(tmp)
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         if full:
             raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a failed write's temporary file; on a read-only file system even a missing one cannot be
+    unlinked (EROFS before the lookup), and that must not hide the first error."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _umask() -> int:

@@ -43,6 +43,36 @@ def raise_on_load_warnings(kconf: kconfiglib.Kconfig, path: Path | str) -> None:
             raise ConfigError(f"{path}: {text}; fix it with `make menuconfig` or a defconfig target")
 
 
+_SETTING = re.compile(r"^(?:CONFIG_(\w+)=(.*)|# CONFIG_(\w+) is not set)$")
+
+
+def refuse_conflicting_lines(kconf: kconfiglib.Kconfig, text: str, path: Path | str) -> None:
+    """A symbol set twice, or two members of one choice set to y: kconfiglib keeps the last line without a word
+    (its "set more than once" warning is swallowed), so the file would not mean what it says. One line naming
+    both lines."""
+    choice_of = {sym.name: choice for choice in kconf.unique_choices for sym in choice.syms}
+    seen: dict[str, int] = {}
+    chosen: dict[int, tuple[str, int]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        match = _SETTING.match(line.strip())
+        if not match:
+            continue
+        name, value = (match[1], match[2]) if match[1] else (match[3], "n")
+        choice = choice_of.get(name)
+        if choice is not None and value.strip() == "y":  # checked first: the clearer of the two complaints
+            if id(choice) in chosen:
+                other, at = chosen[id(choice)]
+                prompt = choice.nodes[0].prompt[0] if choice.nodes and choice.nodes[0].prompt else choice.name
+                raise ConfigError(f"{path}: CONFIG_{other}=y (line {at}) and CONFIG_{name}=y (line {number}) are "
+                                  f"both members of the choice '{prompt}', which takes one; keep one "
+                                  f"(make menuconfig shows the choice)")
+            chosen[id(choice)] = (name, number)
+        if name in seen:
+            raise ConfigError(f"{path}: CONFIG_{name} is set twice (lines {seen[name]} and {number}) and the last "
+                              f"would silently win; keep one")
+        seen[name] = number
+
+
 def apply_overrides(kconf: kconfiglib.Kconfig, overrides: Mapping[str, str]) -> None:
     for name, value in overrides.items():
         sym = kconf.syms.get(name)

@@ -19,7 +19,7 @@ from typing import Any
 
 from lib import hardware, runlock
 from lib.config import Config
-from lib.errors import HarnessError
+from lib.errors import HarnessError, Interrupted
 from lib.executors.status import run_state
 from lib.files import is_disk_full, write_error, write_json_atomic
 from lib.kconf import ROOT
@@ -222,8 +222,14 @@ def run_folder(folder: Path, jobs: int, only_unfinished: bool = False, executor:
     print(f"{folder}: {len(todo)} of {len(matrix['runs'])} run(s) to do, {jobs} at a time ({executor.name})",
           flush=True)
     node = _node_rank(folder, matrix["runs"])  # several machines: node 0 records, the others only train
-    if not executor.run(folder, todo, jobs, record=node == 0):
-        return []  # submitted; the jobs record themselves
+    try:
+        if not executor.run(folder, todo, jobs, record=node == 0):
+            return []  # submitted; the jobs record themselves
+    except Interrupted as stop:
+        if not node:  # the folder's summary and report name the stopped runs as make status does
+            write_summary(folder)
+        raise HarnessError(f"{stop}; {folder / 'summary.json'} and report.md say so; `make continue` finishes "
+                           f"{folder}") from None
     if node:
         print(f"node {node}: trained as a worker; node 0 writes the results and the report", flush=True)
         return []
@@ -279,9 +285,9 @@ def _record_for_summary(run_dir: Path, last: dict[str, Any] | None) -> dict[str,
     if problem is None:
         return data
     if why == "missing":
-        state, detail = run_state(run_dir)  # the word `make status` uses: preempted, cut, running, ...
+        state, detail = run_state(run_dir)  # the word `make status` uses: stopped, cut, running, ...
         had_result = bool(last) and last.get("status") in (*FINISHED, "unreadable")
-        if state in ("cut", "running", "preempted") or not had_result:
+        if state in ("cut", "running", "stopped") or not had_result:
             return {"name": run_dir.name, "status": state, "error": detail, "flags": []}
     return unreadable_record(run_dir.name, "is missing" if why == "missing" else problem, last)
 

@@ -15,7 +15,7 @@ from lib.compare import by_validation, method_groups, tied
 from lib.plots import read_manifest
 from lib.results import Folder, Metric, Run, Stat, groups, load, metric_of, mib, stat, test_stat
 
-FLAGGED = ("failed", "diverged", "incomplete", "unknown", "unreadable", "preempted", "cut", "running", "queued")
+FLAGGED = ("failed", "diverged", "incomplete", "unknown", "unreadable", "stopped", "cut", "running", "queued")
 WALL = "wall time (training loop)"
 WALL_NOTE = ("Wall time (training loop) is the run's own `wall_time_s`: from its first training step to its last, "
              "the validation evaluations and checkpoint saves included; process start, data loading, model "

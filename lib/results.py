@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.errors import HarnessError
+from lib.record_schema import schema_problem
 
 
 @dataclass
@@ -181,39 +182,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-STATUSES = ("ok", "diverged", "failed", "unreadable", "incomplete", "preempted", "cut", "running", "queued")
-_OBJECTS = ("metric", "best", "test_at_best", "sparsity", "steps", "memory", "throughput", "mfu", "hardware", "spec")
-_NUMBERS = (("wall_time_s",), ("sparsity", "reached"), ("sparsity", "target"), ("throughput", "value"),
-            ("best", "step"), ("spec", "prune", "target"))
+STATUSES = ("ok", "diverged", "failed", "unreadable", "incomplete", "stopped", "cut", "running", "queued")
 
 
 def record_problem(record: Any) -> str | None:
-    """What makes ``record`` unusable as a run's summary (wrong types, unknown status), or None."""
-    if not isinstance(record, dict):
-        return f"is a JSON {type(record).__name__}, not an object"
-    if record.get("status") not in STATUSES:
-        return f"has status {record.get('status')!r}, not one of {', '.join(STATUSES)}"
-    for key in _OBJECTS:
-        if record.get(key) is not None and not isinstance(record[key], dict):
-            return f"field {key!r} is a {type(record[key]).__name__}, expected an object"
-    if not isinstance(record.get("flags") or [], list) or not isinstance(record.get("error") or "", str):
-        return "field 'flags' must be a list and 'error' a string"
-    for path in _NUMBERS:
-        value = _dig(record, path)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return f"field {'.'.join(path)!r} is {value!r}, expected a number"
-    for key, value in (record.get("memory") or {}).items():
-        if key != "state_bytes" and value is not None and not isinstance(value, (int, float)):
-            return f"field 'memory.{key}' is {value!r}, expected a number"
-    return None
-
-
-def _dig(record: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(record, dict):
-            return None
-        record = record.get(key)
-    return record
+    """What makes ``record`` unusable as a run's summary (its schema broken anywhere, an unknown status), or
+    None (lib/record_schema.py)."""
+    problem = schema_problem(record)
+    if problem is None and record.get("status") not in STATUSES:
+        problem = f"has status {record.get('status')!r}, not one of {', '.join(STATUSES)}"
+    return problem
 
 
 def unreadable_record(name: str, why: str, last_good: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -31,10 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 from lib.config import Config, load  # noqa: E402
 from lib.errors import ConfigError, HarnessError  # noqa: E402
-from lib.kconf import check_user_values, open_kconfig, raise_on_load_warnings  # noqa: E402
+from lib.kconf import check_user_values, open_kconfig, raise_on_load_warnings, refuse_conflicting_lines  # noqa: E402
 
 DEFCONFIGS = ROOT / "defconfigs"
-MACHINE_FILES = ("lib/Kconfig.hardware", "lib/Kconfig.matrix")
+# Where the experiment runs, not what it is: randconfig leaves these at their defaults, so every random config
+# runs on the machine at hand (the Slurm executor would need a cluster).
+MACHINE_FILES = ("lib/Kconfig.hardware", "lib/Kconfig.matrix", "lib/Kconfig.executor")
 RETRIES = 10
 
 
@@ -66,6 +68,10 @@ def set_values(text: str) -> None:
     if not path.is_file():
         raise HarnessError(f"{path} does not exist; write one first (`make defconfig-<name>`), then `make set`")
     kconf = open_kconfig()
+    try:
+        refuse_conflicting_lines(kconf, path.read_text(), path)
+    except ConfigError as exc:
+        raise HarnessError(f"make set: {exc}; {path} is unchanged") from None
     kconf.load_config(str(path))
     for name, value in pairs:
         _set_one(kconf, name, value)
@@ -118,8 +124,9 @@ def write_defconfig(source: Path, out: Path, label: str) -> None:
     """Resolve the defconfig-style file ``source`` into a full config at ``out`` (the one writer of them: make
     defconfig-<name>, and make gpu-check's temporary configs); what Kconfig would drop or override is refused."""
     kconf = open_kconfig()
-    kconf.load_config(str(source))
     try:
+        refuse_conflicting_lines(kconf, source.read_text(), label)
+        kconf.load_config(str(source))
         raise_on_load_warnings(kconf, label)  # unknown symbols and choice members, bad values
         check_user_values(kconf)  # a line Kconfig would override is refused, not silently dropped
     except ConfigError as exc:

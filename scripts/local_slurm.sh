@@ -4,8 +4,12 @@
 #   scripts/local_slurm.sh start    install slurm-wlm and munge (Debian packages) if missing, write
 #                                   /etc/slurm/slurm.conf for one node with this machine's CPUs and
 #                                   memory, start munged, slurmctld and slurmd, wait until the node is idle
-#   scripts/local_slurm.sh stop     stop the three daemons (jobs still running are killed)
+#   scripts/local_slurm.sh stop     stop the daemons that `start` started (jobs still running are killed);
+#                                   daemons that were running before `start` are left alone
 #   scripts/local_slurm.sh status   say whether the cluster answers
+#
+# `make slurm-up` and `make slurm-down` call start and stop; .ci/run does both around `make test`. The
+# tests never start a cluster: they use one that answers, or skip saying how to start one.
 #
 # Needs root (it installs packages and writes /etc/slurm). It never overwrites a slurm.conf it did not
 # write: a machine that is part of a real cluster keeps its own. No accounting database is configured,
@@ -15,6 +19,7 @@
 set -euo pipefail
 
 STATE=${LOCAL_SLURM_DIR:-/var/tmp/local-slurm}
+STARTED=$STATE/started  # the daemons this script started, one a line: what `stop` stops
 CONF=/etc/slurm/slurm.conf
 MARK="# written by scripts/local_slurm.sh"
 
@@ -83,6 +88,7 @@ start_munge() {
     chown -R root:root /etc/munge /run/munge /var/lib/munge /var/log/munge
     chmod 700 /etc/munge && chmod 400 /etc/munge/munge.key
     munged --force
+    echo munged >> "$STARTED"
 }
 
 wait_idle() {
@@ -102,28 +108,33 @@ start() {
     install
     write_conf
     start_munge
-    pgrep -x slurmctld >/dev/null || slurmctld
-    pgrep -x slurmd >/dev/null || slurmd
+    for daemon in slurmctld slurmd; do
+        pgrep -x "$daemon" >/dev/null || { "$daemon" && echo "$daemon" >> "$STARTED"; }
+    done
     wait_idle
 }
 
 stop() {
-    scontrol shutdown >/dev/null 2>&1 || true
-    for daemon in slurmd slurmctld munged; do
+    [ "$(id -u)" = 0 ] || die "needs root: sudo scripts/local_slurm.sh stop"
+    local mine
+    mine=$(sort -u "$STARTED" 2>/dev/null | tr '\n' ' ')
+    [ -n "$mine" ] || { echo "local_slurm: no daemon started by this script is recorded in $STARTED; nothing stopped"; return; }
+    for daemon in $mine; do
         pkill -x "$daemon" 2>/dev/null || true
     done
     for _ in $(seq 20); do
         alive=""
-        for daemon in slurmd slurmctld munged; do
+        for daemon in $mine; do
             pgrep -x "$daemon" >/dev/null && alive="$alive $daemon"
         done
-        [ -z "$alive" ] && { echo "local_slurm: stopped"; return; }
+        [ -z "$alive" ] && { rm -f "$STARTED"; echo "local_slurm: stopped $mine"; return; }
         sleep 0.5
     done
     for daemon in $alive; do
         pkill -9 -x "$daemon" 2>/dev/null || true
     done
-    echo "local_slurm: stopped (killed:$alive)"
+    rm -f "$STARTED"
+    echo "local_slurm: stopped $mine(killed:$alive)"
 }
 
 case "${1:-}" in

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import kconfiglib
@@ -12,6 +14,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every process the suite starts inherits this mark, so the last test can find any that outlived its test.
+SESSION_MARK = "PRUNING_HARNESS_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{time.time_ns()}")
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 
 
@@ -31,16 +36,46 @@ def resolve_defconfig(lines: str, out: Path) -> Path:
 def make_config(tmp_path: Path):
     """make_config(defconfig_lines, extra_raw_lines="") -> path of a .config.
 
-    ``extra_raw_lines`` are appended verbatim afterwards, as a user editing the file would.
+    ``extra_raw_lines`` are edited into the file afterwards, as a user editing it would: each replaces the
+    symbol's own line, and a choice member set to y unsets the member chosen before (the reader refuses a file
+    that sets one symbol twice or two members of one choice).
     """
 
     def _make(lines: str = "", extra: str = "") -> Path:
         path = resolve_defconfig(lines, tmp_path / ".config")
         if extra:
-            path.write_text(path.read_text() + extra)
+            path.write_text(edit_config(path.read_text(), extra))
         return path
 
     return _make
+
+
+_SETTING = re.compile(r"^(?:CONFIG_(\w+)=(.*)|# CONFIG_(\w+) is not set)$")
+
+
+def edit_config(text: str, extra: str) -> str:
+    """``text`` with the setting lines of ``extra`` in place of the lines they change (others appended)."""
+    os.environ["srctree"] = str(ROOT)
+    kconf = kconfiglib.Kconfig(str(ROOT / "Kconfig"), warn_to_stderr=False)
+    siblings = {sym.name: [s.name for s in choice.syms] for choice in kconf.unique_choices for sym in choice.syms}
+    lines = text.splitlines()
+    for line in extra.splitlines():
+        match = _SETTING.match(line.strip())
+        if not match:
+            lines.append(line)
+            continue
+        name = match[1] or match[3]
+        unset = set(siblings.get(name, [])) - {name} if match[2] == "y" else set()
+        kept = []
+        for old in lines:
+            found = _SETTING.match(old.strip())
+            if found and (found[1] or found[3]) == name:
+                continue
+            if found and found[1] in unset:
+                old = f"# CONFIG_{found[1]} is not set"
+            kept.append(old)
+        lines = kept + [line]
+    return "\n".join(lines) + "\n"
 
 
 def trained_run(folder: Path, spec) -> Path:  # noqa: ANN001 (a RunSpec; lib is imported lazily here)
@@ -89,6 +124,11 @@ class SmallConvNet(torch.nn.Module):
 def small_conv_net(seed: int = 0) -> SmallConvNet:
     torch.manual_seed(seed)
     return SmallConvNet()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``last`` run after all the others."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

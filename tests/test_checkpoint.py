@@ -25,7 +25,8 @@ from lib.checkpoint import CheckpointError, load, save
 from lib.checkpoint.compare import logs, run_differences
 from lib.checkpoint.manager import Manager, Policy
 from lib.files import DiskFullError
-from tests.conftest import PY, ROOT, folder_states, tiny_spec
+from lib.task import get_task
+from tests.conftest import PY, ROOT, folder_states, tiny_spec, trained_run
 
 STEPS = 40
 
@@ -117,7 +118,11 @@ def test_adamwspam_resumes_exactly_across_a_moment_reset(tmp_path):
     wait_for_step(proc, run_dir, 27)  # the newest checkpoint is step 24 or later: resets at 30 lie ahead
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert finish(run_dir, spec).returncode == 0
+    done = finish(run_dir, spec)
+    assert done.returncode == 0, done.stdout
+    assert "resuming" in done.stdout  # not trained again from step 0 ...
+    (resumed_at,) = json.loads((run_dir / "summary.json").read_text())["resumed"]["from_steps"]
+    assert 24 <= resumed_at < 30  # ... but from a checkpoint before the reset at step 30
     assert_same_run(reference, run_dir)
     spam = load(reference / "checkpoints" / "milestones" / "step_00000036.ckpt")["optimizer"]["spam"]
     assert spam["last_reset"] == 30  # the run really crossed a reset after the resume
@@ -163,13 +168,14 @@ def test_sigterm_writes_a_checkpoint_at_the_end_of_the_step_and_resumes(referenc
     assert proc.returncode == 4, out
     assert "stopped by SIGTERM after step" in out and "make continue" in out
     assert not (run_dir / "summary.json").exists()
-    assert folder_states(tmp_path, run_dir.name) == ("preempted", "preempted", "1 preempted")  # never "1 failed"
-    steps = [p.name for p in (run_dir / "checkpoints").glob("step_*.ckpt")]
-    assert len(steps) == 1
+    assert folder_states(tmp_path, run_dir.name) == ("stopped", "stopped", "1 stopped")  # never "1 failed"
+    (stopped_at,) = [int(p.name[5:13]) for p in (run_dir / "checkpoints").glob("step_*.ckpt")]
+    assert stopped_at >= 10
     done = finish(run_dir, spec)
     assert done.returncode == 0, done.stdout
     ref = json.loads((references["movement"] / "summary.json").read_text())
     got = json.loads((run_dir / "summary.json").read_text())
+    assert "resuming" in done.stdout and got["resumed"] == {"count": 1, "from_steps": [stopped_at]}  # not from 0
     for key in ("best", "test_at_best", "sparsity", "steps"):
         assert ref[key] == got[key], key
     assert logs(references["movement"]) == logs(run_dir)
@@ -367,16 +373,31 @@ def test_export_is_safetensors_with_exact_zeros_and_evaluates_the_same(tmp_path)
 
 
 def test_tied_gpt2_weights_survive_an_export_round_trip(tmp_path):
-    from safetensors.torch import load_model, save_model
+    """Through the harness's own export (`make export`) and loader: a short tiny-GPT run, pruned."""
+    from safetensors import safe_open
 
-    from tests.test_gpt2 import tiny_model
+    from lib.checkpoint.export import export, load_export
+    from tests.test_gpt2 import VOCAB, synthetic_spec
 
-    model, again = tiny_model(seed=1), tiny_model(seed=2)
-    save_model(model, str(tmp_path / "m.safetensors"))
-    load_model(again, str(tmp_path / "m.safetensors"))
-    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    assert again.lm_head.weight.data_ptr() == again.wte.weight.data_ptr()  # still tied
+    spec = synthetic_spec(tmp_path, max_iters=12, eval_interval=6)
+    spec = dataclasses.replace(spec, prune=dataclasses.replace(spec.prune, method="magnitude", target=0.5, start=2,
+                                                               end=8, frequency=2))
+    run_dir = trained_run(tmp_path, spec)
+    out = export(run_dir)
+    with safe_open(str(out / "model.safetensors"), "pt") as stored:
+        names = set(stored.keys())
+    assert len({"wte.weight", "lm_head.weight"} & names) == 1  # the shared table is stored once
+    model, _ = load_export(out)
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()  # and tied again on loading
+    best = load(run_dir / "checkpoints" / "best.pt")["model"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, best[name]), name
+    assert any(float((p == 0).float().mean()) > 0.4 for p in model.parameters())  # the pruned model, not a fresh one
+    idx = torch.randint(0, VOCAB, (2, 16))
+    trained = get_task("gpt2").build_model(spec)
+    trained.load_state_dict(best)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(idx), trained.eval()(idx))
 
 
 @pytest.mark.parametrize("setup, message", [

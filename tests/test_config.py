@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import kconfiglib
 import pytest
 
 from lib import config
-from lib.errors import ConfigError
+from lib.errors import ConfigError, HarnessError
 from tests.conftest import ROOT, resolve_defconfig
 
 QUICK = (ROOT / "defconfigs" / "lenet5-quick").read_text()
@@ -84,6 +85,30 @@ def test_bad_values_give_one_clear_line(make_config, extra, message):
     with pytest.raises(ConfigError, match=message) as info:
         config.load(make_config(QUICK, extra))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("CONFIG_PRUNING_SCHEDULE_LINEAR=y\n",
+     r"CONFIG_PRUNING_SCHEDULE_CUBIC=y \(line \d+\) and CONFIG_PRUNING_SCHEDULE_LINEAR=y \(line \d+\) are both "
+     r"members of the choice 'Sparsity schedule'"),
+    ("CONFIG_MAX_ITERS=20\n", r"CONFIG_MAX_ITERS is set twice \(lines \d+ and \d+\)"),
+    ("CONFIG_MODEL_GPT2=y\n",
+     r"CONFIG_MODEL_LENET5=y \(line \d+\) and CONFIG_MODEL_GPT2=y \(line \d+\) are both members of the choice "
+     r"'Model'"),
+])
+def test_conflicting_lines_are_refused_naming_both(tmp_path, line, message):
+    """Kconfig keeps the last of two lines without a word; the reader and the defconfig writer refuse them."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import kconfig_tool
+
+    full = resolve_defconfig(QUICK, tmp_path / ".config")
+    full.write_text(full.read_text() + line)  # appended raw, as an editor would leave it
+    with pytest.raises(ConfigError, match=message) as info:
+        config.load(full)
+    assert "\n" not in str(info.value) and "LENET5_DATASET" not in str(info.value)
+    with pytest.raises(HarnessError, match=message):
+        kconfig_tool.write_defconfig(full, tmp_path / "out.config", "defconfigs/mine")
+    assert not (tmp_path / "out.config").exists()
 
 
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2", "nan", "half"])

@@ -43,6 +43,21 @@ def test_200_random_configs_load_and_plan(tmp_path):
             pytest.fail(f"KCONFIG_SEED={seed}: {exc}")
 
 
+def test_40_random_configs_dry_run_where_there_is_no_slurm(tmp_path, monkeypatch, capsys):
+    """randconfig leaves the executor at its default (local), as it does the hardware: `make dry-run` of any
+    random config works on a machine without Slurm."""
+    from lib import cli
+
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no sbatch, srun, squeue or sinfo
+    monkeypatch.setattr("lib.hardware.detect", lambda: CPU)  # the made-up 2-core machine of the other tests
+    path = tmp_path / ".config"
+    for seed in range(40):
+        write_random(seed, path)
+        assert "CONFIG_EXECUTOR_LOCAL=y" in path.read_text(), f"KCONFIG_SEED={seed} drew another executor"
+        assert cli.main(["dry-run", "--config", str(path)]) == 0, f"KCONFIG_SEED={seed}: {capsys.readouterr().err}"
+    assert "nothing trained (dry-run)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("tool", ["allyesconfig", "allnoconfig"])
 def test_all_yes_and_all_no_configs_load_and_plan(tmp_path, tool):
     path = tmp_path / ".config"

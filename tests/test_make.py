@@ -608,6 +608,38 @@ def _results(folder: Path) -> dict[str, dict]:
     return {r["name"]: {k: r.get(k) for k in keys} for r in runs}
 
 
+def test_sigterm_to_makes_process_group_stops_cleanly_and_records_the_stopped_runs(tmp_path):
+    """What `timeout` and schedulers send: every process of the group gets SIGTERM (make forwards a second to
+    the driver). Each running run checkpoints, the folder's summary names them stopped, one error line."""
+    from tests.conftest import resolve_defconfig
+
+    resolve_defconfig(KILLABLE.replace("CONFIG_MAX_ITERS=60", "CONFIG_MAX_ITERS=100000"), tmp_path / ".config")
+    cmd = ["make", "--no-print-directory", "-C", str(ROOT), f"KCONFIG_CONFIG={tmp_path / '.config'}",
+           f"RESULTS_DIR={tmp_path / 'results'}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(),
+                            start_new_session=True)
+    deadline = time.time() + TRAIN_TIMEOUT
+    while len(list(tmp_path.glob("results/*/*/checkpoints/step_*"))) < 2:  # both runs are training
+        assert proc.poll() is None and time.time() < deadline, "the matrix ended before it could be stopped"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=TRAIN_TIMEOUT)
+    assert proc.returncode != 0 and "Traceback" not in out + err, out + err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: SIGTERM: 2 run(s) stopped after a checkpoint, 4 not "
+                                                     "started;"), err
+    (folder,) = tmp_path.glob("results/*")
+    states = sorted(r["status"] for r in json.loads((folder / "summary.json").read_text())["runs"])
+    assert states == ["queued"] * 4 + ["stopped"] * 2
+    assert "6 run(s): 4 queued, 2 stopped." in (folder / "report.md").read_text()
+    for run_dir in folder.iterdir():  # no trainer is left holding a run, and the stopped ones can resume
+        if run_dir.is_dir() and (run_dir / "spec.json").exists():
+            from lib import runlock
+
+            runlock.check_free(run_dir, grace_s=0)
+    assert len(list(folder.glob("*/checkpoints/latest"))) == 2
+
+
 def test_a_matrix_killed_with_sigkill_resumes_to_the_same_results(tmp_path):
     from tests.conftest import resolve_defconfig
 

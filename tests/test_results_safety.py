@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,28 @@ def test_report_keeps_the_last_good_record_of_a_damaged_run(tmp_path):
     assert "| unreadable |" in (folder / "report.md").read_text()
 
 
+@pytest.mark.parametrize("field", [("best", "val", "accuracy"), ("test_at_best", "accuracy"),
+                                   ("sparsity", "reached"), ("metric", "higher_is_better")])
+def test_a_wrong_type_deep_in_a_record_makes_the_run_unreadable_and_keeps_the_last_good_one(tmp_path, field):
+    from lib.executors.status import run_state
+
+    folder = build(tmp_path / "acc_20250101_000000")
+    good = _records(folder)[FIRST]
+    data = json.loads((folder / FIRST / "summary.json").read_text())
+    inner = data
+    for key in field[:-1]:
+        inner = inner[key]
+    inner[field[-1]] = "x"
+    (folder / FIRST / "summary.json").write_text(json.dumps(data))
+    assert run_state(folder / FIRST)[0] == "unreadable"  # make status
+    records = matrix.write_summary(folder)
+    kept = {r["name"]: r for r in records}[FIRST]
+    assert kept["status"] == "unreadable" and kept["recorded_status"] == "ok"
+    assert kept["best"] == good["best"] and kept["test_at_best"] == good["test_at_best"]  # not "x"
+    assert f"field {'.'.join(field)!r} is 'x', expected" in kept["error"]
+    assert '"x"' not in (folder / "summary.json").read_text()
+
+
 def test_wrong_types_are_one_line_and_the_rest_still_renders(tmp_path):
     folder = build(tmp_path / "acc_20250101_000000")
     (folder / "summary.json").unlink()  # no earlier record to fall back on
@@ -62,7 +85,7 @@ def test_wrong_types_are_one_line_and_the_rest_still_renders(tmp_path):
     result = _cli("report", "--results", str(folder))
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and SECOND in lines[0] and "'sparsity' is a str" in lines[0]
+    assert len(lines) == 1 and SECOND in lines[0] and "field 'sparsity' is 'high', expected an object" in lines[0]
     report = (folder / "report.md").read_text()
     assert f"| {SECOND} | unreadable |" in report
     assert f"| {FIRST} | ok |" in report and "98.00" in report  # the other runs are all there
@@ -78,6 +101,65 @@ def test_bad_entries_of_the_folder_summary_are_unreadable_runs(tmp_path, bad):
     (folder / "summary.json").write_text(json.dumps(data))
     text = render(folder)
     assert "unreadable" in text and f"| {SECOND} | ok |" in text
+
+
+def _cli_read_only(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m lib.cli args`` with ``folder`` read-only: a read-only bind mount in a private mount namespace
+    as root (whom permission bits do not stop), write permission taken away otherwise."""
+    command = [PY, "-m", "lib.cli", *args]
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [folder, *folder.rglob("*")] if p.is_dir()}
+        try:
+            for path, mode in modes.items():
+                path.chmod(mode & ~0o222)
+            return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        finally:
+            for path, mode in modes.items():
+                path.chmod(mode)
+    if not shutil.which("unshare"):
+        pytest.skip("as root, a read-only folder needs unshare (util-linux) for a private read-only mount")
+    script = 'mount -o bind,ro "$0" "$0" || exit 99; exec "$@"'
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(folder), *command],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if done.returncode == 99:
+        pytest.skip(f"this machine refuses a private read-only mount: {done.stderr.strip()}")
+    return done
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["report", "graphs", "export", "continue", "sweep"])
+def test_a_read_only_results_folder_is_one_line_and_left_as_it_was(tmp_path, command):
+    folder = build(tmp_path / "acc_20250101_000000")
+    before = _snapshot(folder)
+    where = {"export": ["--run", str(folder / FIRST)], "sweep": ["--run", str(folder / FIRST)]}.get(
+        command, ["--results", str(folder)])
+    done = _cli_read_only(folder, command, *where)
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: cannot write ") and ("Read-only file system" in line or "Permission" in line)
+    assert "copy the results folder somewhere writable" in line
+    assert _snapshot(folder) == before
+
+
+def test_the_atomic_writer_on_a_read_only_file_system_raises_one_error(tmp_path, monkeypatch):
+    """Its clean-up cannot unlink even a missing temporary file there (EROFS): that must not hide the error."""
+    import errno
+
+    from lib.files import write_json_atomic
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(args[0]))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(Path, "open", read_only)
+    with pytest.raises(HarnessError, match=r"^cannot write .*x\.json: Read-only file system; make its folder "
+                                           r"writable") as info:
+        write_json_atomic(tmp_path / "x.json", {"a": 1})
+    assert info.value.__context__ is None or not isinstance(info.value.__context__, OSError) or \
+        info.value.__suppress_context__
 
 
 def _two_folders(base: Path) -> tuple[Path, Path]:
@@ -209,5 +291,6 @@ def test_sigterm_to_the_driver_stops_the_runs_and_records_none_as_failed(tmp_pat
     child = _wait_for_trainer(run_dir, not_pid=driver.pid)
     driver.send_signal(signal.SIGTERM)
     _, err = driver.communicate(timeout=60)
-    assert "interrupted; `make continue` finishes" in err
+    assert "SIGTERM: 1 run(s) stopped after a checkpoint, 0 not started;" in err and "`make continue` finishes" in err
     assert _gone(child) and not (run_dir / "summary.json").exists()
+    assert [r["status"] for r in json.loads((folder / "summary.json").read_text())["runs"]] == ["stopped"]

@@ -27,7 +27,7 @@ from lib.executors.slurm import SlurmExecutor, job_id
 from lib.executors.status import states
 from lib.hardware import Devices
 from lib.spec import RunSpec
-from tests.conftest import ROOT, trained_run
+from tests.conftest import ROOT, tiny_spec, trained_run
 
 CPU = Devices("cpu", cpu_cores=2)
 LENET = ("CONFIG_MODEL_LENET5=y\nCONFIG_LENET5_DATASET_MNIST5K=y\nCONFIG_OPTIMIZER_ADAMW=y\nCONFIG_EPOCHS=0\n"
@@ -37,12 +37,12 @@ TWO_RUNS = "CONFIG_PRUNING_MULTIPLE=y\nCONFIG_PRUNING_ENABLE_MAGNITUDE=y\nCONFIG
 
 @pytest.fixture(scope="module")
 def cluster() -> None:
-    """A Slurm cluster that answers: the one .ci/run started, or one started here (as root)."""
-    if shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
-        return
-    if os.geteuid() != 0:
-        pytest.skip("no Slurm cluster answers, and starting one needs root: sudo scripts/local_slurm.sh start")
-    subprocess.run([str(ROOT / "scripts" / "local_slurm.sh"), "start"], check=True, timeout=300)
+    """A Slurm cluster that already answers (.ci/run starts one with `make slurm-up`). Tests never install or
+    start one: that would change the machine."""
+    if not shutil.which("sinfo"):
+        pytest.skip("no Slurm here: `sudo make slurm-up` installs and starts a one-node cluster (.ci/run does)")
+    if subprocess.run(["sinfo", "-h"], capture_output=True, timeout=60).returncode:
+        pytest.skip("Slurm is installed but its controller does not answer: `sudo make slurm-up` starts it")
 
 
 def _config(make_config, tmp_path: Path, lines: str) -> Path:
@@ -96,7 +96,7 @@ def test_a_signalled_job_is_requeued_and_resumes_to_an_uninterrupted_runs_weight
     job = job_id(run_dir)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     _wait_for(lambda: "stopped by SIGUSR1" in log.read_text(), "the checkpoint on SIGUSR1")
-    _wait_for(lambda: states(folder, [run_dir.name])[0][1] == "preempted", "the requeue")
+    _wait_for(lambda: states(folder, [run_dir.name])[0][1] == "stopped", "the requeue")
     _wait_for(lambda: (run_dir / "summary.json").exists(), "the resumed job to finish", timeout=240)
     text = log.read_text()
     assert text.count(f"[slurm job {job} ") == 2 and re.search(r"resuming \S+ from step_\d+\.ckpt", text)
@@ -184,11 +184,46 @@ def _cli_error(args: list[str], env: dict | None = None) -> str:
     return lines[0]
 
 
-def test_bad_executor_input_is_one_line(cluster, make_config, tmp_path: Path, capsys) -> None:
+def _fake_slurm(folder: Path, said: str) -> dict:
+    """An environment whose only Slurm commands are scripts that print ``said`` and fail, as each does when the
+    controller is down."""
+    folder.mkdir()
+    for tool in ("sbatch", "srun", "squeue", "sinfo"):
+        (folder / tool).write_text(f"#!/bin/sh\necho '{said}' >&2\nexit 1\n")
+        (folder / tool).chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{Path(sys.executable).parent}"}
+
+
+def test_without_slurm_or_its_controller_every_slurm_path_is_one_line(make_config, tmp_path: Path) -> None:
     path = _config(make_config, tmp_path, "CONFIG_MAX_ITERS=20\n")
     no_slurm = {**os.environ, "PATH": str(Path(sys.executable).parent)}
-    assert "the Slurm executor needs sbatch, and this machine has none" in _cli_error(
-        ["run", "--config", str(path)], no_slurm)
+    absent = ("error: the Slurm executor needs Slurm's sbatch and srun, and this machine has no sbatch or srun: "
+              "install Slurm's client tools")
+    assert _cli_error(["run", "--config", str(path)], no_slurm).startswith(absent)
+    folder = tmp_path / "results" / "started-elsewhere"  # `make continue EXECUTOR=slurm` of an unfinished folder
+    (folder / "r").mkdir(parents=True)
+    tiny_spec("r").write(folder / "r" / "spec.json")
+    (folder / "matrix.json").write_text(json.dumps({"created": "2026-12-06T00:00:00", "command": "make",
+                                                    "runs": ["r"]}))
+    assert _cli_error(["continue", "--config", str(path), "--results", str(folder)], no_slurm).startswith(absent)
+    assert sorted(p.name for p in folder.rglob("*")) == ["matrix.json", "r", "spec.json"]  # nothing started
+    done = subprocess.run([sys.executable, "-m", "lib.cli", "dry-run", "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=no_slurm)
+    assert done.returncode == 0 and not done.stderr, done.stderr  # the preview is made without Slurm ...
+    assert "#SBATCH --time=240" in done.stdout and f"warning: {absent[7:]}" in done.stdout  # ... and says so
+    down = _fake_slurm(tmp_path / "bin", "allocation failure: Unable to contact slurm controller (connect failure)")
+    assert _cli_error(["run", "--config", str(path)], down) == (
+        "error: the Slurm controller does not answer (allocation failure: Unable to contact slurm controller "
+        "(connect failure)): start it (`sudo make slurm-up` for the one-node cluster on this machine; on a cluster, "
+        "ask its admins: `scontrol ping` tells), or use `make EXECUTOR=local`")
+    greedy = _config(make_config, tmp_path, "CONFIG_MAX_ITERS=20\nCONFIG_SLURM_GPUS_PER_RUN=2\n")
+    assert _cli_error(["run", "--config", str(greedy)], down).startswith("error: the Slurm controller does not "
+                                                                          "answer (allocation failure: Unable")
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["started-elsewhere"]  # refused first
+
+
+def test_bad_executor_input_is_one_line(cluster, make_config, tmp_path: Path, capsys) -> None:
+    path = _config(make_config, tmp_path, "CONFIG_MAX_ITERS=20\n")
     nope = _config(make_config, tmp_path, "CONFIG_MAX_ITERS=20\nCONFIG_SLURM_PARTITION=\"nope\"\n")
     assert _cli_error(["run", "--config", str(nope)]) == ("error: sbatch refused the job: sbatch: error: invalid "
                                                           "partition specified: nope")

@@ -236,7 +236,7 @@ def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path:
     assert folder_states(tmp_path, run_dir.name) == ("ok", "ok", "1 ok")
     lines: list[str] = []
     record = operate(run_dir, "0.25", None, say=lines.append)
-    assert folder_states(tmp_path, run_dir.name) == ("cut", "cut", "1 cut")  # one word everywhere, not "preempted"
+    assert folder_states(tmp_path, run_dir.name) == ("cut", "cut", "1 cut")  # one word everywhere, not "stopped"
     assert "restore the file" not in (tmp_path / "report.md").read_text()
     assert record["accepted"] and record["source"] == "statistics"
     assert record["removed"] == {"head": 4, "neuron": 512}  # a quarter of 4 layers x (4 heads, 512 neurons)

@@ -19,13 +19,15 @@ from typing import Any
 from tqdm import tqdm
 
 from lib import distributed, runlock
-from lib.errors import HarnessError
+from lib.errors import HarnessError, Interrupted
 from lib.files import DiskFullError, write_error
 from lib.kconf import ROOT
 from lib.pyenv import pythonpath_with
 from lib.run import DISK_FULL_EXIT, STOPPED_EXIT
 from lib.run_records import disk_full_line, one_line, read_summary
 from lib.spec import RunSpec
+
+STOP_WAIT_S = 120  # a stopped run finishes its step and writes a checkpoint; killed only after this
 
 
 class GpuSlots:
@@ -72,13 +74,15 @@ class LocalExecutor:
     name = "local"
 
     def run(self, folder: Path, names: list[str], jobs: int, record: bool = True) -> bool:
-        """Run ``names`` of ``folder``, ``jobs`` at a time. Ctrl-C, SIGTERM or a full disk stops every run
-        (none recorded as failed for it); True when every run has ended here."""
+        """Run ``names`` of ``folder``, ``jobs`` at a time; True when every run has ended here. Ctrl-C or SIGTERM
+        stops every run after a checkpoint (Interrupted), a full disk stops them too; none is recorded as failed
+        for it."""
         slots = GpuSlots.here() if any(gpus_needed(folder / n) for n in names) else GpuSlots([])
         running: list[tuple[str, subprocess.Popen, float, list[str]]] = []
         bar = tqdm(total=len(names), unit="run", disable=None, leave=False)
         queue = list(names)
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+        interrupted = False
         try:
             while queue or running:
                 while queue and len(running) < jobs:
@@ -89,14 +93,21 @@ class LocalExecutor:
                     running.append((name, _launch(folder / name, devices), time.time(), devices))
                 running = _reap(folder, running, bar, slots, record)
                 time.sleep(0.05)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            interrupted = True  # the signals stay ignored: the summary is written next, undisturbed
+            bar.close()
+            print(f"{exc or 'interrupted'}: stopping {len(running)} run(s), each after a checkpoint at the end of "
+                  f"its step", flush=True)
             _stop(running)
-            raise HarnessError(f"interrupted; `make continue` finishes {folder}") from None
+            _reap(folder, running, bar, slots, record)
+            raise Interrupted(str(exc) or "interrupted", len(running), len(queue)) from None
         except DiskFullError:
             _stop(running)
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if not interrupted:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
             bar.close()
         return True
 
@@ -122,13 +133,20 @@ def _launch(run_dir: Path, devices: list[str]) -> subprocess.Popen:
         with (run_dir / "log.txt").open("a") as log:  # a resumed run adds to its earlier log
             proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, pass_fds=(lock,),
-                                    preexec_fn=lambda: runlock.die_with_parent(driver))
+                                    preexec_fn=lambda: _child_setup(driver))
         runlock.record_holder(lock, proc.pid)
     except OSError as exc:
         raise write_error(run_dir / "log.txt", exc) from None
     finally:
         os.close(lock)  # the child's copy keeps the lock until the child exits
     return proc
+
+
+def _child_setup(driver: int) -> None:
+    """In the child before exec: SIGTERM when the driver dies, and Ctrl-C left to the driver, which stops each
+    run with SIGTERM (a checkpoint) rather than a KeyboardInterrupt mid-step."""
+    runlock.die_with_parent(driver)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _reap(folder: Path, running: list, bar: tqdm, slots: GpuSlots, record: bool = True) -> list:
@@ -155,7 +173,11 @@ def _reap(folder: Path, running: list, bar: tqdm, slots: GpuSlots, record: bool 
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the runs as Ctrl-C does
+    """The first SIGTERM or Ctrl-C stops the matrix; later ones (make forwards SIGTERM to its child, a
+    terminal sends Ctrl-C to the whole group) are ignored while the runs checkpoint."""
+    for ignored in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(ignored, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _stop(running: list) -> None:
@@ -164,7 +186,7 @@ def _stop(running: list) -> None:
         proc.terminate()
     for _, proc, *_ in running:
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=STOP_WAIT_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -33,9 +33,31 @@ from lib.spec import RunSpec
 os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")  # before submitit reads it; jobs inherit it
 POLL_S = 2.0
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-NO_SBATCH = ("the Slurm executor needs sbatch, and this machine has none: install Slurm's client tools for your "
-             "cluster, start a one-node cluster here with `sudo scripts/local_slurm.sh start`, or use "
+NO_SBATCH = ("the Slurm executor needs Slurm's sbatch and srun, and this machine has no {missing}: install Slurm's "
+             "client tools for your cluster, start a one-node cluster here with `sudo make slurm-up`, or use "
              "`make EXECUTOR=local`")
+UNREACHABLE = ("the Slurm controller does not answer ({said}): start it (`sudo make slurm-up` for the one-node "
+               "cluster on this machine; on a cluster, ask its admins: `scontrol ping` tells), or use "
+               "`make EXECUTOR=local`")
+_DOWN = re.compile(r"unable to contact slurm controller|connection refused|connect failure|socket timed out|"
+                   r"slurm_load_\w+ error|could not establish|zero bytes were transmitted", re.IGNORECASE)
+
+
+def require_slurm() -> None:
+    """One line when this machine lacks the Slurm commands submitit calls (before submitit's own traceback)."""
+    missing = [tool for tool in ("sbatch", "srun") if not shutil.which(tool)]
+    if missing:
+        raise HarnessError(NO_SBATCH.format(missing=" or ".join(missing)))
+
+
+def slurm_error(what: str, text: str) -> HarnessError:
+    """The error for a Slurm command that failed with ``text``: the controller being down is named as such."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    down = next((line for line in lines if _DOWN.search(line)), None)
+    if down:
+        return HarnessError(UNREACHABLE.format(said=down))
+    said = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "no message")
+    return HarnessError(f"{what}: {said}")
 
 
 class SlurmExecutor:
@@ -51,8 +73,7 @@ class SlurmExecutor:
     def check(self, specs: list[RunSpec], say: Any = print) -> None:
         """One line for what cannot work (no sbatch, more GPUs per run than a node has); a warning for a
         time limit shorter than a checkpoint interval."""
-        if not shutil.which("sbatch"):
-            raise HarnessError(NO_SBATCH)
+        require_slurm()
         self.check_gpus(specs)
         if specs:  # the scheduler's own verdict on partition, account, QOS, time and GPUs, before any folder exists
             self._test_only(specs[0])
@@ -78,8 +99,7 @@ class SlurmExecutor:
                  for k, v in params["additional_parameters"].items()]
         done = subprocess.run([*args, "--wrap=true"], capture_output=True, text=True, timeout=60)
         if done.returncode:
-            refusal = _refusal(subprocess.CalledProcessError(1, args, done.stderr))
-            raise HarnessError(f"sbatch refused the job: {refusal}")
+            raise slurm_error("sbatch refused the job", done.stderr or done.stdout)
 
     def check_gpus(self, specs: list[RunSpec]) -> None:
         """One line when a run needs more GPUs than a node has, or spans several nodes."""
@@ -118,9 +138,11 @@ class SlurmExecutor:
         return params
 
     def sbatch_lines(self, spec: RunSpec, folder: Path) -> list[str]:
-        """The #SBATCH lines of ``spec``'s job (`make dry-run`)."""
-        executor = _submitit_executor(folder, self.parameters(spec))
-        text = executor._make_submission_file_text("python -m submitit.core._submit", "uid")
+        """The #SBATCH lines of ``spec``'s job (`make dry-run`): submitit's own text, made without its executor,
+        which refuses to exist where srun is missing (a preview for a cluster elsewhere needs none)."""
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        text = _make_sbatch_string(command="python -m submitit.core._submit", folder=folder, **self.parameters(spec))
         return [line for line in text.splitlines() if line.startswith("#SBATCH")]
 
     # -- submitting and waiting --------------------------------------------------------------------
@@ -157,11 +179,11 @@ class SlurmExecutor:
                 jobs = [_submitit_executor(folder / name / "slurm", self.parameters(spec)).submit(
                     RunJob(str(folder / name))) for name, spec in zip(names, specs, strict=True)]
         except (subprocess.CalledProcessError, OSError) as exc:
-            raise HarnessError(f"sbatch refused the job: {_refusal(exc)}") from None
+            raise slurm_error("sbatch refused the job", _said(exc)) from None
         except Exception as exc:  # submitit wraps sbatch's failure in its own error types
             if "sbatch" not in str(exc) and "Slurm" not in str(exc):
                 raise
-            raise HarnessError(f"sbatch refused the job: {_refusal(exc)}") from None
+            raise slurm_error("sbatch refused the job", _said(exc)) from None
         for name, spec, job in zip(names, specs, jobs, strict=True):
             write_json_atomic(folder / name / "slurm.json", {"job_id": str(job.job_id), "submitted": time.time(),
                                                               "parameters": self.parameters(spec)})
@@ -204,12 +226,10 @@ def _extra(option: str) -> tuple[str, Any]:
     return key.replace("-", "_"), value or True
 
 
-def _refusal(exc: BaseException) -> str:
-    text = getattr(exc, "output", None) or getattr(exc, "stderr", None) or str(exc)
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    lines = [line for line in str(text).splitlines() if "error" in line.lower()] or [first_line(exc)]
-    return lines[0].strip()
+def _said(exc: BaseException) -> str:
+    """What a failed Slurm command printed (its output, else the exception's first line)."""
+    text = getattr(exc, "output", None) or getattr(exc, "stderr", None) or first_line(exc)
+    return text.decode(errors="replace") if isinstance(text, bytes) else str(text)
 
 
 def _has_record(run_dir: Path) -> bool:
@@ -237,6 +257,8 @@ def job_states(ids: list[str | None]) -> dict[str, str]:
         return {}
     done = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i %T", "-j", ",".join(wanted)],
                           capture_output=True, text=True, timeout=60)
+    if done.returncode and _DOWN.search(done.stderr):  # not knowing live jobs could start a run twice
+        raise slurm_error("squeue failed", done.stderr)
     states = {}
     for line in done.stdout.splitlines():
         parts = line.split()
@@ -249,5 +271,7 @@ def partition_gpus(partition: str) -> int:
     """The most GPUs one node of ``partition`` (or the default one) has, from sinfo's gres."""
     args = ["sinfo", "-h", "-o", "%G"] + (["-p", partition] if partition else [])
     done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        raise slurm_error("sinfo failed", done.stderr or done.stdout)
     counts = [int(m) for m in re.findall(r"gpu(?::[^:,(\s]+)?:(\d+)", done.stdout)]
     return max(counts, default=0)

@@ -1,8 +1,9 @@
 """`make status [RESULTS=dir]`: each run's state, whatever executed it; the one vocabulary every command uses.
 
 ok / failed / diverged come from the run's summary.json. A run without one is running (a live trainer
-holds its lock, or its Slurm job runs), queued (its job waits, or it has not started), preempted
-(stopped after a checkpoint, or its job requeued: `make continue` or the requeued job resumes it), cut
+holds its lock, or its Slurm job runs), queued (its job waits, or it has not started), stopped
+(checkpointed on Ctrl-C, SIGTERM or a scheduler's preemption, or its job requeued: `make continue` or the
+requeued job resumes it), cut
 (made smaller by `make surgery`: `make continue` trains the smaller model on), or failed (it ran, and
 left neither a record nor a checkpoint). summary.json and report.md (lib/matrix.py) and the totals at
 the end of `make` / `make continue` name a run without a record with ``run_state``, as `make status` does.
@@ -18,8 +19,8 @@ from lib.results import read_json, record_problem
 from lib.run_records import failure_line
 
 SLURM = {"PENDING": "queued", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
-         "REQUEUED": "preempted", "REQUEUE_HOLD": "preempted", "REQUEUE_FED": "preempted",
-         "PREEMPTED": "preempted", "SUSPENDED": "preempted", "RESIZING": "running", "STOPPED": "preempted"}
+         "REQUEUED": "stopped", "REQUEUE_HOLD": "stopped", "REQUEUE_FED": "stopped",
+         "PREEMPTED": "stopped", "SUSPENDED": "stopped", "RESIZING": "running", "STOPPED": "stopped"}
 
 
 def states(folder: Path, names: list[str]) -> list[tuple[str, str, str]]:
@@ -36,9 +37,12 @@ def run_state(run_dir: Path) -> tuple[str, str]:
 
 
 def _state(run_dir: Path, job: str | None, slurm: dict[str, str]) -> tuple[str, str]:
-    data, _ = read_json(run_dir / "summary.json")
-    if record_problem(data) is None:
+    data, why = read_json(run_dir / "summary.json")
+    problem = why if data is None else record_problem(data)
+    if problem is None:
         return str(data["status"]), (data.get("error") or "")[:100]
+    if why != "missing":  # a record that cannot be used is never taken for a run that did not finish
+        return "unreadable", f"summary.json {problem}"[:100]
     where = f"Slurm job {job}" if job else "local"
     if (run_dir / "summary.before_surgery.json").exists() and not (job and job in slurm):
         if _busy(run_dir):
@@ -49,15 +53,15 @@ def _state(run_dir: Path, job: str | None, slurm: dict[str, str]) -> tuple[str, 
         resumable = (run_dir / "checkpoints" / "latest").exists()
         if state in ENDED:
             if resumable:
-                return "preempted", f"{where} ended {state} after a checkpoint; `make continue` resumes it"
+                return "stopped", f"{where} ended {state} after a checkpoint; `make continue` resumes it"
             return "failed", f"{where} ended {state} without a record"
         if state == "PENDING" and resumable:  # requeued after a warning signal: it resumes from its checkpoint
-            return "preempted", f"{where} requeued, resumes from its checkpoint"
+            return "stopped", f"{where} requeued, resumes from its checkpoint"
         return SLURM.get(state, state.lower()), f"{where} {state}"
     if _busy(run_dir):
         return "running", f"{where}, trainer pid {runlock.holder(run_dir)}"
     if (run_dir / "checkpoints" / "latest").exists():
-        return "preempted", f"{where}: stopped after a checkpoint; `make continue` resumes it"
+        return "stopped", f"{where}: stopped after a checkpoint; `make continue` resumes it"
     if (run_dir / "log.txt").is_file() and (run_dir / "log.txt").stat().st_size:
         return "failed", f"{where}: ended without a record or a checkpoint: {failure_line(run_dir / 'log.txt')}"
     return "queued", f"{where}: not started"
