@@ -38,6 +38,43 @@ def _grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+class Traced:
+    """What one forward and backward did: the forwards of sub-modules run again during backward (the
+    recomputation), and the bytes autograd saved for backward outside checkpointed segments. Without the
+    first a checkpointing that did nothing would pass every equality test below."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], x: torch.Tensor) -> None:
+        self.recomputed, self.saved_bytes = 0, 0
+        hooks = [m.register_forward_pre_hook(self._count) for b in blocks for m in b.modules() if m is not b]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                self.loss, self.grads = _grads(model, x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        self.recomputed += torch._C._current_graph_task_id() != -1  # a forward inside a backward pass
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.saved_bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
+    """The bytes autograd saves for backward in one step of ``model`` (compiled or not: no module hooks), with
+    that step's loss and gradients."""
+    total = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, grads = _grads(model, x)
+    return total[0], loss, grads
+
+
 def _segments(policy: str, model: nn.Module, blocks: list[nn.Module], x: torch.Tensor) -> list[Segment]:
     """``policy``'s segments; budget: halfway between checkpointing every block and none (measured profile)."""
     profile = memory.profile(model, blocks, lambda: model(x).float().pow(2).mean())
@@ -51,13 +88,15 @@ def _segments(policy: str, model: nn.Module, blocks: list[nn.Module], x: torch.T
 def test_checkpointed_loss_and_gradients_equal_the_plain_ones(policy: str, build) -> None:
     """Bit-identical on the CPU in float32: the recomputation repeats the same ops on the same inputs."""
     model, blocks, x = build()
-    plain_loss, plain = _grads(model, x)
+    plain = Traced(model, blocks, x)
     segments = _segments(policy, model, blocks, x)
     assert segments and (policy != "budget" or len(segments) < len(blocks))
     actckpt.apply(blocks, segments)
-    loss, grads = _grads(model, x)
-    assert torch.equal(loss, plain_loss)
-    for a, b in zip(plain, grads, strict=True):
+    checkpointed = Traced(model, blocks, x)
+    assert plain.recomputed == 0 and checkpointed.recomputed > 0  # the segments ran again in backward ...
+    assert checkpointed.saved_bytes < plain.saved_bytes  # ... because less was saved for it
+    assert torch.equal(checkpointed.loss, plain.loss)
+    for a, b in zip(plain.grads, checkpointed.grads, strict=True):
         assert torch.equal(a, b)
     actckpt.remove(blocks)
     assert all("forward" not in vars(b) for b in blocks)
@@ -72,15 +111,16 @@ def test_dropout_is_replayed_and_autocast_agrees(policy: str) -> None:
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             torch.manual_seed(5)
-            plain_loss, plain = _grads(model, x)
+            plain = Traced(model, list(blocks), x)
             segments = _segments(policy, model, list(blocks), x)
             torch.manual_seed(5)
             actckpt.apply(list(blocks), segments)
             torch.manual_seed(5)
-            loss, grads = _grads(model, x)
+            checkpointed = Traced(model, list(blocks), x)
             actckpt.remove(list(blocks))
-        assert torch.equal(loss, plain_loss)
-        assert all(torch.equal(a, b) for a, b in zip(plain, grads, strict=True))
+        assert plain.recomputed == 0 and checkpointed.recomputed > 0  # dropout ran again, and drew the same
+        assert torch.equal(checkpointed.loss, plain.loss)
+        assert all(torch.equal(a, b) for a, b in zip(plain.grads, checkpointed.grads, strict=True))
 
 
 def test_checkpointing_leaves_fewer_activation_bytes_alive() -> None:
@@ -164,7 +204,7 @@ def test_batch_norm_statistics_count_each_batch_once(policy: str) -> None:
     plain = copy.deepcopy(model)
     _grads(plain, x)
     actckpt.apply(blocks, segments)
-    _grads(model, x)
+    assert Traced(model, blocks, x).recomputed > 0  # the batch norms ran a second time, in backward
     for (name, a), (_, b) in zip(plain.named_buffers(), model.named_buffers(), strict=True):
         assert torch.equal(a, b), name
 
@@ -176,6 +216,9 @@ def test_inside_torch_compile_the_gradients_are_the_same(policies: list[str], bu
     recomputation. On the CPU the aot_eager backend runs that path without inductor's code generation (about
     3 s a model instead of a minute); the result is bit-identical to the eager step without checkpointing,
     running statistics included."""
+    model, _, x = build()
+    torch._dynamo.reset()
+    compiled_plain = _saved_bytes(torch.compile(model, backend="aot_eager"), x)[0]  # what the partitioner saves
     for policy in policies:
         model, blocks, x = build()
         segments = _segments(policy, model, blocks, x)
@@ -183,7 +226,8 @@ def test_inside_torch_compile_the_gradients_are_the_same(policies: list[str], bu
         plain_loss, plain = _grads(reference, x)
         actckpt.apply(blocks, segments)
         torch._dynamo.reset()
-        loss, grads = _grads(torch.compile(model, backend="aot_eager"), x)
+        saved, loss, grads = _saved_bytes(torch.compile(model, backend="aot_eager"), x)
+        assert saved < compiled_plain, policy  # the compiled graph recomputes rather than saves
         assert torch.equal(loss, plain_loss), policy
         assert all(torch.equal(a, b) for a, b in zip(plain, grads, strict=True)), policy
         assert all(torch.equal(a, b) for a, b in zip(reference.buffers(), model.buffers(), strict=True)), policy

@@ -38,6 +38,30 @@ def _digests(folder: Path) -> dict[str, str]:
 QUIET = {"CALIBRATION": "2"}
 
 
+def _val_pruned_by_torch(run_dir: Path, target: float) -> dict[str, float]:
+    """The run's best weights, pruned by torch.nn.utils.prune's global magnitude pruning to ``target``, evaluated
+    on the validation split: what a one-shot magnitude row must report."""
+    import torch
+    from torch.nn.utils import prune
+
+    from lib.checkpoint import load
+    from lib.spec import RunSpec
+    from lib.task import get_task
+
+    spec = RunSpec.read(run_dir / "spec.json")
+    task = get_task(spec.model)
+    model = task.build_model(spec)
+    model.load_state_dict(load(run_dir / "checkpoints" / "best.pt")["model"])
+    weights = [(m, "weight") for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert sum(m.weight.numel() for m, _ in weights) == LENET_PRUNABLE
+    if target:
+        prune.global_unstructured(weights, prune.L1Unstructured, amount=prune_count(LENET_PRUNABLE, target))
+        for module, name in weights:
+            prune.remove(module, name)
+    with torch.no_grad():
+        return task.evaluate(model.eval(), spec, "val")
+
+
 def test_one_shot_rows_reach_their_targets_and_leave_the_checkpoint_untouched(lenet: Path) -> None:
     before = _digests(lenet / "checkpoints")
     lines: list[str] = []
@@ -62,6 +86,9 @@ def test_one_shot_rows_reach_their_targets_and_leave_the_checkpoint_untouched(le
         assert row["speed"]["latency_ms_batch_1"] > 0 and row["speed"]["dense_latency_ms_batch_1"] > 0
     unstructured_30 = next(r for r in rows if r["pattern"] == "unstructured" and r["target"] == 0.3)
     assert unstructured_30["size"]["nonzero"] < record["dense"]["size"]["nonzero"]
+    assert record["dense"]["val"] == _val_pruned_by_torch(lenet, 0.0)
+    for row in (r for r in rows if r["pattern"] == "unstructured" and r["metric"] == "magnitude"):
+        assert row["val"] == _val_pruned_by_torch(lenet, row["target"]), row["target"]  # metric of that model
     out = lenet / "sweep"
     assert {p.name for p in out.iterdir()} == {"sweep.json", "sweep.md", "sweep.png"}
     assert json.loads((out / "sweep.json").read_text())["rows"] == json.loads(json.dumps(rows))
@@ -96,15 +123,36 @@ def test_a_perplexity_task_sweeps_and_recommends(tmp_path: Path) -> None:
     assert "| structured | magnitude | 20 % |" in (run_dir / "sweep" / "sweep.md").read_text()
 
 
-def test_a_2_of_4_rows_sparse_kernel_timing_is_shown_beside_its_dense_kernel_timing(lenet: Path) -> None:
+def test_a_2_of_4_rows_sparse_kernel_timing_is_shown_beside_its_dense_kernel_timing(lenet: Path, monkeypatch,
+                                                                                      tmp_path: Path) -> None:
+    """The sweep's own path for a GPU with 2:4 kernels, run on the CPU: the float16 pair is built and timed
+    against its float16 dense twin (the CPU converts no layer, and says so), and the row's line in sweep.md shows
+    those measured numbers beside the dense-kernel timing; a conversion that fails is recorded, not hidden."""
+    from lib import sweep_measure
     from lib.sweep_report import markdown
 
-    record = sweep_run(lenet, {"SPARSITIES": "50", "METRICS": "magnitude", "PATTERNS": "2:4"}, say=lambda _: None)
-    row = record["rows"][0]
-    row["speed_sparse_kernels"] = {**row["speed"], "speedup_batch_1": 1.5, "kernels": "semi-structured sparse"}
-    assert "1.50x at batch 1" in markdown(record)  # what a GPU of compute capability 8.0+ adds
-    row["speed_sparse_kernels"] = {"error": "shape too small"}
-    assert "2:4 kernels failed: shape too small" in markdown(record)
+    run_dir = tmp_path / "run"
+    shutil.copytree(lenet, run_dir)
+    monkeypatch.setattr(sweep_measure, "semi_structured_ok", lambda device: True)
+    options = {"SPARSITIES": "50", "METRICS": "magnitude", "PATTERNS": "2:4", "CALIBRATION": "0"}
+    row = sweep_run(run_dir, options, say=lambda _: None)["rows"][0]
+    sparse, dense = row["speed_sparse_kernels"], row["speed"]
+    assert sparse["kernels"] == "semi-structured sparse, float16, 0 Linear layer(s)"  # none on the CPU
+    assert sparse["latency_ms_batch_1"] > 0 and sparse["dense_latency_ms_batch_1"] > 0
+    assert sparse["timing_batch_1"]["sides"][0]["repeats"] >= 5  # measured, side by side, not typed in ...
+    assert sparse["dense_latency_ms_batch_1"] != dense["dense_latency_ms_batch_1"]  # ... apart from the float32 pair
+    line = next(x for x in (run_dir / "sweep" / "sweep.md").read_text().splitlines() if x.startswith("| 2:4 |"))
+    assert f"{dense['latency_ms_batch_1']:.2f} ms ({dense['speedup_batch_1']:.2f}x)" in line
+    assert f"2:4 kernels (semi-structured sparse, float16, 0 Linear layer(s)): {sparse['speedup_batch_1']:.2f}x " \
+           f"at batch 1" in line
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("shape too small for the 2:4 kernels")
+
+    monkeypatch.setattr(sweep_measure, "semi_structured_pair", refused)
+    record = sweep_run(run_dir, options, say=lambda _: None)
+    assert record["rows"][0]["speed_sparse_kernels"] == {"error": "shape too small for the 2:4 kernels"}
+    assert "2:4 kernels failed: shape too small for the 2:4 kernels" in markdown(record)
 
 
 ACC = Metric("accuracy", True, "%")
