@@ -154,6 +154,11 @@ set: $(STAMP) ## Change .config settings from a script: make set CONFIG="MAX_ITE
 randconfig: $(STAMP) ## Random .config; KCONFIG_SEED=N repeats one
 	@$(PY) scripts/kconfig_tool.py randconfig
 
+# The suite's caches (the native masked-step kernel, matplotlib's font list) stay inside the clone, in
+# .cache/test/: `make test` writes nothing outside the clone and the temporary folders.
+test: export XDG_CACHE_HOME := $(CURDIR)/.cache/test
+test: export XDG_CONFIG_HOME := $(CURDIR)/.cache/test/config
+test: export MPLCONFIGDIR := $(CURDIR)/.cache/test/matplotlib
 test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes)
 	@$(LINT)
 	@$(PY) -m pytest -q tests
