@@ -1,8 +1,8 @@
 """Graphs of a results folder, written to <folder>/graphs/ (matplotlib Agg), from the runs' JSON only.
 
 One set of graphs per model (so accuracy and perplexity never share an axis):
-metric vs sparsity, training curves (here) and peak memory, memory timeline
-(lib/plots_memory.py), memory vs metric (lib/plots_pareto.py). A graph whose data
+metric vs sparsity (here), training curves (lib/plots_curves.py), peak memory and the
+memory timeline (lib/plots_memory.py), memory vs metric (lib/plots_pareto.py). A graph whose data
 is absent is skipped; graphs/graphs.json lists what was written, the notes a reader
 must see with each graph (coincident series, ties, no spread, the test set's
 resolution; lib/plots_marks.py) and why anything was skipped, and the report reads
@@ -12,7 +12,6 @@ it. Rendering never raises: a failure becomes a skip reason.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import textwrap
 from collections.abc import Callable
@@ -24,7 +23,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MultipleLocator  # noqa: E402
 
 from lib.plots_marks import (  # noqa: E402
@@ -107,6 +105,8 @@ def write_graphs(folder: Path) -> dict[str, Any]:
 
 def graph_functions(memory_module: Any = None) -> list[tuple[str, str, GraphFn]]:
     """(file slug, title, function) of every graph, in report order."""
+    from lib.plots_curves import training_curves  # imported here: lib/plots_curves.py imports this module
+
     if memory_module is None:
         from lib import plots_memory as memory_module
     return [
@@ -146,10 +146,6 @@ def legend_outside(fig: Figure, handles: list[Any], title: str = "") -> None:
     if handles:
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title=title,
                    title_fontsize=8, frameon=False)
-
-
-def method_handles(ctx: Context, methods: list[str]) -> list[Line2D]:
-    return [Line2D([], [], color=ctx.colors.get(m), marker=ctx.marker(m), label=m) for m in methods]
 
 
 def draw_notes(fig: Figure, notes: list[str]) -> None:
@@ -233,7 +229,7 @@ def metric_axis(ax: Any, ctx: Context, means: list[float]) -> None:
     if is_perplexity(ctx.metric):
         ax.set_yscale("log")
         return
-    _log_if_wide(ax, means)
+    log_if_wide(ax, means)
     resolution = resolution_of(ctx.runs, ctx.metric)
     if resolution is None or ax.get_yscale() == "log":
         return
@@ -269,85 +265,7 @@ def _label_single_point(ax: Any, ctx: Context, series: dict[str, list[tuple[floa
                      "show how it got there")
 
 
-def training_curves(ctx: Context) -> Figure | str:
-    """Train loss, val metric, sparsity and LR vs step; one line per run, colour = method, style = seed."""
-    data = [(r, r.curve(), r.metrics()) for r in ctx.runs]
-    data = [d for d in data if d[1] or d[2]]
-    if not data:
-        return "no run has train.jsonl or metrics.jsonl"
-    fig = Figure(figsize=(11, 7))
-    axes = fig.subplots(2, 2, sharex=True).flatten()
-    name = ctx.metric.name if ctx.metric else "metric"
-    panels = [
-        ("train loss", lambda c, m: _xy(c, "loss") or _xy(m, "train_loss")),
-        (f"val {metric_label(ctx.metric) if ctx.metric else name}", lambda c, m: _xy(m, ("val", name))),
-        ("sparsity (%)", lambda c, m: _scale(_xy(c, "sparsity") or _xy(m, "sparsity"), 100)),
-        ("learning rate", lambda c, m: _xy(c, "lr") or _xy(m, "lr")),
-    ]
-    for ax, (label, pick) in zip(axes, panels, strict=True):
-        drawn = []
-        for run, curve, metrics in data:
-            xs_ys = pick(curve, metrics)
-            if xs_ys:
-                ax.plot(*xs_ys, color=ctx.colors.get(run.method), linestyle=seed_style(run, ctx.runs), linewidth=1.3,
-                        marker=ctx.marker(run.method) if len(xs_ys[0]) <= 30 else None, markersize=3.5,
-                        markerfacecolor="none")
-                drawn += xs_ys[1]
-        if not drawn:
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="gray")
-        elif label.startswith("val") and is_perplexity(ctx.metric):
-            ax.set_yscale("log")  # the first evaluations' perplexity would flatten the rest
-        elif label.startswith("val"):
-            _log_if_wide(ax, drawn)
-        ax.set_title(label, fontsize=10)
-        ax.set_ylabel(label, fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in axes[2:]:
-        ax.set_xlabel("optimizer step")
-    fig.suptitle(f"{ctx.model}: training curves (colour = optimizer/method, line style = seed)", fontsize=11)
-    seeds = sorted({str(r.seed) for r, _, _ in data})
-    handles = method_handles(ctx, sorted({r.method for r, _, _ in data}))
-    handles += [Line2D([], [], color="gray", linestyle=seed_style(r, ctx.runs), label=f"seed {r.seed}")
-                for r in _one_per_seed(data, seeds)]
-    legend_outside(fig, handles)
-    fig.tight_layout()
-    ctx.notes += _same_curves(data)
-    draw_notes(fig, ctx.notes)
-    return fig
-
-
-def _same_curves(data: list[tuple[Run, Any, Any]]) -> list[str]:
-    """'identical curves: a = b' for runs whose loss and validation records are the same (one line hides
-    the others)."""
-    keys = [(run.name, tuple((c.get("step"), c.get("loss")) for c in curve)
-             + tuple((m.get("step"), json.dumps(m.get("val"), sort_keys=True)) for m in metrics))
-            for run, curve, metrics in data]
-    return [f"identical training curves (drawn on top of each other): {' = '.join(same)}"
-            for same in coincident(keys)]
-
-
-def _one_per_seed(data: list[tuple[Run, Any, Any]], seeds: list[str]) -> list[Run]:
-    chosen: dict[str, Run] = {}
-    for run, _, _ in data:
-        chosen.setdefault(str(run.seed), run)
-    return [chosen[s] for s in seeds]
-
-
-def _xy(records: list[dict[str, Any]], key: str | tuple[str, str]) -> tuple[list[float], list[float]] | None:
-    xs, ys = [], []
-    for rec in records:
-        value = rec.get(key[0], {}).get(key[1]) if isinstance(key, tuple) else rec.get(key)
-        if isinstance(rec.get("step"), (int, float)) and isinstance(value, (int, float)) and math.isfinite(value):
-            xs.append(rec["step"])
-            ys.append(value)
-    return (xs, ys) if xs else None
-
-
-def _scale(xy: tuple[list[float], list[float]] | None, factor: float) -> tuple[list[float], list[float]] | None:
-    return (xy[0], [y * factor for y in xy[1]]) if xy else None
-
-
-def _log_if_wide(ax: Any, values: list[float]) -> None:
+def log_if_wide(ax: Any, values: list[float]) -> None:
     """Log scale when positive values span more than two decades (early perplexity, say)."""
     positive = [v for v in values if v > 0]
     if positive and len(positive) == len(values) and max(positive) / min(positive) > 100:

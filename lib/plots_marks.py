@@ -1,22 +1,30 @@
 """What the graphs add so that no series hides and no number reads as more than it is.
 
-Pure helpers (no drawing) for lib/plots.py and lib/plots_memory.py: one marker per
-method, a small sideways dodge per method, the groups of points that coincide, the
-test set's resolution (one test image, in points of accuracy) and the seed-spread note.
+Pure helpers (no drawing) for lib/plots.py, lib/plots_curves.py and lib/plots_memory.py:
+one marker per method, a shade of the method's colour per target sparsity, a small
+sideways dodge per method, the groups of points that coincide (and how to name a group
+of runs in a note), the test set's resolution (one test image, in points of accuracy)
+and the seed-spread note.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
+
+from matplotlib.colors import to_rgb
 
 from lib.results import Metric, Run
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
 SPARSITY_MARKERS = ("*", "o", "s", "^", "D", "v", "P", "X", "h", "p")  # dense first
 DODGE_SHARE = 0.4  # all methods' dodges together take this share of the smallest gap between x ticks
+# the least sparse runs of a method are mixed this much with white, the sparsest this much with black: far
+# enough apart to tell three or four sparsities apart, near enough that the method's colour stays recognisable
+SHADE_LIGHT, SHADE_DARK = 0.55, 0.45
 SAME = 9  # digits: values equal after rounding to this many decimals coincide on the page
 MAX_INFERRED = 100_000  # a test-set size larger than this is not inferred from the values
 
@@ -29,6 +37,62 @@ def method_markers(methods: Sequence[str]) -> dict[str, str]:
 def sparsity_markers(targets: Sequence[float]) -> dict[float, str]:
     """One marker per target sparsity (sorted), the dense 0 % first."""
     return {t: SPARSITY_MARKERS[i % len(SPARSITY_MARKERS)] for i, t in enumerate(sorted(set(targets)))}
+
+
+def sparsity_shades(groups: Iterable[tuple[str, float]],
+                    colors: Mapping[str, Any]) -> dict[tuple[str, float], tuple[float, float, float]]:
+    """A colour per (method, target sparsity): the method's colour, lighter for lower and darker for higher
+    targets, so that one method's runs at different sparsities are told apart. Every method uses the same
+    shade for the same target; dense runs (0 %) keep the plain colour, as does everything when the runs have
+    a single nonzero target."""
+    pairs = set(groups)
+    levels = sorted({t for _, t in pairs if t > 0})
+    shades = {}
+    for method, target in pairs:
+        rgb = to_rgb(colors.get(method) or "gray")
+        if target > 0 and len(levels) > 1:
+            amount = -SHADE_LIGHT + (SHADE_LIGHT + SHADE_DARK) * levels.index(target) / (len(levels) - 1)
+            rgb = _mix(rgb, (1.0, 1.0, 1.0) if amount < 0 else (0.0, 0.0, 0.0), abs(amount))
+        shades[(method, target)] = rgb
+    return shades
+
+
+def _mix(rgb: tuple[float, float, float], other: tuple[float, float, float],
+         amount: float) -> tuple[float, float, float]:
+    r, g, b = ((1 - amount) * c + amount * o for c, o in zip(rgb, other, strict=True))
+    return (r, g, b)
+
+
+def sparsity_text(target: float) -> str:
+    """0.5 -> '50 %'; how a target sparsity is named in legends, titles and notes."""
+    return f"{target * 100:g} %"
+
+
+def runs_text(runs: Sequence[Run], seeds: Sequence[str]) -> str:
+    """A set of runs named compactly for a note: 'adamw/magnitude at 50, 70 %; sgd/none at 0 % (seeds 1, 2
+    each)'. Each method and target is named once; of the model's ``seeds``, those of the runs are named once
+    when every (method, target) has the same ones, else after each target, and not at all when the model has
+    one seed."""
+    named: dict[str, dict[float, list[str]]] = {}
+    for run in runs:
+        named.setdefault(run.method, {}).setdefault(run.target, []).append(str(run.seed))
+    seed_sets = {tuple(sorted(s)) for by_target in named.values() for s in by_target.values()}
+    shared = next(iter(seed_sets)) if len(seed_sets) == 1 else None  # the seeds of every (method, target)
+    parts = []
+    for method, by_target in sorted(named.items()):
+        if shared is None:  # the seeds differ: named after each target
+            targets = ", ".join(f"{sparsity_text(t)} ({_seeds_text(s)})" for t, s in sorted(by_target.items()))
+        else:
+            targets = f"{', '.join(f'{t * 100:g}' for t in sorted(by_target))} %"
+        parts.append(f"{method} at {targets}")
+    text = "; ".join(parts)
+    if shared is None or len(set(seeds)) < 2:
+        return text
+    return f"{text} ({_seeds_text(shared)}{' each' if len(runs) > len(shared) else ''})"
+
+
+def _seeds_text(seeds: Sequence[str]) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(sorted(seeds, key=lambda s: (len(s), s)))
 
 
 def dodges(methods: Sequence[str], ticks: Sequence[float]) -> dict[str, float]:

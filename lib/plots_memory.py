@@ -6,7 +6,8 @@ Measured peaks are GPU max allocated/reserved on a GPU run and peak RSS (whole p
 torch runtime included) on a CPU run: high-water marks from the start of training to the end
 of the test evaluation, each step's activations included. The timeline draws the memory in
 use when each log line was written (between optimizer steps) and, where train.jsonl records
-it, the same high-water mark so far, ending at the summary's peak. State bytes are counted
+it, the same high-water mark so far, ending at the summary's peak; one panel per
+optimizer/method and sparsity, above the smallest sample of any run. State bytes are counted
 exactly from the tensors.
 """
 
@@ -19,10 +20,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from lib.plots import Context, draw_notes, legend_outside, seed_style
+from lib.plots_marks import sparsity_text
 from lib.plots_pareto import memory_vs_metric, pareto_front
 from lib.results import Run, groups
 
-__all__ = ["memory_timeline", "memory_vs_metric", "pareto_front", "peak_memory"]
+__all__ = ["cell_rows", "memory_timeline", "memory_vs_metric", "pareto_front", "peak_memory"]
 
 MiB = 2**20
 MAX_BARS = 40  # more runs than this: one bar per group (mean over seeds) instead of per run
@@ -38,6 +40,14 @@ PEAK_NOTE = ("measured peak = high-water mark from the start of training to the 
 TIMELINE = (("cuda_allocated_bytes", "cuda_max_allocated_bytes", "GPU allocated"),
             ("rss_bytes", "peak_rss_bytes", "process RSS (CPU)"))
 GAP = 1.1  # a summary peak this many times the largest in-use sample gets a note
+# (legend label, colour, line width) of the timeline's lines: the thin high-water mark is drawn over the wider
+# in-use line, in another colour, so that both stay visible where they coincide (RSS rarely shrinks)
+IN_USE = ("in use when logged (between steps)", "#4c72b0", 2.4)
+SO_FAR = ("peak so far (high-water mark)", "#c44e52", 1.0)
+SUMMARY_PEAK = "peak in summary.json (to the end of the test evaluation)"
+CELL_HEIGHT = 1.7  # inches per row of timeline panels
+HEADER = 0.5  # inches of the timeline's figure for its two-line title
+MAX_COLUMNS = 4  # timeline panels per row at most
 STATE_COLORS = ("#2ca02c", "#ff7f0e", "#d62728", "#9467bd")
 
 
@@ -115,48 +125,122 @@ def peak_memory(ctx: Context) -> Figure | str:
 
 
 def memory_timeline(ctx: Context) -> Figure | str:
-    """Memory vs step (train.jsonl), from zero: in use when logged, the high-water mark so far where it
-    was recorded, and summary.json's peak at the last step (the same counter, to the end of the test)."""
-    curves = [(r, r.curve()) for r in ctx.runs]
+    """Memory vs step (train.jsonl) in small multiples: one panel per optimizer/method and target sparsity,
+    its seeds by line style, so that no run hides another. Memory is drawn above a baseline, the smallest
+    sample of any run (what the process holds anyway: from zero, differences of a few MiB between runs would
+    be invisible); the panels of one counter share their axes, so their heights compare.
+
+    In a panel: memory in use when logged, the high-water mark so far where train.jsonl records it, and
+    summary.json's peak at the last step (the same counter, to the end of the test evaluation). Colour tells
+    these apart, the same in every panel (the panel's title names its runs), so each legend entry looks
+    exactly like the lines it names."""
+    curves = [(r, c) for r in ctx.runs if (c := r.curve())]
     panels = [p for p in TIMELINE if any(_number(rec.get(p[0])) for _, c in curves for rec in c)]
     if not panels:
         return "no train.jsonl with memory samples (rss_bytes / cuda_allocated_bytes)"
-    methods = sorted({r.method for r, c in curves if c})
-    fig = Figure(figsize=(11, max(3.8 * len(panels), 0.2 * (len(methods) + 3) + 1.0)))  # room for the legend
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, panel in zip(axes, panels, strict=True):
-        extremes = [_timeline_run(ax, ctx, run, curve, panel) for run, curve in curves if curve]
-        ax.set_ylim(0, max(ax.dataLim.y1, 1.0) * 1.08)  # from zero: a band of a few MiB must not read as a swing
-        ax.set_ylabel(f"{panel[2]} (MiB)")
-        ax.set_title(panel[2], fontsize=10)
-        ax.grid(alpha=0.3)
-        _gap_note(ctx, panel[2], extremes)
-    axes[-1].set_xlabel("optimizer step")
-    fig.suptitle(f"{ctx.model}: memory during training (colour = optimizer/method, line style = seed)", fontsize=11)
-    running = any(_number(rec.get(p[1])) for p in panels for _, c in curves for rec in c)
-    handles = [Line2D([], [], color=ctx.colors.get(m), label=m) for m in methods]  # lines without markers here
-    legend_outside(fig, handles + _style_handles(running))
-    fig.tight_layout()
+    rows = cell_rows([r.group[1:] for r, _ in curves])
+    # constrained layout keeps the two-line title clear of the panels at every height (tight_layout does not)
+    fig = Figure(figsize=(11, CELL_HEIGHT * len(rows) * len(panels) + HEADER), layout="constrained")
+    grid = fig.subplots(len(rows) * len(panels), max(len(row) for row in rows), sharex=True, squeeze=False)
+    baselines = [_timeline_block(ctx, grid[i * len(rows):(i + 1) * len(rows)], rows, curves, panel)
+                 for i, panel in enumerate(panels)]
+    _step_labels(grid)
+    seeds = "" if _seeds(ctx.runs) == [None] else "; line style = seed"
+    above = "; ".join(f"{panel[2]} {base:.1f} MiB" for panel, base in zip(panels, baselines, strict=True))
+    fig.suptitle(f"{ctx.model}: memory during training, one panel per optimizer/method and target sparsity{seeds}\n"
+                 f"memory above the process baseline, the smallest sample of any run: {above}", fontsize=11)
+    legend_outside(fig, _timeline_handles(fig, _seeds(ctx.runs)))
+    fig.draw_without_rendering()  # lay the panels out, so that the notes go under them
     draw_notes(fig, ctx.notes)
     return fig
 
 
-def _timeline_run(ax: Any, ctx: Context, run: Run, curve: list[dict], panel: tuple[str, str, str]) -> tuple:
-    """Draw one run's lines; return (largest in-use sample, summary peak) in MiB (None where absent)."""
+def cell_rows(groups: list[tuple[str, float]]) -> list[list[tuple[str, float]]]:
+    """(method, target) panels in rows: a row per method with several targets (by target, so that columns line
+    up by sparsity), then the methods with one target (dense runs, say) packed together."""
+    targets: dict[str, list[float]] = {}
+    for method, target in sorted(set(groups)):
+        targets.setdefault(method, []).append(target)
+    several = [[(m, t) for t in ts] for m, ts in targets.items() if len(ts) > 1]
+    single = [(m, ts[0]) for m, ts in targets.items() if len(ts) == 1]
+    width = min(MAX_COLUMNS, max([len(row) for row in several] or [len(single)]))
+    return [row[i:i + width] for row in [*several, single] for i in range(0, len(row), width)]
+
+
+def _timeline_block(ctx: Context, block: Any, rows: list[list[tuple[str, float]]], curves: list[tuple[Run, list]],
+                    panel: tuple[str, str, str]) -> float:
+    """Draw one counter's panels (rows of cells, one per method and target); return its baseline in MiB."""
+    base = min(v for _, curve in curves for key in panel[:2] for _, v in _series(curve, key))
+    extremes, shared = [], []
+    for cells, axes in zip(rows, block, strict=False):
+        for ax in axes[len(cells):]:
+            ax.set_visible(False)
+        for (method, target), ax in zip(cells, axes, strict=False):
+            extremes += [_timeline_run(ax, ctx, run, curve, panel, base)
+                         for run, curve in curves if run.group[1:] == (method, target)]
+            ax.set_title(f"{method} {sparsity_text(target)}", fontsize=8.5)
+            for spine in ax.spines.values():  # the method's colour, as in the other graphs
+                spine.set_edgecolor(ctx.colors.get(method) or "black")
+            ax.grid(alpha=0.3)
+            if shared:
+                ax.sharey(shared[0])
+            shared.append(ax)
+        axes[0].set_ylabel(f"{panel[2]}\nMiB above {base:.1f}", fontsize=8)
+    top = max(ax.dataLim.y1 for ax in shared)
+    shared[0].set_ylim(0, max(top, 1.0) * 1.08)  # from the baseline: nothing is below it
+    _gap_note(ctx, panel[2], extremes)
+    return base
+
+
+def _step_labels(grid: Any) -> None:
+    """Step ticks and label under the lowest visible panel of each column (the others share its x axis)."""
+    for column in grid.T:
+        lowest = [ax for ax in column if ax.get_visible()][-1]
+        lowest.xaxis.set_tick_params(labelbottom=True)
+        lowest.set_xlabel("optimizer step", fontsize=8)
+
+
+def _timeline_run(ax: Any, ctx: Context, run: Run, curve: list[dict], panel: tuple[str, str, str],
+                  base: float) -> tuple:
+    """Draw one run's lines above ``base``; return (largest in-use sample, summary peak) in MiB, None where
+    absent. Each line's label is its legend entry, its gid the run's name."""
     now_key, peak_key, _ = panel
-    color, style = ctx.colors.get(run.method), seed_style(run, ctx.runs)
-    now = _series(curve, now_key)
-    if now:
-        ax.plot(*zip(*now, strict=True), color=color, linestyle=style, linewidth=1.3)
-    running = _series(curve, peak_key)
-    if running:
-        ax.plot(*zip(*running, strict=True), color=color, linestyle=style, linewidth=0.8, alpha=0.5,
-                drawstyle="steps-post")
+    style = seed_style(run, ctx.runs)
+    now, running = _series(curve, now_key), _series(curve, peak_key)
+    for points, (kind, color, width), steps in ((now, IN_USE, "default"), (running, SO_FAR, "steps-post")):
+        if points:
+            ax.plot([s for s, _ in points], [v - base for _, v in points], color=color, linewidth=width,
+                    linestyle=style, drawstyle=steps, label=_kind_label(kind, run, ctx.runs), gid=run.name)
     peak = run.memory().get(peak_key)
     last = max((s for s, _ in now + running), default=None)
     if _number(peak) and last is not None:
-        ax.plot([last], [peak / MiB], color=color, marker="D", markersize=5, linestyle="none")
+        ax.plot([last], [peak / MiB - base], color=SO_FAR[1], marker="D", markersize=5, linestyle="none",
+                label=SUMMARY_PEAK, gid=run.name)
     return (max((v for _, v in now), default=None), peak / MiB if _number(peak) else None)
+
+
+def _seeds(runs: list[Run]) -> list[str | None]:
+    """The seeds the legend names, or [None] when there is one seed: then no line names its seed."""
+    seeds = sorted({str(r.seed) for r in runs})
+    return seeds if len(seeds) > 1 else [None]
+
+
+def _kind_label(kind: str, run: Run, runs: list[Run]) -> str:
+    return kind if _seeds(runs) == [None] else f"{kind}, seed {run.seed}"
+
+
+def _timeline_handles(fig: Figure, seeds: list[str | None]) -> list[Line2D]:
+    """A legend entry per label drawn, in kind then seed order, copying the style of the lines it names."""
+    drawn = {line.get_label(): line for ax in fig.axes for line in ax.lines}
+    labels = [f"{kind}, seed {s}" if s is not None else kind for kind, _, _ in (IN_USE, SO_FAR) for s in seeds]
+    handles = []
+    for label in [*labels, SUMMARY_PEAK]:
+        if label in drawn:
+            line = drawn[label]
+            handles.append(Line2D([], [], color=line.get_color(), linewidth=line.get_linewidth(),
+                                  linestyle=line.get_linestyle(), marker=line.get_marker(),
+                                  markersize=line.get_markersize(), label=label))
+    return handles
 
 
 def _series(curve: list[dict], key: str) -> list[tuple[float, float]]:
@@ -175,12 +259,3 @@ def _gap_note(ctx: Context, title: str, extremes: list[tuple]) -> None:
         ctx.notes.append(f"{title}: the peak in summary.json ({peak:.0f} MiB, diamonds) is above the in-use samples "
                          f"(up to {now:.0f} MiB) because they are taken between optimizer steps; the peak is the "
                          "high-water mark, each step's activations and the test evaluation included")
-
-
-def _style_handles(running: bool) -> list[Line2D]:
-    handles = [Line2D([], [], color="gray", linewidth=1.3, label="in use when logged (between steps)")]
-    if running:
-        handles.append(Line2D([], [], color="gray", linewidth=0.8, alpha=0.5, label="peak so far (high-water mark)"))
-    handles.append(Line2D([], [], color="gray", marker="D", markersize=5, linestyle="none",
-                          label="peak in summary.json (to the end of the test evaluation)"))
-    return handles
