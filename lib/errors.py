@@ -12,9 +12,9 @@ class HarnessError(Exception):
 class Interrupted(HarnessError):
     """Ctrl-C or SIGTERM stopped a matrix: its runs were stopped after a checkpoint (`make continue`)."""
 
-    def __init__(self, signal_name: str, stopped: int, waiting: int) -> None:
-        super().__init__(f"{signal_name}: {stopped} run(s) stopped after a checkpoint, {waiting} not started")
-        self.signal_name, self.stopped, self.waiting = signal_name, stopped, waiting
+    def __init__(self, signal_name: str, checkpointed: int, waiting: int) -> None:
+        super().__init__(f"{signal_name}: {checkpointed} run(s) stopped after a checkpoint, {waiting} not started")
+        self.signal_name, self.checkpointed, self.waiting = signal_name, checkpointed, waiting
 
 
 class ConfigError(HarnessError):

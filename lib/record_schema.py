@@ -39,7 +39,7 @@ RECORD = {
     "steps": _map(INT),
     "memory": {"state_bytes": _map(NUMBER), "*": NUMBER},
     "throughput": {"unit": STR, "value": NUMBER},
-    "mfu": _map(NUMBER),
+    "mfu": {"value": NUMBER, "flops_per_sample": NUMBER, "peak_flops": NUMBER, "gpu": STR, "peak_source": STR},
     "activations": {"policy": STR, "segments": _list(ANY), "measured_bytes": NUMBER, "measured_at": STR,
                     "*": NUMBER},
     "hardware": {"micro_batch": INT, "grad_accum": INT, "world_size": INT, "planned_micro_batch": INT,

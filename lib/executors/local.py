@@ -99,8 +99,7 @@ class LocalExecutor:
             print(f"{exc or 'interrupted'}: stopping {len(running)} run(s), each after a checkpoint at the end of "
                   f"its step", flush=True)
             _stop(running)
-            _reap(folder, running, bar, slots, record)
-            raise Interrupted(str(exc) or "interrupted", len(running), len(queue)) from None
+            raise Interrupted(str(exc) or "interrupted", _stopped(folder, running, record), len(queue)) from None
         except DiskFullError:
             _stop(running)
             raise
@@ -170,6 +169,23 @@ def _reap(folder: Path, running: list, bar: tqdm, slots: GpuSlots, record: bool 
         summary = read_summary(folder / name, exit_code=proc.returncode)
         tqdm.write(f"{one_line(summary)}  [{time.time() - started:.1f} s from launch to exit]")
     return still
+
+
+def _stopped(folder: Path, running: list, record: bool) -> int:
+    """After a stop: say what became of each run; the number that checkpointed. A run that finished meanwhile
+    is recorded; one the signal ended before it could checkpoint is left unrecorded, never failed (`make
+    continue` starts it again, from an earlier checkpoint if it has one)."""
+    checkpointed = 0
+    for name, proc, *_ in running:
+        if proc.returncode == STOPPED_EXIT:
+            checkpointed += 1
+            print(f"{name}: stopped after a checkpoint; `make continue` resumes it", flush=True)
+        elif proc.returncode == 0 and record:
+            print(one_line(read_summary(folder / name, exit_code=0)), flush=True)
+        else:
+            print(f"{name}: stopped before it could write a checkpoint (exit status {proc.returncode}); `make "
+                  f"continue` starts it again", flush=True)
+    return checkpointed
 
 
 def _interrupt(signum: int, frame: Any) -> None:
