@@ -30,7 +30,7 @@ from lib.spec import RunSpec
 from lib.task import Batch, Metric
 
 ROOT = Path(__file__).resolve().parent.parent
-# Micro-batch per GPU for GPT-2 124M at block 1024 (ALGORITHMS.md, "Hardware plan"). B200, W7900
+# Micro-batch per GPU for GPT-2 124M at block 1024 (docs/algorithms.md, "GPU micro-batch table"). B200, W7900
 # and A10G are the published single-GPU choices (effective batch 1024: grad-accum 8, 32, 128). The
 # other rows are ours, placed by memory size between those three; no run of ours has measured them.
 GPU_MICRO_BATCH_124M = {
@@ -39,7 +39,7 @@ GPU_MICRO_BATCH_124M = {
     "A100-40GB": 32, "L40S": 32, "L40": 32, "W7900": 32, "MI210": 32,
     "A10G": 8, "L4": 8,
 }
-CPU_MICRO_BATCH = 8  # beyond it a CPU step only gets slower per token (2 cores, ENVIRONMENT.md)
+CPU_MICRO_BATCH = 8  # beyond it a CPU step only gets slower per token (measured on a 2-core CPU VM)
 DEFAULT_EVAL_WINDOWS = 50  # with EVAL_BATCHES = 0: a fixed sample, since a corpus split can be huge
 EVAL_CHUNK = 16  # windows per evaluation forward pass, at most
 

@@ -1,1 +1,1 @@
-"""The model-agnostic experiment harness (see DESIGN.md in shared/)."""
+"""The model-agnostic experiment harness (README.md for its use, docs/algorithms.md for its rules)."""

@@ -1,4 +1,5 @@
-"""Activation checkpointing policies (seed 004): which blocks recompute their activations in backward.
+"""Activation checkpointing policies: which blocks recompute their activations in backward.
+(docs/algorithms.md, "Activation checkpointing policies")
 
 torch does the work (``torch.utils.checkpoint``, non-reentrant, RNG state replayed, and
 ``create_selective_checkpoint_contexts`` for the operation-cost rule); this module only
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 
 POLICIES = ("none", "uniform", "sqrt", "budget", "selective")
 _aten = torch.ops.aten
-# Expensive to recompute: their outputs are saved under ``selective`` (seed 004's operation-cost rule).
+# Expensive to recompute: their outputs are saved under ``selective`` (the operation-cost rule).
 # Batch norm is not among them: in training it is a reduction and pointwise ops, and saving its output
 # measured 1.25x none's bytes on ResNet-18 (the in-place ReLU after it makes the saved copy extra);
 # recomputed, selective keeps 0.78x at 1.13x the time (scripts/bench_activation_ckpt.py).

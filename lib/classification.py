@@ -109,7 +109,7 @@ class ClassificationTask:
     metric = Metric("accuracy", higher_is_better=True, unit="%")
     sample_unit = "images"
     image_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W) the model takes
-    cpu_batch_cap = 64  # the largest useful CPU micro-batch (measured on 2 cores, ENVIRONMENT.md)
+    cpu_batch_cap = 64  # the largest useful CPU micro-batch (measured on a 2-core CPU VM)
 
     def cpu_micro_batch(self, spec: object) -> int:
         return self.cpu_batch_cap

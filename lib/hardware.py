@@ -4,7 +4,7 @@
 with made-up devices. ``plan()`` turns a run and the hardware settings into a
 HardwarePlan whose micro-batch x grad-accum x world size is the effective batch
 (exactly, or the plan says by how much it is not), with a one-line rationale.
-The rules (ALGORITHMS.md, "Hardware plan"), in order: manual settings; on a GPU
+The rules (docs/algorithms.md, "Hardware plan"), in order: manual settings; on a GPU
 the task's table by GPU model, checked against free memory; else the
 free-memory rule; on a CPU the task's CPU cap.
 """

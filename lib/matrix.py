@@ -31,7 +31,7 @@ FINISHED = ("ok", "diverged")
 
 
 def run_name(model: str, optimizer: str, pruning: str, sparsity: float, seed: int | None, variant: str = "") -> str:
-    """<model>_<optimizer>[_<variant>]_<pruning>_<sparsity%>[_s<seed>] (DESIGN.md, Results folder)."""
+    """<model>_<optimizer>[_<variant>]_<pruning>_<sparsity%>[_s<seed>] (README.md, "What a results folder holds")."""
     name = f"{model}_{optimizer}{'_' + variant if variant else ''}_{pruning}_{sparsity * 100:g}"
     return name if seed is None else f"{name}_s{seed}"
 

@@ -1,6 +1,7 @@
-"""Statistics of whole structures gathered during training, for checkpoint-time surgery (seed 000).
+"""Statistics of whole structures gathered during training, for checkpoint-time surgery.
+(docs/algorithms.md, "Structure statistics")
 
-Seed 000's analysis phase: while training, only measure. Every ``every``-th optimizer
+The analysis phase: while training, only measure. Every ``every``-th optimizer
 step (CONFIG_STRUCTURE_STATS_EVERY) two running means are updated for every structure
 the model family describes (lib/structures.py), and one for every residual block:
 

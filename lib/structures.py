@@ -1,4 +1,4 @@
-"""Whole structures of a model that pruning can remove: the model-agnostic interface (seeds 000, 003).
+"""Whole structures of a model that pruning can remove: the model-agnostic interface (docs/algorithms.md, "Units").
 
 A model family describes its own structures (``model.structures()``) and the residual
 blocks it can drop (``model.residual_blocks()``), in its own folder; pruners, statistics

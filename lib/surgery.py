@@ -1,4 +1,4 @@
-"""Physically removing structures, with every piece of state carried across (seed 000).
+"""Physically removing structures, with every piece of state carried across (docs/algorithms.md, "Dependency rules").
 
 Model-agnostic: a model family describes its structures (lib/structures.py) and says
 what its architecture becomes without some of them (``model.architecture_without``);

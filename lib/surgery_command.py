@@ -1,4 +1,5 @@
-"""`make surgery RUN=<run dir> [FRACTION=0.3] [STRUCTURE=heads|neurons|channels|units|blocks]` (seed 000).
+"""`make surgery RUN=<run dir> [FRACTION=0.3] [STRUCTURE=heads|neurons|channels|units|blocks]`.
+(docs/algorithms.md, "Structure statistics and surgery")
 
 Measure twice, cut once: load the run's newest training checkpoint (or, for a finished
 run, its newest milestone), choose what to remove (from the structure statistics the

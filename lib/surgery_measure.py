@@ -1,4 +1,4 @@
-"""What surgery changed, measured on this machine (seed 000's "measured results, not claims").
+"""What surgery changed, measured on this machine (measured results, not claims).
 
 For the model before and after a cut: parameters, checkpoint bytes (the serialized
 payload), optimizer-state bytes, training memory and inference latency.

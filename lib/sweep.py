@@ -1,4 +1,4 @@
-"""`make sweep RUN=<run dir>` (or RESULTS=<dir>): how much pruning a trained model tolerates (seed 003).
+"""`make sweep RUN=<run dir>` (or RESULTS=<dir>): how much pruning a trained model tolerates.
 
 The run's best checkpoint is read, never written. For every pattern x importance metric x target
 sparsity a copy of the dense weights is pruned one-shot, without training, and evaluated on the
@@ -7,10 +7,12 @@ beside the dense model (lib/sweep_measure.py). The gradient-sensitivity and acti
 a few calibration batches of training data first (one forward and backward each, no step, batch
 norm and dropout in evaluation mode).
 
-The recommendation, per pattern, is seed 003's ``optimal_sparsity``: the highest target whose
-validation metric stays within the tolerance of dense (points of accuracy, or percent of
-perplexity). Of those, the row with the highest sparsity reached over all prunable weights (ties:
-the better metric) is recommended overall, and only it is evaluated on the test split.
+The recommendation, per pattern, is the highest target whose validation metric stays within the
+tolerance of dense (points of accuracy, or percent of perplexity). Overall, among the patterns'
+picks, one that buys something measured here (fewer parameters, or a reliable speed-up of
+MIN_SPEEDUP or more) is preferred, then the highest sparsity reached over all prunable weights
+(ties: the better metric); only it is evaluated on the test split (docs/algorithms.md, "One-shot
+sweep").
 Everything goes to <run dir>/sweep/: sweep.json, sweep.md and sweep.png (lib/sweep_report.py).
 """
 

@@ -39,7 +39,7 @@ class ResNetTask(classification.ClassificationTask):
         if layout_of(dataset).classes != classes:
             raise ValueError(f"{dataset} has {layout_of(dataset).classes} classes, not {classes}")
         self.name, self.dataset, self.classes = name, dataset, classes
-        self.cpu_batch_cap = cpu_batch_cap  # the largest useful CPU micro-batch (2 cores, ENVIRONMENT.md)
+        self.cpu_batch_cap = cpu_batch_cap  # the largest useful CPU micro-batch (measured on a 2-core CPU VM)
         self.layout = layout_of(dataset)
         self._cache: dict[tuple[str, int], CifarData] = {}
 

@@ -25,7 +25,7 @@ B, ...) so that drift and neighbours' load hit both alike. Results:
   cause denormals: a pruned entry is exactly +0.0 and stays so;
   ``subnormal_fraction`` counts the state's subnormals.
 - P2s: the same on AdamWSPAM's released form with spike clipping on (what the
-  seed's defconfigs run) / dense fused AdamW (target <= 1.5).
+  gpt2-finewebedu-* defconfigs run) / dense fused AdamW (target <= 1.5).
 - P4: (weights + optimizer state + pruning buffers) / weights in bytes for
   AdamWPrune with the state pruner at 50% (target <= 3.04; exact value
   3 + 1/32 plus the step counters).
@@ -242,7 +242,7 @@ def _inductor_step_ms(model: nn.Module, opt: AdamWPrune, repeats: int) -> dict[s
 def p2_spam(n_params: int, *, repeats: int = 7, num_threads: int | None = None, device: str = "cpu") -> dict:
     """AdamWPrune on the released AdamWSPAM base, clipping on, 50% mask / dense fused AdamW step; target <= 1.5.
 
-    The seed's defconfigs run this step. The base is stepped past SPAM's clipping
+    The gpt2-finewebedu-* defconfigs run this step. The base is stepped past SPAM's clipping
     window (``accu`` = 20 steps) first, so every timed step clips.
     """
     a, b = make_model(n_params, device=device), make_model(n_params, device=device)

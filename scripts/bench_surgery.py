@@ -1,4 +1,5 @@
-"""Checkpoint-time surgery (seed 000) measured: the cost of structure statistics, and what a cut saves.
+"""Checkpoint-time surgery measured: the cost of structure statistics, and what a cut saves.
+(docs/algorithms.md, "Structure statistics and surgery")
 
 1. Statistics overhead (target, issue 14: at most 2 % of a training step on the tiny GPT).
    The tiny GPT as `make defconfig-gpt2-tiny-surgery` trains it (vocabulary 50304, block 128,

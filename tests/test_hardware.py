@@ -31,7 +31,8 @@ B200X4 = gpus("NVIDIA B200", 4, 178.4)
 
 
 def gpt2(batch: int = 1024, size: str = "124m", block: int = 1024):
-    """The seed's GPT-2 run: 124M at block 1024, effective batch 1024."""
+    """The reference GPT-2 run: 124M at block 1024, effective batch 1024 (docs/algorithms.md,
+    "GPU micro-batch table")."""
     spec = tiny_spec(batch_size=batch)
     return dataclasses.replace(spec, model="gpt2", model_options={"size": size, "block_size": block,
                                                                    "dataset": "finewebedu", "vocab_size": 50304})
@@ -52,7 +53,8 @@ def assert_at_target(plan, target: int) -> None:
 
 @pytest.mark.parametrize("devices, micro, accum", [(B200, 128, 8), (W7900, 32, 32), (A10G, 8, 128)])
 def test_published_single_gpu_gpt2_choices(devices, micro, accum):
-    """ALGORITHMS.md: GPT-2 124M, block 1024, one GPU: B200 -> 128, W7900 -> 32, A10G -> 8 at batch 1024."""
+    """GPT-2 124M, block 1024, one GPU: B200 -> 128, W7900 -> 32, A10G -> 8 at batch 1024
+    (docs/algorithms.md, "GPU micro-batch table")."""
     plan = hardware.plan(gpt2(), AUTO, devices)
     assert (plan.micro_batch, plan.grad_accum, plan.world_size) == (micro, accum, 1)
     assert_at_target(plan, 1024)

@@ -1,4 +1,5 @@
-"""Structure statistics during training (issue 14, seed 000's analysis phase): lib/structure_stats.py."""
+"""Structure statistics during training: lib/structure_stats.py.
+(issue 14; docs/algorithms.md, "Structure statistics")"""
 
 from __future__ import annotations
 

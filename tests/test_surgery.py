@@ -1,4 +1,5 @@
-"""Checkpoint-time surgery (issue 14, seed 000): lib/surgery.py, lib/dependency.py, lib/surgery_command.py.
+"""Checkpoint-time surgery: lib/surgery.py, lib/dependency.py, lib/surgery_command.py.
+(issue 14; docs/algorithms.md, "Structure statistics and surgery")
 
 The smaller model must compute what the masked model computes, carry every surviving weight's
 optimizer state bit for bit, and take the same next step; a rolled-back surgery must leave the

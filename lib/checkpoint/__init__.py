@@ -1,4 +1,4 @@
-"""Checkpoints: the ONE place that writes and reads them (seed 002, hierarchical checkpointing).
+"""Checkpoints: the ONE place that writes and reads them (docs/algorithms.md, "Checkpoints and resume").
 
 - format.py: the file format. A torch.save payload followed by a trailer holding its
   length and SHA-256; loading verifies both and unpickles with weights_only=True.

@@ -1,4 +1,4 @@
-"""The Slurm executor: one job per run (or one job array) through submitit (seed 002's preemption story).
+"""The Slurm executor: one job per run (or one job array) through submitit (docs/slurm.md).
 
 Each job runs ``lib.executors.job.RunJob`` in its run folder: the same lib.run as the local executor, so
 the folders, logs and records are the same. submitit's warning signal is SIGUSR1 (SUBMITIT_PREEMPT_SIGNAL),

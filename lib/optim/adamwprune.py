@@ -1,4 +1,4 @@
-"""``adamwprune``: an AdamW-family optimizer that prunes from its own state (seeds/001).
+"""``adamwprune``: an AdamW-family optimizer that prunes from its own state (docs/algorithms.md, "AdamWPrune").
 
 ``AdamWPrune`` wraps a base optimizer, torch's ``AdamW`` (``base="adamw"``,
 fused kernel where torch has one for the parameters' device) or ``AdamWSPAM``

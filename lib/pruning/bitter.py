@@ -2,7 +2,8 @@
 
 One table, ``BITTER``, maps a variant name to its score function
 ``fn(w, m, v, step, beta1) -> scores`` (same shape as ``w``, high = keep);
-the formulas are ALGORITHMS.md's. ``score_fn(variant, bitter8_form)`` picks
+the formulas are in docs/algorithms.md,
+"State pruning (bitter variants)". ``score_fn(variant, bitter8_form)`` picks
 one (bitter8/bitter9 in the ``paper`` or ``knlp`` form) and ``importance``
 applies it to a weight and its optimizer state, falling back to ``|w|`` for
 a weight that has no state yet.

@@ -1,4 +1,5 @@
-"""Importance metrics for magnitude-style pruning (seeds/003), chosen by ``PruneSettings.importance``.
+"""Importance metrics for magnitude-style pruning, chosen by ``PruneSettings.importance``.
+(docs/algorithms.md, "Importance metrics")
 
 - ``magnitude``: ``|w|``. No state.
 - ``gradient-sensitivity``: ``A += |w * g|`` every step, a first-order

@@ -1,4 +1,4 @@
-"""``nm``: N:M semi-structured sparsity (ALGORITHMS.md, "N:M sparsity").
+"""``nm``: N:M semi-structured sparsity (docs/algorithms.md, "N:M sparsity").
 
 In every group of M consecutive weights along a layer's input dimension the N most
 important stay (2:4 by default): the pattern NVIDIA's sparse tensor cores run. The input

@@ -1,4 +1,5 @@
-"""``structured`` and ``layer_dropout``: remove whole structures during training (seeds 000, 003).
+"""``structured`` and ``layer_dropout``: remove whole structures during training.
+(docs/algorithms.md, "Structured pruning and layer dropout")
 
 Both mask: a removed structure's weights, gradients and optimizer state stay exactly zero,
 so the model computes what the smaller model surgery builds later would compute, and the
