@@ -12,14 +12,14 @@ export srctree := $(CURDIR)
 WHEELS ?= gpu-wheels
 
 # `make ... PYTHON=/path/python3` runs every target on that interpreter (a GPU node's own CUDA
-# torch, say) instead of building .venv: lib/pyenv.py checks that the harness's packages import
+# torch, say) instead of building .venv: lib/core/pyenv.py checks that the harness's packages import
 # and installs missing pure-Python ones from $(WHEELS)/ (`make gpu-wheels`) into a temporary
 # folder put on PYTHONPATH. Without it, PYTHON is only what builds .venv.
 ifeq ($(origin PYTHON),command line)
 EXTERNAL := 1
 PY := $(PYTHON)
 STAMP := python-ready
-HARNESS_SITE := $(shell cd '$(CURDIR)' && '$(PYTHON)' -m lib.pyenv site --wheels '$(WHEELS)' 2>/dev/null)
+HARNESS_SITE := $(shell cd '$(CURDIR)' && '$(PYTHON)' -m lib.core.pyenv site --wheels '$(WHEELS)' 2>/dev/null)
 ifneq ($(HARNESS_SITE),)
 export PYTHONPATH := $(HARNESS_SITE)$(if $(PYTHONPATH),:$(PYTHONPATH))
 endif
@@ -65,7 +65,7 @@ help: ## List the make targets
 
 python-ready: ## (with PYTHON=) check that interpreter's packages; install missing ones from gpu-wheels/
 	@command -v '$(PYTHON)' >/dev/null 2>&1 || { echo "error: PYTHON=$(PYTHON) is not an interpreter here; name a python3 (e.g. PYTHON=\$$(which python3)), or drop PYTHON= to use .venv" >&2; exit 2; }
-	@'$(PYTHON)' -m lib.pyenv ensure --wheels '$(WHEELS)' --site '$(HARNESS_SITE)' $(if $(filter test gpu-check,$(MAKECMDGOALS)),--tests)
+	@'$(PYTHON)' -m lib.core.pyenv ensure --wheels '$(WHEELS)' --site '$(HARNESS_SITE)' $(if $(filter test gpu-check,$(MAKECMDGOALS)),--tests)
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	@echo "Setting up $(VENV) (torch pinned to 2.13.0; about a minute on a fresh machine)"
@@ -189,7 +189,7 @@ slurm-down: ## Stop the Slurm daemons that make slurm-up started (others are lef
 	@scripts/local_slurm.sh stop
 
 gpu-wheels: $(if $(EXTERNAL),,$(STAMP)) ## Fetch into gpu-wheels/ the pure-Python wheels a GPU node's python lacks (needs the network; copy it along) [GPU_PYTHON=3.12]
-	@$(PY) -m lib.pyenv download --wheels '$(WHEELS)' --python-version '$(or $(GPU_PYTHON),3.12)'
+	@$(PY) -m lib.core.pyenv download --wheels '$(WHEELS)' --python-version '$(or $(GPU_PYTHON),3.12)'
 
 lint: $(STAMP) ## ruff over the project
 	@$(LINT)

@@ -20,8 +20,8 @@ import torch
 from gpt2.prepare import DTYPE, FORMAT
 from gpt2.sources import SPLITS
 from gpt2.tokenizer import EOT, NAME
-from lib.distributed import SINGLE, Shard
-from lib.errors import DataMissingError
+from lib.core.errors import DataMissingError
+from lib.train.distributed import SINGLE, Shard
 
 EVAL_SEED = 20190214  # fixed, independent of the run seed: every run evaluates the same windows
 SCAN_CHUNK = 1 << 24  # tokens per read when checking ids (32 MB)

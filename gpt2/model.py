@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.errors import ConfigError
-from lib.structures import Part, ResidualBlock, Structure, rows_and_columns
+from lib.core.errors import ConfigError
+from lib.core.structures import Part, ResidualBlock, Structure, rows_and_columns
 
 PADDED_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64: faster matmuls, unused rows never seen
 
@@ -33,7 +33,7 @@ class GPTConfig:
     n_embd: int
     vocab_size: int = PADDED_VOCAB
     block_size: int = 1024  # longest sequence: rows of the positional embedding
-    # After surgery (lib/surgery.py) layers differ: heads kept and MLP width of each layer; () = uniform.
+    # After surgery (lib/surgery/cut.py) layers differ: heads kept and MLP width of each layer; () = uniform.
     heads: tuple[int, ...] = ()
     mlp: tuple[int, ...] = ()
 
@@ -151,7 +151,7 @@ class GPT(nn.Module):
     """GPT-2: token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
     # Surgery cuts heads and neurons by hand (a head's rows of the fused qkv matrix and the matching
-    # bias entries; lib/surgery.py's default rule): torch-pruning cannot split a fused qkv into heads.
+    # bias entries; lib/surgery/cut.py's default rule): torch-pruning cannot split a fused qkv into heads.
     surgery_by_hand = True
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -172,7 +172,7 @@ class GPT(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
 
     def structures(self) -> list[Structure]:
-        """Heads and MLP neurons of every block (lib/structures.py)."""
+        """Heads and MLP neurons of every block (lib/core/structures.py)."""
         cfg, found = self.config, []
         per_head = cfg.head_dim
         for i in range(cfg.n_layer):
@@ -187,7 +187,7 @@ class GPT(nn.Module):
         return found
 
     def architecture(self) -> dict[str, Any]:
-        """What surgery changed, as plain data for a checkpoint (lib/surgery.py; GPT2.build_model reads it)."""
+        """What surgery changed, as plain data for a checkpoint (lib/surgery/cut.py; GPT2.build_model reads it)."""
         cfg = self.config
         return {"n_layer": cfg.n_layer, "heads": [cfg.layer_heads(i) for i in range(cfg.n_layer)],
                 "mlp": [cfg.layer_mlp(i) for i in range(cfg.n_layer)]}

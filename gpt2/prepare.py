@@ -24,8 +24,8 @@ import numpy as np
 
 from gpt2.sources import SPLITS, Row, default_rows
 from gpt2.tokenizer import EOT, NAME, VOCAB, gpt2_encoding
-from lib.errors import HarnessError
-from lib.files import write_json_atomic
+from lib.core.errors import HarnessError
+from lib.core.files import write_json_atomic
 
 DTYPE = "uint16"  # every GPT-2 id (< 50257) fits; half the bytes of int32
 FORMAT = 1  # of meta.json and the shards

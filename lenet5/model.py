@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.structures import Structure, rows_and_columns
+from lib.core.structures import Structure, rows_and_columns
 
 WIDTHS = {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
 
@@ -32,7 +32,7 @@ class LeNet5(nn.Module):
         self.fc3 = nn.Linear(w["fc2"], num_classes)
 
     def architecture(self) -> dict[str, Any]:
-        """The widths of the four layers surgery can narrow (lib/surgery.py; the task rebuilds from it)."""
+        """The widths of the four layers surgery can narrow (lib/surgery/cut.py; the task rebuilds from it)."""
         return {"conv1": self.conv1.out_channels, "conv2": self.conv2.out_channels,
                 "fc1": self.fc1.out_features, "fc2": self.fc2.out_features}
 
@@ -54,7 +54,7 @@ class LeNet5(nn.Module):
 
     def structures(self) -> list[Structure]:
         """Channels of both convolutions and units of the two hidden fully connected layers
-        (lib/structures.py); conv2's channel c feeds fc1's 25 inputs c*25 .. c*25+24 (5x5 pixels)."""
+        (lib/core/structures.py); conv2's channel c feeds fc1's 25 inputs c*25 .. c*25+24 (5x5 pixels)."""
         pixels = 5 * 5
         return (rows_and_columns("channel", "conv1", "conv1.weight", "conv2.weight", self.conv1.out_channels)
                 + rows_and_columns("channel", "conv2", "conv2.weight", "fc1.weight", self.conv2.out_channels,

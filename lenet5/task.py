@@ -19,11 +19,11 @@ from lenet5.data import (
     mnist5k_path,
 )
 from lenet5.model import WIDTHS, LeNet5
-from lib import classification
-from lib.distributed import SINGLE, Shard
-from lib.errors import ConfigError, DataMissingError
-from lib.spec import RunSpec
-from lib.task import Batch
+from lib.core.errors import ConfigError, DataMissingError
+from lib.core.spec import RunSpec
+from lib.core.task import Batch
+from lib.train import classification
+from lib.train.distributed import SINGLE, Shard
 
 DATASETS = ("mnist5k", "mnist")
 DEFAULT_DATASET = "mnist5k"  # the Kconfig default

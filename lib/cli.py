@@ -7,9 +7,9 @@ report (rewrite summary.json, graphs/ and report.md of a results folder), graphs
 (redraw graphs/ only), compare (Markdown ranking of methods, or two folders side
 by side), publish (copy a results folder into key_results/), prepare-data,
 export (a run's best checkpoint as safetensors), surgery (cut a run's checkpoint
-smaller, lib/surgery_command.py), sweep (one-shot sparsity sweep on a run's best
-checkpoint, or on every ok run of a results folder, lib/sweep.py), rerun (train one
-run again from its spec.json and compare, lib/rerun.py).
+smaller, lib/surgery/command.py), sweep (one-shot sparsity sweep on a run's best
+checkpoint, or on every ok run of a results folder, lib/sweep/oneshot.py), rerun (train one
+run again from its spec.json and compare, lib/matrix/rerun.py).
 A HarnessError prints as one line ``error: ...`` with exit status 2.
 """
 
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lib.errors import HarnessError
+from lib.core.errors import HarnessError
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the last net under the checks that name the fix: still one line, with the path
-        from lib.files import READ_ONLY, read_only_line
+        from lib.core.files import READ_ONLY, read_only_line
 
         where = exc.filename or "a file"
         text = read_only_line(where, exc) if exc.errno in READ_ONLY else f"{where}: {exc.strerror or exc}"
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
 def _dispatch(args: argparse.Namespace, command: str) -> int:
     from lib import config as config_mod
     from lib import hardware, matrix
-    from lib.executors import build_executor
+    from lib.matrix.executors import build_executor
 
     if args.gpus and args.command not in ("dry-run", "hwinfo", "run", "continue"):
         raise HarnessError(f"GPUS={args.gpus!r} describes made-up GPUs for `make dry-run` and `make hwinfo` only; "
@@ -147,7 +147,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
 
 def _sbatch_lines(executor: Any, specs: list, config: Any) -> list[str]:
     """Each run's sbatch parameters (`make dry-run` with the Slurm executor)."""
-    from lib.executors.slurm import require_slurm
+    from lib.matrix.executors.slurm import require_slurm
 
     if executor.node_gpus is not None:  # GPUS= describes the nodes: the same check `make` makes
         executor.check_gpus(specs)
@@ -177,7 +177,7 @@ def _finish(folder: Path, runs: list[dict]) -> int:
 
 def _export(run: str | None) -> int:
     from lib.checkpoint.export import export
-    from lib.spec import run_spec
+    from lib.core.spec import run_spec
 
     if not run:
         raise HarnessError("export needs a run folder: `make export RUN=results/<folder>/<run>`")
@@ -188,7 +188,7 @@ def _export(run: str | None) -> int:
 
 
 def _surgery(args: argparse.Namespace) -> int:
-    from lib.surgery_command import operate
+    from lib.surgery.command import operate
 
     if not args.run:
         raise HarnessError("surgery needs a run folder: `make surgery RUN=results/<folder>/<run> [FRACTION=0.3]`")
@@ -197,7 +197,7 @@ def _surgery(args: argparse.Namespace) -> int:
 
 
 def _rerun(args: argparse.Namespace, command: str) -> int:
-    from lib.rerun import rerun
+    from lib.matrix.rerun import rerun
 
     if not args.run:
         raise HarnessError("rerun needs RUN=<run folder>, e.g. make rerun RUN=key_results/<publication>/<run>")
@@ -205,7 +205,7 @@ def _rerun(args: argparse.Namespace, command: str) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from lib.sweep import sweep_results, sweep_run
+    from lib.sweep.oneshot import sweep_results, sweep_run
 
     given = {"SPARSITIES": args.sparsities, "METRICS": args.metrics, "PATTERNS": args.patterns,
              "CALIBRATION": args.calibration, "TOLERANCE": args.tolerance}
@@ -223,13 +223,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _results_command(args: argparse.Namespace) -> int:
     """report, graphs, compare and publish: read a results folder, train nothing."""
-    from lib import compare, matrix, plots, publish
+    from lib import matrix
+    from lib.results import compare, plots, publish
 
     if args.command == "publish" and not args.name:
         raise HarnessError("publish needs a name: `make publish NAME=<name> [RESULTS=dir]`")
     folder = _results_folder(args)
     if args.command == "status":
-        from lib.executors.status import table
+        from lib.matrix.executors.status import table
 
         print(table(folder, matrix.run_names(folder)))
         return 0
@@ -258,7 +259,7 @@ def _results_command(args: argparse.Namespace) -> int:
 
 def _writable(folder: Path) -> Path:
     """``folder``, once it is known to be writable (one line otherwise); a missing one is left to its command."""
-    from lib.files import require_writable
+    from lib.core.files import require_writable
 
     if folder.is_dir():
         require_writable(folder)
@@ -294,7 +295,7 @@ def _configured_results_dir(config_path: str) -> str:
 
 def _prepare_data(config: object) -> int:
     from lib import matrix
-    from lib.task import get_task
+    from lib.core.task import get_task
 
     done = set()
     for spec in matrix.expand(config):

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.classification import Split, SplitData
-from lib.errors import DataMissingError, HarnessError
+from lib.core.errors import DataMissingError, HarnessError
+from lib.train.classification import Split, SplitData
 
 # Fixed and independent of the run seed: every run holds out the same validation images.
 SPLIT_SEED = 1998
@@ -69,7 +69,7 @@ def layout_of(name: str) -> CifarLayout:
     return CIFAR[name]
 
 
-CifarData = SplitData  # the shared container (lib/classification.py)
+CifarData = SplitData  # the shared container (lib/train/classification.py)
 
 
 def _one_line(exc: BaseException) -> str:

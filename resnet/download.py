@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from lib.errors import HarnessError
+from lib.core.errors import HarnessError
 from resnet.data import CifarLayout, is_complete, layout_of
 
 CIFAR_BASE_URLS = ["https://www.cs.toronto.edu/~kriz/"]

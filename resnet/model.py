@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.errors import ConfigError
-from lib.structures import Part, ResidualBlock, Structure, rows_and_columns
+from lib.core.errors import ConfigError
+from lib.core.structures import Part, ResidualBlock, Structure, rows_and_columns
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 
@@ -127,7 +127,7 @@ class ResNet(nn.Module):
                                                                 1) for j, b in enumerate(stage)]
 
     def structures(self) -> list[Structure]:
-        """Channels (lib/structures.py): inside each residual block, a conv's output channel and the next
+        """Channels (lib/core/structures.py): inside each residual block, a conv's output channel and the next
         conv's matching input channel; on each residual stream, one channel of every conv that writes
         the stream (the stem or a projection, and each block's last conv) with the matching input
         channel of every conv (and of the head) that reads it: coupled across the additions."""
@@ -165,7 +165,7 @@ class ResNet(nn.Module):
         return found
 
     def architecture(self) -> dict[str, Any]:
-        """Blocks per stage, each block's internal widths and each residual stream's width (lib/surgery.py;
+        """Blocks per stage, each block's internal widths and each residual stream's width (lib/surgery/cut.py;
         the task rebuilds from it)."""
         return {"blocks": [len(s) for s in (self.layer1, self.layer2, self.layer3, self.layer4)],
                 "inner": [[getattr(b, f"conv{k}").out_channels for k in (1, 2) if hasattr(b, f"conv{k + 1}")]

@@ -1,6 +1,6 @@
 """The ResNet task plug-ins: ResNet-18 on CIFAR-10 and ResNet-50 on CIFAR-100.
 
-Model options (from resnet/Kconfig, via lib/config.py): ``augment`` (bool, random
+Model options (from resnet/Kconfig, via lib/config/__init__.py): ``augment`` (bool, random
 crop + flip of training images) and ``val_images`` (int, training images held out
 for validation).
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lib import classification
-from lib.distributed import SINGLE, Shard
-from lib.errors import ConfigError
-from lib.spec import RunSpec
-from lib.task import Batch
+from lib.core.errors import ConfigError
+from lib.core.spec import RunSpec
+from lib.core.task import Batch
+from lib.train import classification
+from lib.train.distributed import SINGLE, Shard
 from resnet.data import VAL_IMAGES, CifarData, augment, layout_of, load_cifar, normalize
 from resnet.download import download_cifar
 from resnet.model import resnet18, resnet50

@@ -1,4 +1,4 @@
-"""Activation checkpointing policies (lib/actckpt.py) side by side: memory and time against none.
+"""Activation checkpointing policies (lib/hardware/actckpt.py) side by side: memory and time against none.
 
 Workloads: the tiny GPT (4 blocks of width 128, vocabulary 256, batch 8 x 64 tokens), GPT-2
 124M at a short block (vocabulary 50304, batch 4 x 128 tokens) and ResNet-18 on CIFAR-sized
@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpt2.model import GPT, config_for  # noqa: E402
-from lib import actckpt, memory, timing  # noqa: E402
-from lib.actckpt import Segment  # noqa: E402
+from lib.core import timing  # noqa: E402
+from lib.hardware import actckpt, memory  # noqa: E402
+from lib.hardware.actckpt import Segment  # noqa: E402
 from resnet.model import resnet18  # noqa: E402
 
 POLICIES = ("none", "uniform", "sqrt", "selective", "budget")

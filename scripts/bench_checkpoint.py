@@ -32,13 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpt2.model import GPT, config_for  # noqa: E402
-from lib import timing  # noqa: E402
 from lib.checkpoint import load  # noqa: E402
 from lib.checkpoint import state as ckpt_state  # noqa: E402
 from lib.checkpoint.manager import Manager, Policy  # noqa: E402
+from lib.core import timing  # noqa: E402
+from lib.core.spec import OptimSettings, PruneSettings  # noqa: E402
 from lib.optim import build_optimizer  # noqa: E402
 from lib.pruning import build_pruner  # noqa: E402
-from lib.spec import OptimSettings, PruneSettings  # noqa: E402
 
 
 def _step(model: GPT, optimizer: torch.optim.Optimizer, pruner, batch: torch.Tensor) -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib import timing  # noqa: E402
+from lib.core import timing  # noqa: E402
 from lib.pruning.nm import is_exactly_nm, keep_mask  # noqa: E402
 
 SHAPES = {"attn.c_attn": (768, 2304), "attn.c_proj": (768, 768), "mlp.c_fc": (768, 3072), "mlp.c_proj": (3072, 768)}

@@ -47,14 +47,18 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from lib import kernels, memory, timing  # noqa: E402
-from lib.kernels import torch_kernels  # noqa: E402
-from lib.optim import masked_step  # noqa: E402
+from lib.core import timing  # noqa: E402
+from lib.core.spec import OptimSettings, PruneSettings  # noqa: E402
+from lib.hardware import memory  # noqa: E402
+from lib.optim import (
+    kernels,  # noqa: E402
+    masked_step,  # noqa: E402
+)
 from lib.optim.adamwprune import AdamWPrune  # noqa: E402
 from lib.optim.adamwprune import build as build_adamwprune  # noqa: E402
 from lib.optim.groups import param_groups  # noqa: E402
+from lib.optim.kernels import torch_kernels  # noqa: E402
 from lib.pruning.state import StatePruner  # noqa: E402
-from lib.spec import OptimSettings, PruneSettings  # noqa: E402
 
 BLOCK = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) of each block's Linear layers
 GPT2_SHAPES = BLOCK * 12 + [(768, 50304)]  # + the tied token table as a Linear
@@ -107,7 +111,7 @@ def interleaved(sides: dict[str, Callable[[], object]], repeats: int, warmup: in
             _sync()
             times[name].append(time.perf_counter() - start)
     return {**{f"{name}_ms": statistics.median(t) * 1e3 for name, t in times.items()},
-            "timing": timing.summary(times)}  # each side's spread and the load (lib/timing.py)
+            "timing": timing.summary(times)}  # each side's spread and the load (lib/core/timing.py)
 
 
 def _sync() -> None:
@@ -220,7 +224,7 @@ def p2(n_params: int, *, repeats: int = 7, num_threads: int | None = None, devic
 
 
 def _inductor_step_ms(model: nn.Module, opt: AdamWPrune, repeats: int) -> dict[str, float]:
-    """The same masked update through torch.compile's CPU kernel (lib/kernels/torch_kernels.py, the GPU path),
+    """The same masked update through torch.compile's CPU kernel (lib/optim/kernels/torch_kernels.py, the GPU path),
     on copies of the tensors; why the CPU path is a C kernel instead. Empty where compile cannot run."""
     try:
         kernel = torch_kernels.compiled("adamw")

@@ -44,11 +44,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib import timing  # noqa: E402
-from lib.memory import peak, tensor_bytes  # noqa: E402
+from lib.core import timing  # noqa: E402
+from lib.core.spec import PruneSettings  # noqa: E402
+from lib.hardware.memory import peak, tensor_bytes  # noqa: E402
 from lib.pruning import build_pruner  # noqa: E402
 from lib.pruning.threshold import BLOCK, exact_value, sample_size, sampled_value  # noqa: E402
-from lib.spec import PruneSettings  # noqa: E402
 
 LAYERS = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) of each Linear in a block
 HEAD = (768, 50304)

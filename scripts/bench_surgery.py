@@ -4,7 +4,7 @@
 1. Statistics overhead (target, issue 14: at most 2 % of a training step on the tiny GPT).
    The tiny GPT as `make defconfig-gpt2-tiny-surgery` trains it (vocabulary 50304, block 128,
    micro-batch 8, AdamW, float32). Rounds interleave a plain training step (forward, backward,
-   AdamW step) with the same step plus lib/structure_stats.record (gradient reductions and one
+   AdamW step) with the same step plus lib/surgery/stats.record (gradient reductions and one
    hooked no-grad forward); medians after a warm-up round. Steps between records cost exactly
    nothing extra (no hooks), so the overhead at CONFIG_STRUCTURE_STATS_EVERY=N is the extra
    time of one recorded step divided by N steps.
@@ -12,10 +12,10 @@
    ResNet-18 (CIFAR-10, micro-batch 8)
    and LeNet-5 (micro-batch 8), each after 2 AdamW steps with statistics, cut by 30 % of
    every layer's structures (lowest statistics score first; GPT-2 heads and neurons, ResNet
-   channels inside blocks and of the residual streams, LeNet channels and units) with lib/surgery.py and measured with
-   lib/surgery_measure.py: parameters, checkpoint bytes, optimizer-state bytes, training memory
-   (state + saved activations of one micro-batch, counted) and no-grad forward latency at
-   batch 1 and 16 (medians of 5, interleaved).
+   channels inside blocks and of the residual streams, LeNet channels and units) with
+   lib/surgery/cut.py and measured with lib/surgery/measure.py: parameters, checkpoint bytes,
+   optimizer-state bytes, training memory (state + saved activations of one micro-batch, counted)
+   and no-grad forward latency at batch 1 and 16 (medians of 5, interleaved).
 
 Usage: python scripts/bench_surgery.py [--repeats 7] [--out results/bench_surgery.json]
 """
@@ -34,13 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib import surgery_measure, timing  # noqa: E402
+from lib.core import timing  # noqa: E402
+from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings  # noqa: E402
+from lib.core.task import get_task  # noqa: E402
 from lib.optim import build_optimizer  # noqa: E402
 from lib.pruning import build_pruner  # noqa: E402
-from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings  # noqa: E402
-from lib.structure_stats import StructureStats  # noqa: E402
-from lib.surgery_command import Trained, lowest_units, smaller  # noqa: E402
-from lib.task import get_task  # noqa: E402
+from lib.surgery import measure as surgery_measure  # noqa: E402
+from lib.surgery.command import Trained, lowest_units, smaller  # noqa: E402
+from lib.surgery.stats import StructureStats  # noqa: E402
 
 TARGET_OVERHEAD = 0.02
 FRACTION = 0.3

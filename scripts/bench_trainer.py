@@ -3,7 +3,7 @@
 Both train the same tiny GPT-2 (gpt2/model.py) on the same synthetic uint16
 token shard with torch AdamW (fused kernel, decay on matrices only), gradient clipping 1.0,
 the same micro-batch and the same torch thread count. The trainer side is
-lib.trainer.train on a RunSpec; its summary's throughput counts training steps
+lib.train.trainer.train on a RunSpec; its summary's throughput counts training steps
 only (evaluation, checkpoints and the test pass are outside it). The bare side
 is the nanoGPT-style loop: random windows from a np.memmap, forward, backward,
 clip, step. Rounds run the two back to back (ABBA order) after one warm-up
@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 from gpt2.model import GPT, config_for  # noqa: E402
 from gpt2.prepare import shard_dir, write_shards  # noqa: E402
 from gpt2.sources import source_of  # noqa: E402
-from lib import timing  # noqa: E402
-from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings  # noqa: E402
-from lib.trainer import train  # noqa: E402
+from lib.core import timing  # noqa: E402
+from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings  # noqa: E402
+from lib.train.trainer import train  # noqa: E402
 
 TARGET = 0.97
 LR, WEIGHT_DECAY, BETAS, CLIP = 6e-4, 0.1, (0.9, 0.95), 1.0

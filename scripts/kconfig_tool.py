@@ -2,13 +2,13 @@
 
 python scripts/kconfig_tool.py list | defconfig NAME | randconfig | set "SYMBOL=VALUE [SYMBOL=VALUE ...]"
 The target file is $KCONFIG_CONFIG (default .config). Reading and validating
-stays in lib/config.py, which every written file is checked against.
+stays in lib/config/__init__.py, which every written file is checked against.
 
 randconfig randomises the experiment: every bool and choice, and each int within
 its range near its default. Strings keep their defaults (Kconfig gives their
-float/duration/path values no range to draw from; lib/config.py checks them).
-The machine settings (lib/Kconfig.hardware, and the seeds and side-by-side jobs
-of lib/Kconfig.matrix) keep their defaults too: whether 8 ranks or 4 jobs are
+float/duration/path values no range to draw from; lib/config/__init__.py checks them).
+The machine settings (lib/hardware/Kconfig, and the seeds and side-by-side jobs
+of lib/matrix/Kconfig) keep their defaults too: whether 8 ranks or 4 jobs are
 valid depends on the machine, which Kconfig cannot see. The Kconfig
 dependencies make every such config valid; should one still fail to load,
 randconfig says so and tries the next seed (at most RETRIES times).
@@ -30,13 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lib.config import Config, load  # noqa: E402
-from lib.errors import ConfigError, HarnessError  # noqa: E402
-from lib.kconf import check_user_values, open_kconfig, raise_on_load_warnings, refuse_conflicting_lines  # noqa: E402
+from lib.config.kconf import check_user_values, open_kconfig, raise_on_load_warnings, refuse_conflicting_lines  # noqa: E402
+from lib.core.errors import ConfigError, HarnessError  # noqa: E402
 
 DEFCONFIGS = ROOT / "defconfigs"
 # Where the experiment runs, not what it is: randconfig leaves these at their defaults, so every random config
 # runs on the machine at hand (the Slurm executor would need a cluster).
-MACHINE_FILES = ("lib/Kconfig.hardware", "lib/Kconfig.matrix", "lib/Kconfig.executor")
+MACHINE_FILES = ("lib/hardware/Kconfig", "lib/matrix/Kconfig", "lib/matrix/executors/Kconfig")
 RETRIES = 10
 
 

@@ -80,7 +80,7 @@ def edit_config(text: str, extra: str) -> str:
 
 def trained_run(folder: Path, spec) -> Path:  # noqa: ANN001 (a RunSpec; lib is imported lazily here)
     """Train ``spec`` in-process into ``folder``/<its name> and return that run folder (it must end ok)."""
-    from lib import run as run_mod
+    from lib.train import run as run_mod
 
     run_dir = folder / spec.name
     run_dir.mkdir()
@@ -92,7 +92,7 @@ def trained_run(folder: Path, spec) -> Path:  # noqa: ANN001 (a RunSpec; lib is 
 def tiny_spec(name: str = "t", *, optimizer: str = "adamw", lr: float = 3e-3, pruning: str = "none",
               sparsity: float = 0.0, max_iters: int = 20, seed: int = 1, **train_kw):
     """A small LeNet-5 RunSpec that trains in about a second on the CPU."""
-    from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
+    from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
 
     train = {"batch_size": 64, "max_iters": max_iters, "eval_interval": 5, "log_interval": 5, **train_kw}
     prune = {"method": pruning, "target": sparsity, "start": 2, "end": 10, "frequency": 2}
@@ -156,7 +156,7 @@ def _forced_fused_step(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
 def folder_states(folder: Path, name: str) -> tuple[str, str, str]:
     """The run's state as `make status`, summary.json and report.md's totals each name it."""
     from lib import matrix
-    from lib.executors import status
+    from lib.matrix.executors import status
 
     (folder / "matrix.json").write_text(json.dumps({"created": "2026-12-06T00:00:00", "command": "make",
                                                     "runs": [name]}))

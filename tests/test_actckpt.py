@@ -1,4 +1,4 @@
-"""Activation checkpointing policies (lib/actckpt.py): the same loss and gradients as without, less saved."""
+"""Activation checkpointing policies (lib/hardware/actckpt.py): the same loss and gradients as without, less saved."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from gpt2.model import GPT, config_for
-from lib import actckpt, memory
-from lib.actckpt import Segment, choose
-from lib.errors import ConfigError
-from lib.memory import BlockProfile
+from lib.core.errors import ConfigError
+from lib.hardware import actckpt, memory
+from lib.hardware.actckpt import Segment, choose
+from lib.hardware.memory import BlockProfile
 from resnet.model import resnet18
 
 POLICIES = ["uniform", "sqrt", "selective", "budget"]
@@ -275,7 +275,7 @@ def test_auto_checkpoints_only_when_the_target_micro_batch_does_not_fit() -> Non
 
 def test_the_budget_policy_plans_within_its_budget() -> None:
     from lib import hardware
-    from lib.errors import HarnessError
+    from lib.core.errors import HarnessError
     from lib.hardware import HardwareSettings
     from tests.test_hardware import gpt2
 

@@ -11,15 +11,15 @@ import torch
 from torch import nn
 
 from lenet5.model import LeNet5
-from lib import memory
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import OptimSettings, PruneSettings
+from lib.hardware import memory
 from lib.optim import build_optimizer, masked_step
 from lib.optim.adamwprune import AdamWPrune
 from lib.optim.adamwspam import AdamWSPAM
 from lib.optim.groups import param_groups
 from lib.pruning import bitmask, bitter, build_pruner
 from lib.pruning.state import StatePruner
-from lib.spec import OptimSettings, PruneSettings
 from tests.conftest import ROOT
 from tests.conftest import small_conv_net as net
 
@@ -295,8 +295,8 @@ def test_bench_parts_run_tiny() -> None:
 
 def test_pruning_off_equals_the_registrys_adamw_bit_for_bit():
     """The matrix compares `adamw` with `adamwprune`: with pruning off they must be one code path."""
+    from lib.core.spec import OptimSettings
     from lib.optim import build_optimizer
-    from lib.spec import OptimSettings
 
     models = [net(3), net(3)]
     opts = [build_optimizer(m, OptimSettings(name, 3e-3, 0.01)) for m, name in zip(models, ("adamw", "adamwprune"),

@@ -1,6 +1,6 @@
 """lib/checkpoint: the file format, the manager, and exact resume after real faults (issue 11).
 
-The fault tests run `python -m lib.run` in real subprocesses and SIGKILL or SIGTERM them; the resumed
+The fault tests run `python -m lib.train.run` in real subprocesses and SIGKILL or SIGTERM them; the resumed
 run must end bit-identical to an uninterrupted one: every milestone checkpoint (model, optimizer,
 pruner, RNG), every logged metric, and the summary's results.
 """
@@ -24,8 +24,8 @@ import torch
 from lib.checkpoint import CheckpointError, load, save
 from lib.checkpoint.compare import logs, run_differences
 from lib.checkpoint.manager import Manager, Policy
-from lib.files import DiskFullError
-from lib.task import get_task
+from lib.core.files import DiskFullError
+from lib.core.task import get_task
 from tests.conftest import PY, ROOT, folder_states, tiny_spec, trained_run
 
 STEPS = 40
@@ -40,11 +40,11 @@ def spec_for(name: str, pruning: str = "magnitude", optimizer: str = "adamw", **
 
 
 def start(run_dir: Path, spec, patch: str = "") -> subprocess.Popen:
-    """`python -m lib.run run_dir`, optionally after ``patch`` (Python run first, in the child)."""
+    """`python -m lib.train.run run_dir`, optionally after ``patch`` (Python run first, in the child)."""
     if not (run_dir / "spec.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         spec.write(run_dir / "spec.json")
-    code = f"{patch}\nimport sys\nfrom lib.run import main\nsys.exit(main([{str(run_dir)!r}]))"
+    code = f"{patch}\nimport sys\nfrom lib.train.run import main\nsys.exit(main([{str(run_dir)!r}]))"
     return subprocess.Popen([PY, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -200,7 +200,7 @@ def test_a_verified_file_that_is_not_a_torch_payload_is_one_line(tmp_path):
     import hashlib
 
     from lib.checkpoint.format import MAGIC
-    from lib.errors import first_line
+    from lib.core.errors import first_line
 
     path, data = tmp_path / "odd.ckpt", b"not a torch file at all"
     path.write_bytes(data + MAGIC + f"{len(data):020d}".encode() + hashlib.sha256(data).hexdigest().encode() + b"\n")
@@ -292,7 +292,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit this run: "):
         ckpt_state.restore(payload, Path("x"), payload["spec"], model, optimizer, pruner,
                            torch.amp.GradScaler("cpu", enabled=False))
-    # and through lib.run: the run fails with that one line, the checkpoint stays for inspection
+    # and through lib.train.run: the run fails with that one line, the checkpoint stays for inspection
     spec_file = resumed / "spec.json"
     spec_file.write_text(json.dumps(other_optimizer))
     done = finish(resumed, None)
@@ -304,7 +304,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
 
 def test_keep_last_zero_in_config_is_one_line(make_config):
     from lib import config
-    from lib.errors import ConfigError
+    from lib.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"CONFIG_CKPT_KEEP_LAST=0 is outside its range \[1, 1000\]"):
         config.load(make_config("", "CONFIG_CKPT_KEEP_LAST=0\n"))
@@ -314,7 +314,7 @@ def test_keep_last_zero_in_config_is_one_line(make_config):
 
 def test_continue_without_spec_json_is_one_line(tmp_path):
     from lib import matrix
-    from lib.errors import HarnessError
+    from lib.core.errors import HarnessError
 
     folder = tmp_path / "t_20250101_000000"
     (folder / "run0").mkdir(parents=True)
@@ -334,9 +334,9 @@ def test_export_is_safetensors_with_exact_zeros_and_evaluates_the_same(tmp_path)
     from safetensors.torch import load_file
 
     from lib import cli
-    from lib import run as run_mod
     from lib.checkpoint.export import load_export
-    from lib.task import get_task
+    from lib.core.task import get_task
+    from lib.train import run as run_mod
 
     spec = tiny_spec("pruned", pruning="magnitude", sparsity=0.7, max_iters=30, prune={"end": 20})
     run_dir = tmp_path / "pruned"

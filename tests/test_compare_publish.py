@@ -1,4 +1,4 @@
-"""lib/compare.py (ranking and two-folder view) and lib/publish.py, on hand-written results folders."""
+"""lib/results/compare.py (ranking and two-folder view) and lib/results/publish.py, on hand-written results folders."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from lib import cli
-from lib.compare import compare
-from lib.errors import HarnessError
-from lib.publish import publish
-from lib.report import render
-from lib.stats import compare_seeds, t95
+from lib.core.errors import HarnessError
+from lib.results.compare import compare
+from lib.results.publish import publish
+from lib.results.report import render
+from lib.results.stats import compare_seeds, t95
 from tests.synthetic_results import ACCURACY, PERPLEXITY, build, set_run
 
 
@@ -158,7 +158,7 @@ def test_publish_cli_without_name_is_one_line(tmp_path, capsys):
 
 
 def test_published_records_hold_no_absolute_project_path(tmp_path):
-    from lib.publish import ROOT
+    from lib.results.publish import ROOT
 
     folder = build(tmp_path / "res", ACCURACY)
     spec = folder / "lenet5_adamw_none_0_s1" / "spec.json"

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lib import files, run
-from lib.files import DiskFullError, write_json_atomic
+from lib.core import files
+from lib.core.files import DiskFullError, write_json_atomic
+from lib.train import run
 from tests.conftest import PY, ROOT, tiny_spec
 
 QUICK = (ROOT / "defconfigs" / "lenet5-quick").read_text()
@@ -54,7 +55,7 @@ def test_other_write_errors_are_one_line_too(tmp_path):
 
 
 def test_a_run_that_hits_a_full_disk_exits_with_its_own_status(tmp_path, monkeypatch, capsys):
-    import lib.trainer
+    import lib.train.trainer
 
     run_dir = tmp_path / "r"
     run_dir.mkdir()
@@ -63,7 +64,7 @@ def test_a_run_that_hits_a_full_disk_exits_with_its_own_status(tmp_path, monkeyp
     def full(spec, where, shard, after_surgery=False):
         raise OSError(errno.ENOSPC, "No space left on device", str(where / "metrics.jsonl"))
 
-    monkeypatch.setattr(lib.trainer, "train", full)
+    monkeypatch.setattr(lib.train.trainer, "train", full)
     monkeypatch.setattr(run.runlock, "lock_for_child", lambda d: -1)
     assert run.run(run_dir) == run.DISK_FULL_EXIT
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,4 +1,5 @@
-"""lib/distributed.py and the trainer under torchrun: a real 2-rank gloo DDP run on this CPU, sharding, bad input."""
+"""lib/train/distributed.py and the trainer under torchrun: a real 2-rank gloo DDP run on this CPU, sharding,
+bad input."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import distributed
-from lib import run as run_mod
 from lib.checkpoint import load as load_checkpoint
-from lib.distributed import SINGLE, Shard
-from lib.errors import HarnessError
-from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec
+from lib.core.errors import HarnessError
+from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec
+from lib.train import distributed
+from lib.train import run as run_mod
+from lib.train.distributed import SINGLE, Shard
 from tests.conftest import ROOT
 from tests.test_gpt2 import synthetic_spec
 
@@ -40,7 +41,7 @@ def state_pruned(tmp_path: Path, name: str, micro: int, world: int, accum: int =
 
 
 def launch(spec: RunSpec, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    """Run ``spec`` exactly as lib/matrix.py does: its launch_command in a child process from the repo root."""
+    """Run ``spec`` exactly as lib/matrix/__init__.py does: its launch_command in a child process from the repo root."""
     run_dir = tmp_path / spec.name
     run_dir.mkdir()
     spec.write(run_dir / "spec.json")
@@ -116,7 +117,7 @@ def test_evaluation_shards_add_up_to_the_whole_split(tmp_path: Path) -> None:
     """Without a process group reduce_sum is the identity, so each shard returns its share of the sums."""
     from gpt2.task import TASK as GPT2
     from lenet5.task import TASK as LENET5
-    from lib import classification
+    from lib.train import classification
     from tests.conftest import tiny_spec
 
     gpt = dataclasses.replace(synthetic_spec(tmp_path), hardware=HardwarePlan("cpu", 3, 1))  # 16 windows, chunks of 3
@@ -141,15 +142,16 @@ def test_shard_partitions() -> None:
 
 def test_launch_commands() -> None:
     one = HardwarePlan("cpu", 8, 1)
-    assert distributed.launch_command(one, "runs/x") == [sys.executable, "-m", "lib.run", "runs/x"]
+    assert distributed.launch_command(one, "runs/x") == [sys.executable, "-m", "lib.train.run", "runs/x"]
     node = HardwarePlan("cuda", 8, 1, world_size=4, backend="nccl")
     assert distributed.launch_command(node, "runs/x") == [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "lib.run", "runs/x"]
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "lib.train.run",
+        "runs/x"]
     two_nodes = HardwarePlan("cuda", 8, 1, world_size=16, backend="nccl", nnodes=2, node_rank=1,
                              rdzv_endpoint="head:29400", rdzv_id="exp1")
     assert distributed.launch_command(two_nodes, "runs/x") == [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d",
-        "--rdzv_endpoint=head:29400", "--rdzv_id=exp1", "--nproc_per_node=8", "-m", "lib.run", "runs/x"]
+        "--rdzv_endpoint=head:29400", "--rdzv_id=exp1", "--nproc_per_node=8", "-m", "lib.train.run", "runs/x"]
 
 
 def test_collectives_are_no_ops_for_one_process() -> None:
@@ -183,7 +185,7 @@ def test_a_run_started_with_the_wrong_number_of_processes_is_refused(tmp_path: P
     run_dir = tmp_path / spec.name
     run_dir.mkdir()
     spec.write(run_dir / "spec.json")
-    assert run_mod.run(run_dir) == 1  # `python -m lib.run` alone, not under torchrun
+    assert run_mod.run(run_dir) == 1  # `python -m lib.train.run` alone, not under torchrun
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "planned for 2 process(es)" in summary["error"]
 
@@ -203,7 +205,7 @@ def test_a_gpu_plan_launched_without_gpus_fails_with_one_line(tmp_path: Path) ->
 def test_a_failure_of_one_rank_names_that_rank(tmp_path: Path) -> None:
     """torchrun may kill rank 0 before it records a failure of rank 1: the run's record then quotes
     rank 1's own line, not the last line of torchrun's report."""
-    from lib.run_records import failure_line as _failure_line
+    from lib.matrix.records import failure_line as _failure_line
 
     log = tmp_path / "log.txt"
     log.write_text("step 10/40 loss 3.2\nrank 1 failed: OutOfMemoryError: CUDA out of memory\n"

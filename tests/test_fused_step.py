@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from lib import hardware, kernels
-from lib.kernels import native, torch_kernels
+from lib import hardware
+from lib.optim import kernels
 from lib.optim.adamwprune import AdamWPrune
 from lib.optim.adamwspam import AdamWSPAM
+from lib.optim.kernels import native, torch_kernels
 from lib.pruning import bitmask
 
 needs_kernels = pytest.mark.skipif(bool(native.why_unavailable()), reason=native.why_unavailable() or "ok")
@@ -173,9 +174,9 @@ def test_sample_size_comes_from_the_tolerance_not_the_model() -> None:
 @pytest.mark.parametrize("method", ["magnitude", "state"])
 def test_one_pass_mask_update_equals_the_two_pass_update(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same sampled cut, same masks, same zeros in the weights and moments; the score made once per tensor."""
+    from lib.core.spec import PruneSettings
     from lib.pruning import build_pruner
     from lib.pruning.base import Pruner
-    from lib.spec import PruneSettings
 
     def setup() -> tuple[torch.nn.Module, AdamWPrune, object]:
         torch.manual_seed(0)

@@ -19,10 +19,10 @@ from gpt2.prepare import shard_dir, write_shards
 from gpt2.sources import source_of
 from gpt2.task import TASK, Options
 from lib import config, matrix
-from lib import run as run_mod
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
 from lib.pruning import prunable_parameters
-from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
+from lib.train import run as run_mod
 from tests.conftest import ROOT, resolve_defconfig
 
 # Published GPT-2 sizes: 50,257-token vocabulary, 1,024 positions, tied embedding/head counted once.
@@ -202,7 +202,7 @@ def test_spam_vs_bitter7_matrix_is_exactly_two_runs(tmp_path: Path) -> None:
 
 
 def test_activation_checkpointing_trains_to_the_same_numbers(tmp_path: Path) -> None:
-    """The trainer applies the plan's policy (lib/actckpt.py); the loss curve is bit-identical on the CPU."""
+    """The trainer applies the plan's policy (lib/hardware/actckpt.py); the loss curve is bit-identical on the CPU."""
     from lib import hardware
 
     curves, records = {}, {}

@@ -16,8 +16,8 @@ from gpt2 import data, prepare, sources
 from gpt2.prepare import prepare_rows, shard_dir, write_shards
 from gpt2.task import TASK
 from gpt2.tokenizer import EOT, gpt2_encoding
-from lib.errors import ConfigError, DataMissingError, HarnessError
-from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
+from lib.core.errors import ConfigError, DataMissingError, HarnessError
+from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
 
 DOCS = [f"Document {i}: pruning weights of a transformer, take {i}.\nSecond line {i * 7}." for i in range(11)]
 FINEWEB = sources.source_of("finewebedu")

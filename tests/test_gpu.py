@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import memory
-from lib.kernels import torch_kernels
-from lib.spec import HardwarePlan, OptimSettings, PruneSettings
+from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings
+from lib.hardware import memory
+from lib.optim.kernels import torch_kernels
 from tests.conftest import tiny_spec, trained_run
 from tests.test_gpt2 import synthetic_spec
 
@@ -111,7 +111,7 @@ def test_adamwprune_fused_on_the_device_equals_its_eager_path(device: torch.devi
 def test_bf16_autocast_training_steps_learn_and_keep_pruned_weights_zero(device: torch.device, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     bf16_capable(device)
-    from lib.task import get_task
+    from lib.core.task import get_task
 
     task, seen = get_task("gpt2"), []
     plain_loss = task.loss
@@ -141,7 +141,7 @@ def test_bf16_autocast_training_steps_learn_and_keep_pruned_weights_zero(device:
 def test_the_plans_memory_estimate_covers_the_measured_peak(device: torch.device) -> None:
     cuda_only(device, "peak CUDA memory")
     bf16_capable(device)
-    from lib.task import get_task
+    from lib.core.task import get_task
 
     micro = 4
     spec = dataclasses.replace(tiny_spec("m"), model="gpt2",
@@ -173,7 +173,7 @@ CHILD = "import os, torch; print(os.environ['CUDA_VISIBLE_DEVICES'], torch.cuda.
 
 def test_each_run_gets_its_own_cuda_visible_devices(device: torch.device, tmp_path: Path) -> None:
     cuda_only(device, "CUDA_VISIBLE_DEVICES slots")
-    from lib.executors.local import GpuSlots, LocalExecutor
+    from lib.matrix.executors.local import GpuSlots, LocalExecutor
 
     slots = GpuSlots.here()
     assert slots.total == torch.cuda.device_count() >= 1

@@ -1,4 +1,4 @@
-"""lib/hardware.py: the plan on made-up devices (no GPU needed), manual mode, and its bad inputs."""
+"""lib/hardware/__init__.py: the plan on made-up devices (no GPU needed), manual mode, and its bad inputs."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 
 from lib import config, hardware, matrix
-from lib.errors import ConfigError, HarnessError
-from lib.gpus import GIB, identify
+from lib.core.errors import ConfigError, HarnessError
 from lib.hardware import Devices, Gpu, HardwareSettings
+from lib.hardware.gpus import GIB, identify
 from tests.conftest import ROOT, resolve_defconfig, tiny_spec
 
 AUTO = HardwareSettings()
@@ -201,8 +201,8 @@ def test_gpu_names_are_identified():
 
 
 def test_footprint_grows_with_micro_batch_and_model():
-    from lib import memory
-    from lib.task import get_task
+    from lib.core.task import get_task
+    from lib.hardware import memory
 
     small = memory.estimate_footprint(get_task("gpt2"), gpt2(), "bfloat16")
     big = memory.estimate_footprint(get_task("gpt2"), gpt2(size="350m"), "bfloat16")
@@ -271,7 +271,7 @@ def test_hwinfo_prints_devices_and_each_plan_with_its_reason(make_config, capsys
 
 def test_mfu_uses_the_datasheet_peak_and_only_16_bit_known_gpus():
     from gpt2.model import config_for, flops_per_token
-    from lib.gpus import mfu
+    from lib.hardware.gpus import mfu
 
     per_token = flops_per_token(config_for("124m", 50257, 1024))
     assert per_token == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 768 * 1024  # 6N + 12 L d T

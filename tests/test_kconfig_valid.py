@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from lib import config, matrix
-from lib import run as run_mod
+from lib.config.kconf import open_kconfig
 from lib.hardware import Devices
-from lib.kconf import open_kconfig
+from lib.train import run as run_mod
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -107,7 +107,7 @@ def test_defconfig_refuses_an_unknown_choice_member(tmp_path: Path, monkeypatch:
     """kconfiglib would drop CONFIG_SPAM_FORM_PAPER=y and write the default form; make defconfig-x must refuse."""
     import kconfig_tool
 
-    from lib.errors import HarnessError
+    from lib.core.errors import HarnessError
 
     (tmp_path / "bad").write_text("CONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_SPAM_FORM_PAPER=y\n")
     monkeypatch.setattr(kconfig_tool, "DEFCONFIGS", tmp_path)

@@ -28,8 +28,8 @@ from lenet5.data import (
 )
 from lenet5.model import LeNet5
 from lenet5.task import TASK, LeNet5Task
-from lib.errors import ConfigError, DataMissingError, HarnessError
-from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
+from lib.core.errors import ConfigError, DataMissingError, HarnessError
+from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 PAD_VALUE = (0.0 - MNIST_MEAN) / MNIST_STD
@@ -339,7 +339,7 @@ def test_kconfig_parses_with_help_and_default(tmp_path: Path, monkeypatch: pytes
     members = {s.name for s in choice.syms}
     assert members == {"LENET5_DATASET_MNIST5K", "LENET5_DATASET_MNIST"}
     assert all(node.help for node in choice.nodes) and all(s.nodes[0].help for s in choice.syms)
-    # lib/config.py's rule: selected member minus "<choice>_", lowercased
+    # lib/config/__init__.py's rule: selected member minus "<choice>_", lowercased
     assert choice.selection.name.removeprefix(choice.name + "_").lower() == "mnist5k"
     kconf.syms["LENET5_DATASET_MNIST"].set_value(2)
     assert choice.selection.name.removeprefix(choice.name + "_").lower() == "mnist"

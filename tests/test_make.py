@@ -634,7 +634,7 @@ def test_sigterm_to_makes_process_group_stops_cleanly_and_records_the_stopped_ru
     assert "6 run(s): 4 queued, 2 stopped." in (folder / "report.md").read_text()
     for run_dir in folder.iterdir():  # no trainer is left holding a run, and the stopped ones can resume
         if run_dir.is_dir() and (run_dir / "spec.json").exists():
-            from lib import runlock
+            from lib.core import runlock
 
             runlock.check_free(run_dir, grace_s=0)
     assert len(list(folder.glob("*/checkpoints/latest"))) == 2

@@ -1,4 +1,4 @@
-"""lib/matrix.py: expansion rules, naming, process isolation of failures, continue."""
+"""lib/matrix/__init__.py: expansion rules, naming, process isolation of failures, continue."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lib import config, hardware, matrix
-from lib.errors import HarnessError
-from lib.spec import RunSpec
+from lib.core.errors import HarnessError
+from lib.core.spec import RunSpec
 from tests.conftest import ROOT, tiny_spec
 
 CPU = hardware.Devices("cpu", cpu_cores=2)

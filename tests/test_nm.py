@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from lib import checkpoint, config, matrix
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import PruneSettings
 from lib.hardware import Devices
 from lib.pruning import build_pruner
 from lib.pruning.bitmask import unpack
 from lib.pruning.nm import candidates, is_exactly_nm, keep_mask, parse_pattern
 from lib.pruning.threshold import prune_count
-from lib.spec import PruneSettings
 from tests.conftest import tiny_spec, trained_run
 
 
@@ -121,8 +121,8 @@ def test_a_gradual_nm_run_trains_and_ends_exactly_2_of_4(tmp_path: Path) -> None
     assert summary["sparsity"]["reached"] == 0.5
     assert summary["sparsity"]["pattern"] == "2:4"
     assert set(summary["sparsity"]["dense_layers"]) == {"conv1.weight", "conv2.weight"}  # 25 and 150 inputs
-    from lib.report import _patterns
     from lib.results import Run
+    from lib.results.report import _patterns
 
     text = "\n".join(_patterns([Run(summary, run_dir)]))
     assert "| nm | 2:4 | 58,920 | conv1.weight (25 inputs), conv2.weight (150 inputs) |" in text

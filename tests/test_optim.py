@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import OptimSettings
 from lib.optim import OPTIMIZERS, build_optimizer, param_groups
-from lib.spec import OptimSettings
 
 
 class TinyLM(nn.Module):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import OptimSettings
 from lib.optim import build_optimizer, param_groups
 from lib.optim.adamwadv import AdamWAdv
 from lib.optim.adamwspam import AdamWSPAM, warmup_factor
-from lib.spec import OptimSettings
 
 
 def net() -> nn.Module:

@@ -16,14 +16,14 @@ from matplotlib.colors import same_color
 from matplotlib.lines import Line2D
 from matplotlib.offsetbox import DrawingArea, HPacker, TextArea
 
-from lib import memory, plots
-from lib.compare import compare, ranks
-from lib.plots import Context, method_colors, method_markers
-from lib.plots_curves import training_curves
-from lib.plots_marks import dodges, infer_count, resolution_of, runs_text
-from lib.plots_memory import cell_rows, memory_timeline, memory_vs_metric, pareto_front
-from lib.report import render
-from lib.results import load, metric_of
+from lib.hardware import memory
+from lib.results import load, metric_of, plots
+from lib.results.compare import compare, ranks
+from lib.results.plots import Context, method_colors, method_markers
+from lib.results.plots.curves import training_curves
+from lib.results.plots.marks import dodges, infer_count, resolution_of, runs_text
+from lib.results.plots.memory import cell_rows, memory_timeline, memory_vs_metric, pareto_front
+from lib.results.report import render
 from tests.synthetic_results import ACCURACY, PERPLEXITY, build, set_run
 
 MiB = 2**20

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from lenet5.data import load_mnist5k
-from lib import matrix, provenance
-from lib import run as run_mod
-from lib.classification import fingerprint
-from lib.provenance import tensors_sha256
-from lib.pyenv import normalise
+from lib import matrix
+from lib.core.pyenv import normalise
+from lib.train import provenance
+from lib.train import run as run_mod
+from lib.train.classification import fingerprint
+from lib.train.provenance import tensors_sha256
 from tests.conftest import ROOT, tiny_spec
 
 
@@ -77,7 +78,7 @@ def test_the_report_header_carries_the_provenance(folder: Path) -> None:
 
 
 def test_a_published_folder_made_before_provenance_says_so() -> None:
-    from lib.report import render
+    from lib.results.report import render
 
     text = render(ROOT / "key_results" / "2026-12-02_lenet5-all-methods-released-spam")
     assert "Provenance: not recorded (runs made before provenance was kept)" in text
@@ -96,7 +97,7 @@ def test_token_files_are_fingerprinted_by_their_sha256(tmp_path: Path) -> None:
 
 
 def test_publish_copies_provenance_and_records_and_indexes_itself(folder: Path, tmp_path: Path) -> None:
-    from lib.publish import INDEX_START, publish
+    from lib.results.publish import INDEX_START, publish
 
     work = tmp_path / "results" / folder.name
     shutil.copytree(folder, work)

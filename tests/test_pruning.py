@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import OptimSettings, PruneSettings
 from lib.optim import build_optimizer
 from lib.pruning import PRUNERS, build_pruner, prunable_parameters
 from lib.pruning.bitmask import packed_size
 from lib.pruning.threshold import global_exact_mask, prune_count
-from lib.spec import OptimSettings, PruneSettings
 from tests.conftest import small_conv_net as make
 
 
@@ -247,8 +247,8 @@ def test_unknown_threshold_lists_valid_names() -> None:
 
 def test_masks_only_grow_even_when_pruned_weights_score_highest():
     """A pruned weight gets no gradient; reviving it would leave a 'kept' zero and overshoot the target."""
+    from lib.core.spec import PruneSettings
     from lib.pruning.magnitude import MagnitudePruner
-    from lib.spec import PruneSettings
 
     class Inverted(MagnitudePruner):  # zeros score highest: the worst case for revival
         def importance(self, name, param):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import OptimSettings, PruneSettings
 from lib.optim import build_optimizer
 from lib.pruning import PRUNERS, build_pruner
 from lib.pruning.threshold import (
@@ -19,7 +20,6 @@ from lib.pruning.threshold import (
     sampled_mask,
     sampled_value,
 )
-from lib.spec import OptimSettings, PruneSettings
 from tests.conftest import SmallConvNet as Net
 
 # A 2x2 weight, three SGD steps (lr 0.1) with these gradients: the worked example below.

@@ -1,4 +1,4 @@
-"""`make ... PYTHON=/path/python3` (lib/pyenv.py): the harness on an interpreter that is not .venv.
+"""`make ... PYTHON=/path/python3` (lib/core/pyenv.py): the harness on an interpreter that is not .venv.
 
 The interpreters here are built from the project's .venv without touching it: a bare venv (no
 packages at all), and a venv that sees .venv's packages through symlinks except kconfiglib, which
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import pyenv
+from lib.core import pyenv
 from tests.test_make import LEAKY_ENV, QUICK_RUNS, TRAIN_TIMEOUT, read_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +126,7 @@ def test_missing_wheels_install_into_a_temporary_folder_and_make_uses_it(tree: P
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     check = [str(without_kconfiglib), "-c", "import kconfiglib"]
     assert subprocess.run(check, env=env, capture_output=True, cwd=tmp_path).returncode == 1
-    site = subprocess.run([str(without_kconfiglib), "-m", "lib.pyenv", "site", "--wheels", str(wheels)], cwd=ROOT,
+    site = subprocess.run([str(without_kconfiglib), "-m", "lib.core.pyenv", "site", "--wheels", str(wheels)], cwd=ROOT,
                           env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert site.startswith(str(Path(os.environ.get("TMPDIR", "/tmp")))), site
     shutil.rmtree(site, ignore_errors=True)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from lib import config
-from lib import run as run_mod
-from lib.errors import ConfigError, DataMissingError
+from lib.core.errors import ConfigError, DataMissingError
+from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
 from lib.matrix import combinations
-from lib.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
+from lib.train import run as run_mod
 from resnet.data import normalize
 from resnet.model import resnet18, resnet50
 from resnet.task import RESNET18, RESNET50, ResNetTask

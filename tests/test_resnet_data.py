@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.errors import DataMissingError, HarnessError
+from lib.core.errors import DataMissingError, HarnessError
 from resnet.data import CIFAR, augment, layout_of, load_cifar, normalize, read_batch, stratified_holdout
 from resnet.download import download_cifar
 

@@ -1,4 +1,4 @@
-"""lib/plots.py, lib/plots_memory.py and lib/report.py on hand-written results folders (no training).
+"""lib/results/plots/ and lib/results/report.py on hand-written results folders (no training).
 
 Covers an accuracy task and a perplexity task (2 seeds, dense + 2 sparsities), a
 mixed folder, and bad input: no runs, interrupted runs (missing or truncated
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from lib import cli, plots
-from lib.plots import Context, graph_functions, method_colors, write_graphs
-from lib.plots_memory import pareto_front
-from lib.report import write_report
-from lib.results import load, metric_of, read_jsonl
+from lib import cli
+from lib.results import load, metric_of, plots, read_jsonl
+from lib.results.plots import Context, graph_functions, method_colors, write_graphs
+from lib.results.plots.memory import pareto_front
+from lib.results.report import write_report
 from tests.synthetic_results import ACCURACY, PERPLEXITY, build, set_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -206,7 +206,7 @@ def test_cli_graphs_on_a_folder(tmp_path, capsys, low_dpi):
 
 
 def test_the_units_table_adds_what_surgery_cut_to_what_was_masked(tmp_path) -> None:
-    from lib.report import render
+    from lib.results.report import render
 
     folder = build(tmp_path / "cut", ACCURACY)
     name = "lenet5_adamw_magnitude_50_s1"

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from lib import cli, matrix, runlock
-from lib.errors import HarnessError
-from tests.conftest import PY, ROOT, tiny_spec
+from lib import cli, matrix
+from lib.core import runlock
+from lib.core.errors import HarnessError
+from tests.conftest import PY, ROOT, resolve_defconfig, tiny_spec
 from tests.synthetic_results import build
 
 FIRST, SECOND = "lenet5_adamw_none_0_s1", "lenet5_adamw_none_0_s2"
@@ -57,7 +58,7 @@ def test_report_keeps_the_last_good_record_of_a_damaged_run(tmp_path):
 @pytest.mark.parametrize("field", [("best", "val", "accuracy"), ("test_at_best", "accuracy"),
                                    ("sparsity", "reached"), ("metric", "higher_is_better")])
 def test_a_wrong_type_deep_in_a_record_makes_the_run_unreadable_and_keeps_the_last_good_one(tmp_path, field):
-    from lib.executors.status import run_state
+    from lib.matrix.executors.status import run_state
 
     folder = build(tmp_path / "acc_20250101_000000")
     good = _records(folder)[FIRST]
@@ -93,7 +94,7 @@ def test_wrong_types_are_one_line_and_the_rest_still_renders(tmp_path):
 
 @pytest.mark.parametrize("bad", [[1, 2], {"status": "ok", "memory": {"peak_rss_bytes": "big"}}, {"status": "done"}])
 def test_bad_entries_of_the_folder_summary_are_unreadable_runs(tmp_path, bad):
-    from lib.report import render
+    from lib.results.report import render
 
     folder = build(tmp_path / "acc_20250101_000000")
     data = json.loads((folder / "summary.json").read_text())
@@ -136,7 +137,8 @@ def test_a_read_only_results_folder_is_one_line_and_left_as_it_was(tmp_path, com
     before = _snapshot(folder)
     where = {"export": ["--run", str(folder / FIRST)], "sweep": ["--run", str(folder / FIRST)]}.get(
         command, ["--results", str(folder)])
-    done = _cli_read_only(folder, command, *where)
+    config = resolve_defconfig((ROOT / "defconfigs" / "lenet5-quick").read_text(), tmp_path / ".config")
+    done = _cli_read_only(folder, command, "--config", str(config), *where)  # never the developer's .config
     assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: cannot write ") and ("Read-only file system" in line or "Permission" in line)
@@ -148,7 +150,7 @@ def test_the_atomic_writer_on_a_read_only_file_system_raises_one_error(tmp_path,
     """Its clean-up cannot unlink even a missing temporary file there (EROFS): that must not hide the error."""
     import errno
 
-    from lib.files import write_json_atomic
+    from lib.core.files import write_json_atomic
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(args[0]))
@@ -247,11 +249,11 @@ def _gone(pid: int, timeout: float = 30) -> bool:
 def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     folder, run_dir = _folder(tmp_path, max_iters=100_000)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen([PY, "-m", "lib.run", str(run_dir)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    first = subprocess.Popen([PY, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         assert _wait_for_trainer(run_dir) == first.pid
-        second = subprocess.run([PY, "-m", "lib.run", str(run_dir)], cwd=ROOT, env=env, capture_output=True,
+        second = subprocess.run([PY, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, env=env, capture_output=True,
                                 text=True, timeout=60)
         assert second.returncode == 2
         assert second.stderr.strip() == (f"error: {run_dir} is being trained by PID {first.pid}; wait for it to "

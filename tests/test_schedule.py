@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
 from lib.pruning.schedule import SparsitySchedule
 
 

@@ -1,4 +1,4 @@
-"""The executors (lib/executors/) against a real one-node Slurm (scripts/local_slurm.sh; .ci/run starts it).
+"""The executors (lib/matrix/executors/) against a real one-node Slurm (scripts/local_slurm.sh; .ci/run starts it).
 
 The LeNet-5 matrix through Slurm ends as it does locally; a job signalled with SIGUSR1 mid-run is requeued
 and resumes from its checkpoint to the weights of an uninterrupted run; a failed job leaves the others
@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from lib import checkpoint, cli, config, matrix
-from lib.errors import HarnessError
-from lib.executors import LocalExecutor
-from lib.executors.slurm import SlurmExecutor, job_id
-from lib.executors.status import states
+from lib.core.errors import HarnessError
+from lib.core.spec import RunSpec
 from lib.hardware import Devices
-from lib.spec import RunSpec
+from lib.matrix.executors import LocalExecutor
+from lib.matrix.executors.slurm import SlurmExecutor, job_id
+from lib.matrix.executors.status import states
 from tests.conftest import ROOT, tiny_spec, trained_run
 
 CPU = Devices("cpu", cpu_cores=2)
@@ -154,7 +154,7 @@ def test_a_matrix_started_locally_is_finished_on_slurm(cluster, make_config, tmp
     ("CONFIG_SLURM_TIME=\"4\"", "CONFIG_SLURM_TIME='4' has no unit: write 4s, 4m or 4h"),
 ])
 def test_bad_slurm_settings_are_one_line(make_config, line: str, message: str) -> None:
-    from lib.errors import ConfigError
+    from lib.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
         config.load(make_config(f"CONFIG_MODEL_LENET5=y\n{line}\n"))
@@ -237,11 +237,11 @@ def test_bad_executor_input_is_one_line(cluster, make_config, tmp_path: Path, ca
     assert "warning: CONFIG_SLURM_TIME (5 min) leaves 3 min before the warning signal" in capsys.readouterr().out
     assert _cli_error(["run", "--config", str(path), "--executor", "pbs"]) == (
         "error: unknown executor (CONFIG_EXECUTOR or EXECUTOR=) 'pbs'; valid: local, slurm (new ones are registered "
-        "in lib/executors/__init__.py)")
+        "in lib/matrix/executors/__init__.py)")
 
 
 def test_local_gpu_slots_give_each_run_its_own_devices() -> None:
-    from lib.executors.local import GpuSlots
+    from lib.matrix.executors.local import GpuSlots
 
     slots = GpuSlots(["0", "1", "2", "3"])
     single, ddp = slots.take(1), slots.take(2)

@@ -1,4 +1,5 @@
-"""Specs that rerun forever: a schema version with migrations (lib/spec.py) and `make rerun` (lib/rerun.py)."""
+"""Specs that rerun forever: a schema version with migrations (lib/core/spec.py) and `make rerun`
+(lib/matrix/rerun.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import pytest
 import torch
 
 from lib import cli
+from lib.core.spec import SCHEMA_VERSION, RunSpec, migrate
+from lib.core.task import get_task
+from lib.matrix.rerun import compare
 from lib.optim import build_optimizer
 from lib.pruning import build_pruner
-from lib.rerun import compare
-from lib.spec import SCHEMA_VERSION, RunSpec, migrate
-from lib.task import get_task
 from tests.test_make import TRAIN_TIMEOUT, make
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def fields_digest() -> str:
                 out += walk(f.default_factory)
         return out
 
-    from lib import spec as spec_mod
+    from lib.core import spec as spec_mod
 
     names = walk(RunSpec) + [line for part in ("OptimSettings", "PruneSettings", "TrainSettings", "HardwarePlan")
                              for line in walk(getattr(spec_mod, part))]
@@ -45,7 +46,7 @@ def fields_digest() -> str:
 
 def test_the_spec_fields_change_only_with_a_new_schema_version() -> None:
     assert fields_digest() == FIELDS_AT[SCHEMA_VERSION], (
-        "the RunSpec's fields changed: bump lib/spec.py's SCHEMA_VERSION, add a migration from the version before "
+        "the RunSpec's fields changed: bump lib/core/spec.py's SCHEMA_VERSION, add a migration from the version before "
         f"to _MIGRATIONS, and record FIELDS_AT[{SCHEMA_VERSION + 1}] = {fields_digest()!r} here")
 
 

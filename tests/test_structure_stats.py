@@ -1,4 +1,4 @@
-"""Structure statistics during training: lib/structure_stats.py.
+"""Structure statistics during training: lib/surgery/stats.py.
 (issue 14; docs/algorithms.md, "Structure statistics")"""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from lenet5.model import LeNet5
-from lib import run as run_mod
 from lib.checkpoint import state as ckpt_state
-from lib.structure_stats import StructureStats
+from lib.surgery.stats import StructureStats
+from lib.train import run as run_mod
 from resnet.model import resnet18
 from tests.conftest import tiny_spec
 

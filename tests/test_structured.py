@@ -1,5 +1,5 @@
 """``structured`` and ``layer_dropout`` pruning (lib/pruning/structured.py) over the families' own
-structure descriptions (lib/structures.py): whole units masked, exactly as if removed."""
+structure descriptions (lib/core/structures.py): whole units masked, exactly as if removed."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from torch import nn
 
 from gpt2.model import GPT, config_for
 from lenet5.model import LeNet5
-from lib import structures
-from lib.errors import ConfigError
+from lib.core import structures
+from lib.core.errors import ConfigError
+from lib.core.spec import PruneSettings
 from lib.pruning import build_pruner
-from lib.spec import PruneSettings
 from resnet.model import resnet18
 from tests.conftest import tiny_spec, trained_run
 
@@ -154,8 +154,8 @@ def test_the_matrix_refuses_a_target_the_method_cannot_reach(make_config) -> Non
 
 
 def test_the_report_lists_the_units_removed() -> None:
-    from lib.report import _structures
     from lib.results import Run
+    from lib.results.report import _structures
 
     counts = {"channel": {"removed": 3, "total": 22}, "unit": {"removed": 75, "total": 204}}
     lines = _structures([Run({"name": "a", "sparsity": {"structures": counts}}), Run({"name": "b", "sparsity": {}})])

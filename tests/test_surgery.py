@@ -1,4 +1,4 @@
-"""Checkpoint-time surgery: lib/surgery.py, lib/dependency.py, lib/surgery_command.py.
+"""Checkpoint-time surgery: lib/surgery/cut.py, lib/surgery/dependency.py, lib/surgery/command.py.
 (issue 14; docs/algorithms.md, "Structure statistics and surgery")
 
 The smaller model must compute what the masked model computes, carry every surviving weight's
@@ -23,13 +23,14 @@ from torch import nn
 
 from gpt2.model import GPT, config_for
 from lenet5.model import LeNet5
-from lib import dependency, surgery
-from lib.errors import HarnessError
+from lib.core.errors import HarnessError
+from lib.core.spec import OptimSettings, PruneSettings
+from lib.core.structures import residual_blocks, structures
 from lib.optim import build_optimizer
 from lib.pruning import build_pruner
-from lib.spec import OptimSettings, PruneSettings
-from lib.structures import residual_blocks, structures
-from lib.surgery_command import operate
+from lib.surgery import cut as surgery
+from lib.surgery import dependency
+from lib.surgery.command import operate
 from resnet.model import resnet18
 from tests.conftest import ROOT, folder_states
 from tests.test_gpt2 import synthetic_spec
@@ -207,8 +208,8 @@ def _trained_run(tmp_path: Path, prune: PruneSettings | None = None, max_loss_in
     run_dir = tmp_path / spec.name
     run_dir.mkdir()
     spec.write(run_dir / "spec.json")
-    done = subprocess.run([sys.executable, "-m", "lib.run", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     (tmp_path / "stdout.txt").write_text(done.stdout)
     return run_dir
@@ -250,8 +251,8 @@ def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path:
     assert "| parameters |" in lines[1] and lines[2].startswith("surgery accepted: 4 heads, 512 neurons")
     assert (run_dir / "checkpoints" / "before_surgery" / "step_00000010.ckpt").is_file()
     assert not (run_dir / "summary.json").exists() and (run_dir / "summary.before_surgery.json").exists()
-    done = subprocess.run([sys.executable, "-m", "lib.run", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["resumed"]["from_steps"] == [10]
@@ -349,8 +350,8 @@ def test_make_surgery_prints_one_line_on_bad_input(tmp_path: Path) -> None:
 
 
 def test_the_report_lists_the_surgeries() -> None:
-    from lib.report import _surgeries
     from lib.results import Run
+    from lib.results.report import _surgeries
 
     entry = {"step": 200, "source": "statistics", "removed": {"head": 4, "neuron": 616},
              "val_loss": {"before": 5.5473, "after": 5.5799}}
@@ -381,14 +382,14 @@ def test_lenet5_is_cut_through_the_dependency_graph_and_trains_on(tmp_path: Path
     run_dir = tmp_path / spec.name
     run_dir.mkdir()
     spec.write(run_dir / "spec.json")
-    assert subprocess.run([sys.executable, "-m", "lib.run", str(run_dir)], cwd=ROOT, timeout=300).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, timeout=300).returncode == 0
     with pytest.raises(HarnessError, match="LeNet5 has no heads; it has channels, units"):
         operate(run_dir, "0.3", "heads")
     with pytest.raises(HarnessError, match="LeNet5 has no residual blocks to remove"):
         operate(run_dir, "0.3", "blocks")
     record = operate(run_dir, "0.25", "channels", say=lambda line: None)
     assert record["removed"] == {"channel": 6} and record["architecture"]["after"]["conv2"] == 12
-    assert subprocess.run([sys.executable, "-m", "lib.run", str(run_dir)], cwd=ROOT, timeout=300).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, timeout=300).returncode == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["surgery"][0]["removed"] == {"channel": 6}
 
@@ -469,7 +470,7 @@ def test_adamwprune_state_pruning_masks_are_cut_in_optimizer_and_pruner() -> Non
 ])
 def test_bad_surgery_settings_are_one_line(make_config, lines: str, message: str) -> None:
     from lib import config
-    from lib.errors import ConfigError
+    from lib.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         config.load(make_config("CONFIG_MODEL_LENET5=y\n", extra=lines))  # as a user edits .config
@@ -488,7 +489,7 @@ def test_surgery_settings_reach_the_run_spec(make_config) -> None:
 
 
 def test_surgery_refuses_a_run_being_trained(trained: Path, tmp_path: Path) -> None:
-    from lib import runlock
+    from lib.core import runlock
 
     run_dir = _copy(trained, tmp_path)
     before = _digest(run_dir)
@@ -523,7 +524,7 @@ def test_cli_lines_for_missing_run_and_a_continue_folder_that_is_not_one(make_co
      "is not one LeNet5.architecture"),
 ])
 def test_a_damaged_architecture_is_one_line(build, architecture, message) -> None:
-    from lib.errors import ConfigError
+    from lib.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         build(architecture)

@@ -1,4 +1,4 @@
-"""`make sweep` (lib/sweep.py): one-shot rows on a real checkpoint, read-only; the recommendation rule;
+"""`make sweep` (lib/sweep/oneshot.py): one-shot rows on a real checkpoint, read-only; the recommendation rule;
 the perplexity path; a results folder; every bad input in one line."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from lib import config
-from lib.errors import ConfigError, HarnessError
+from lib.core.errors import ConfigError, HarnessError
+from lib.core.spec import SweepSettings
+from lib.core.task import Metric
 from lib.pruning.threshold import prune_count
-from lib.spec import SweepSettings
-from lib.sweep import buys, overall, recommend, sweep_results, sweep_run
-from lib.sweep_report import recommendation_lines
-from lib.task import Metric
+from lib.sweep.oneshot import buys, overall, recommend, sweep_results, sweep_run
+from lib.sweep.report import recommendation_lines
 from tests.conftest import ROOT, tiny_spec, trained_run
 from tests.test_gpt2 import synthetic_spec
 
@@ -45,8 +45,8 @@ def _val_pruned_by_torch(run_dir: Path, target: float) -> dict[str, float]:
     from torch.nn.utils import prune
 
     from lib.checkpoint import load
-    from lib.spec import RunSpec
-    from lib.task import get_task
+    from lib.core.spec import RunSpec
+    from lib.core.task import get_task
 
     spec = RunSpec.read(run_dir / "spec.json")
     task = get_task(spec.model)
@@ -128,8 +128,8 @@ def test_a_2_of_4_rows_sparse_kernel_timing_is_shown_beside_its_dense_kernel_tim
     """The sweep's own path for a GPU with 2:4 kernels, run on the CPU: the float16 pair is built and timed
     against its float16 dense twin (the CPU converts no layer, and says so), and the row's line in sweep.md shows
     those measured numbers beside the dense-kernel timing; a conversion that fails is recorded, not hidden."""
-    from lib import sweep_measure
-    from lib.sweep_report import markdown
+    from lib.sweep import measure as sweep_measure
+    from lib.sweep.report import markdown
 
     run_dir = tmp_path / "run"
     shutil.copytree(lenet, run_dir)

@@ -1,12 +1,12 @@
-"""lib/timing.py: every timing keeps its median, interquartile range and the load it was taken under."""
+"""lib/core/timing.py: every timing keeps its median, interquartile range and the load it was taken under."""
 
 from __future__ import annotations
 
 import os
 import time
 
-from lib import timing
-from lib.timing import Timing
+from lib.core import timing
+from lib.core.timing import Timing
 
 
 def test_measure_interleaves_and_keeps_median_and_iqr() -> None:

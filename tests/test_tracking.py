@@ -1,4 +1,4 @@
-"""lib/tracking.py: a tracker failure never stops a run; wandb offline stays local; trackio is optional."""
+"""lib/train/tracking.py: a tracker failure never stops a run; wandb offline stays local; trackio is optional."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from lib import run as run_mod
-from lib import tracking
-from lib.errors import ConfigError, HarnessError
-from lib.tracking import NullTracker, open_tracker
+from lib.core.errors import ConfigError, HarnessError
+from lib.train import run as run_mod
+from lib.train import tracking
+from lib.train.tracking import NullTracker, open_tracker
 from tests.conftest import tiny_spec
 
 

@@ -1,4 +1,4 @@
-"""lib/trainer.py and lib/run.py: the loop's guarantees, checked on tiny real LeNet-5 runs."""
+"""lib/train/trainer.py and lib/train/run.py: the loop's guarantees, checked on tiny real LeNet-5 runs."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import run as run_mod
 from lib.checkpoint import load as load_checkpoint
-from lib.spec import RunSpec
-from lib.task import get_task
-from lib.trainer import lr_at, planned_steps
+from lib.core.spec import RunSpec
+from lib.core.task import get_task
+from lib.train import run as run_mod
+from lib.train.trainer import lr_at, planned_steps
 from tests.conftest import PY, ROOT, tiny_spec
 
 
@@ -38,7 +38,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_planned_steps_takes_the_smaller_budget():
-    from lib.spec import TrainSettings
+    from lib.core.spec import TrainSettings
 
     assert planned_steps(TrainSettings(batch_size=128, epochs=2), 4000, 128) == (64, 32)
     assert planned_steps(TrainSettings(batch_size=128, epochs=2, max_iters=10), 4000, 128) == (10, 32)
@@ -112,7 +112,7 @@ def test_a_rerun_in_a_new_process_is_bit_identical(tmp_path):
         run_dir = tmp_path / name
         run_dir.mkdir()
         spec.write(run_dir / "spec.json")
-        subprocess.run([PY, "-m", "lib.run", str(run_dir)], cwd=ROOT, check=True, capture_output=True,
+        subprocess.run([PY, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, check=True, capture_output=True,
                        timeout=300)
         dirs.append(run_dir)
     a, b = (load_checkpoint(d / "checkpoints" / "best.pt")["model"] for d in dirs)

@@ -20,11 +20,11 @@ from safetensors.torch import load_model, save_model
 
 from lib.checkpoint.format import CheckpointError, load
 from lib.checkpoint.state import architecture_of, versions
-from lib.errors import HarnessError
-from lib.files import write_atomic, write_json_atomic
+from lib.core.errors import HarnessError
+from lib.core.files import write_atomic, write_json_atomic
+from lib.core.spec import RunSpec
+from lib.core.task import get_task
 from lib.pruning.bitmask import unpack
-from lib.spec import RunSpec
-from lib.task import get_task
 
 
 def export(run_dir: Path) -> Path:

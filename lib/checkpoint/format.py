@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from lib.errors import HarnessError, first_line
-from lib.files import write_atomic
+from lib.core.errors import HarnessError, first_line
+from lib.core.files import write_atomic
 
 MAGIC = b"\nHARNESS-CHECKPOINT-1 "
 TRAILER = len(MAGIC) + 20 + 64 + 1
@@ -46,7 +46,7 @@ class _HashingWriter:
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (lib/files.py: tmp, fsync, rename), with its checksum."""
+    """Write ``payload`` to ``path`` atomically (lib/core/files.py: tmp, fsync, rename), with its checksum."""
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as raw:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.checkpoint.format import CheckpointError, load, save
-from lib.files import write_text_atomic
+from lib.core.files import write_text_atomic
 
 STEP_FILE = re.compile(r"^step_(\d{8})\.ckpt$")
 

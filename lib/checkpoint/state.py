@@ -4,7 +4,7 @@ Exactness rests on four things: every tensor of state (model, optimizer, pruner,
 scaler) is saved bit for bit; every RNG (python, numpy, torch CPU and CUDA) is saved and
 restored; the data stream is rebuilt from its seed and advanced past the micro-batches
 already consumed (the task plug-in's streams are deterministic functions of their
-arguments, lib/task.py); and the run's logs are cut back to what they held at the
+arguments, lib/core/task.py); and the run's logs are cut back to what they held at the
 checkpoint, so nothing is logged twice.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from lib.checkpoint.format import CheckpointError
-from lib.errors import first_line
-from lib.provenance import code_state
+from lib.core.errors import first_line
+from lib.train.provenance import code_state
 
 FORMAT = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it preempts a job
@@ -39,7 +39,7 @@ class Stopped(Exception):
 
 class SurgeryDue(Exception):
     """CONFIG_SURGERY_EVERY: a checkpoint was written at the end of ``step`` for surgery to cut
-    (lib/run.py cuts it, then trains on from the result)."""
+    (lib/train/run.py cuts it, then trains on from the result)."""
 
     def __init__(self, step: int) -> None:
         super().__init__(f"surgery due after step {step}")
@@ -78,7 +78,7 @@ class Progress:
     grad_accum: int = 0
     log_offsets: dict[str, int] = field(default_factory=dict)  # bytes of each log at the checkpoint
     resumed_from: list[int] = field(default_factory=list)  # the step of every earlier resume
-    surgeries: list[dict[str, Any]] = field(default_factory=list)  # what each surgery removed (lib/surgery.py)
+    surgeries: list[dict[str, Any]] = field(default_factory=list)  # what each surgery removed (lib/surgery/cut.py)
 
 
 def payload(progress: Progress, spec_dict: dict[str, Any], model: torch.nn.Module, optimizer: Any, pruner: Any,
@@ -86,7 +86,7 @@ def payload(progress: Progress, spec_dict: dict[str, Any], model: torch.nn.Modul
     """The complete state at the end of ``progress.step`` (weights_only-safe: tensors and plain data).
 
     ``architecture`` (a model that surgery can change describes its shape) lets the model be rebuilt
-    as it is; ``statistics`` are the structure statistics (lib/structure_stats.py) when gathered."""
+    as it is; ``statistics`` are the structure statistics (lib/surgery/stats.py) when gathered."""
     return {
         "architecture": architecture_of(model),
         "statistics": stats.state_dict() if stats is not None else None,
@@ -147,7 +147,7 @@ def check_spec(saved: dict[str, Any], current: dict[str, Any], where: Path) -> N
 
 
 def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    from lib.spec import RunSpec
+    from lib.core.spec import RunSpec
 
     try:
         return RunSpec.from_dict(saved).to_dict()
@@ -183,6 +183,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def versions() -> dict[str, str]:
-    """What made the checkpoint: the commit and the library versions (lib/provenance.py collects them)."""
+    """What made the checkpoint: the commit and the library versions (lib/train/provenance.py collects them)."""
     return {"commit": code_state()["commit"] or "unknown", "torch": str(torch.__version__),
             "numpy": np.__version__, "python": platform.python_version()}

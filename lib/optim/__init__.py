@@ -11,11 +11,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.registry import lookup
+from lib.core.spec import OptimSettings
 from lib.optim import adam, adamw, adamwadv, adamwprune, adamwspam, sgd
 from lib.optim.groups import param_groups
-from lib.registry import lookup
-from lib.spec import OptimSettings
 
 __all__ = ["OPTIMIZERS", "OptimizerFactory", "build_optimizer", "param_groups"]
 

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib.core.spec import OptimSettings
 from lib.optim.groups import adam_kwargs
-from lib.spec import OptimSettings
 
 
 def build(model: nn.Module, settings: OptimSettings, **options: Any) -> torch.optim.Optimizer:

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib.core.spec import OptimSettings
 from lib.optim.groups import adam_kwargs
-from lib.spec import OptimSettings
 
 MAX_GRAD_NORM = 1.0
 

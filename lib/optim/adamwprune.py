@@ -16,7 +16,7 @@ fused kernel where torch has one for the parameters' device) or ``AdamWSPAM``
   the state pruner's ``buffer_bytes()``, and lib/memory.state_bytes (which sums
   ``optimizer.state``) must not count them a second time.
 
-With ``fused`` on (the plan's FUSED_STEP, lib/hardware.py) and masks set, ``step()``
+With ``fused`` on (the plan's FUSED_STEP, lib/hardware/__init__.py) and masks set, ``step()``
 applies the mask inside the update (lib/optim/masked_step.py): one pass per masked
 tensor reads p, g, m, v and the packed bits once and writes p, m, v once, pruned
 entries as +0.0, so ``mask_gradients()`` has nothing left to do, unless something
@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.registry import lookup
+from lib.core.spec import OptimSettings
 from lib.optim import masked_step
 from lib.pruning import bitmask
-from lib.registry import lookup
-from lib.spec import OptimSettings
 
 
 class AdamWPrune(torch.optim.Optimizer):

@@ -56,8 +56,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib.core.spec import OptimSettings
 from lib.optim.groups import adam_kwargs
-from lib.spec import OptimSettings
 
 FORMS = ("released", "knlp")
 RELEASED_DEATH_RATE = 0.99  # released warm-up: the step starts at 1 - 0.99 of itself after a reset

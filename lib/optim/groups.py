@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from lib.spec import OptimSettings
+from lib.core.spec import OptimSettings
 
 # Modules whose weights are lookup tables rather than linear maps.
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import OptimSettings
 from lib.optim.groups import param_groups
-from lib.spec import OptimSettings
 
 
 def build(model: nn.Module, settings: OptimSettings, **options: Any) -> torch.optim.Optimizer:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lib.core.registry import lookup
+from lib.core.spec import PruneSettings
 from lib.pruning.base import Pruner
 from lib.pruning.magnitude import MagnitudePruner
 from lib.pruning.movement import MovementPruner
@@ -19,8 +21,6 @@ from lib.pruning.prunable import prunable_parameters
 from lib.pruning.schedule import SparsitySchedule
 from lib.pruning.state import StatePruner
 from lib.pruning.structured import LayerDropoutPruner, StructuredPruner
-from lib.registry import lookup
-from lib.spec import PruneSettings
 
 __all__ = ["PRUNERS", "Pruner", "SparsitySchedule", "build_pruner", "prunable_parameters"]
 

@@ -21,14 +21,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lib import kernels
-from lib.errors import HarnessError
-from lib.kernels import native
+from lib.core.errors import HarnessError
+from lib.core.spec import PruneSettings
+from lib.optim import kernels
+from lib.optim.kernels import native
 from lib.pruning import bitmask
 from lib.pruning.prunable import prunable_parameters, zero_count
 from lib.pruning.schedule import SparsitySchedule
 from lib.pruning.threshold import LazyScores, get_threshold, prune_count, sample_size, sampled_cut
-from lib.spec import PruneSettings
 
 
 class Pruner:
@@ -49,7 +49,7 @@ class Pruner:
         self.masks: dict[str, Tensor] = {}  # name -> keep-mask (bool, or packed uint8); empty until the first update
         self.step = 0  # optimizer steps completed at the last after_step()
         self.applied = 0.0  # sparsity the current masks were computed for
-        self.removed = 0  # prunable weights checkpoint-time surgery removed from the model (lib/surgery.py)
+        self.removed = 0  # prunable weights checkpoint-time surgery removed from the model (lib/surgery/cut.py)
         self.total_steps: int | None = None
 
     # -- what subclasses override -------------------------------------------------------------

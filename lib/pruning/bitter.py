@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lib.errors import ConfigError
-from lib.registry import lookup
+from lib.core.errors import ConfigError
+from lib.core.registry import lookup
 
 ScoreFn = Callable[[Tensor, Tensor, Tensor, int, float], Tensor]  # (w, m, v, step, beta1) -> scores
 Kernel = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (w, m, v, 1 - beta1^t) -> scores

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lib.registry import lookup
+from lib.core.registry import lookup
 
 Params = list[tuple[str, nn.Parameter]]
 

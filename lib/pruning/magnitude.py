@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lib.core.spec import PruneSettings
 from lib.pruning.base import Pruner
 from lib.pruning.importance import build_importance
-from lib.spec import PruneSettings
 
 
 class MagnitudePruner(Pruner):

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lib.core.registry import lookup
+from lib.core.spec import PruneSettings
 from lib.pruning.base import Pruner
-from lib.registry import lookup
-from lib.spec import PruneSettings
 
 FORMS = {"sanh": "Sanh et al. 2020: S += -w * g every step", "knlp": "w * (w - w0), w0 at pruning start"}
 

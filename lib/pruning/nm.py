@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import PruneSettings
 from lib.pruning.magnitude import MagnitudePruner
 from lib.pruning.prunable import prunable_parameters
 from lib.pruning.schedule import SparsitySchedule
 from lib.pruning.threshold import LazyScores
-from lib.spec import PruneSettings
 
 
 def check_pattern(n: int, m: int, where: str) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from lib.core.spec import PruneSettings
 from lib.pruning.base import Pruner
 from lib.pruning.schedule import SparsitySchedule
-from lib.spec import PruneSettings
 
 
 class NonePruner(Pruner):

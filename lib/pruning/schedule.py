@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
 
 # Curve of the progress p in [0, 1] -> fraction of the way from initial to target.
 CURVES: dict[str, Callable[[float], float]] = {

@@ -24,12 +24,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import PruneSettings
 from lib.optim import adamwprune  # the module, not the class: lib.optim and lib.pruning import each other
 from lib.pruning import bitter
 from lib.pruning.base import Pruner
 from lib.pruning.threshold import LazyScores, global_exact_mask
-from lib.spec import PruneSettings
 
 DEFAULT_VARIANT = "bitter7"  # the research's recommended variant, used when none is configured
 

@@ -4,7 +4,7 @@
 Both mask: a removed structure's weights, gradients and optimizer state stay exactly zero,
 so the model computes what the smaller model surgery builds later would compute, and the
 methods run in the matrix like every other. The units come from the model family's own
-description (lib/structures.py): heads and MLP neurons (GPT-2), channels inside residual
+description (lib/core/structures.py): heads and MLP neurons (GPT-2), channels inside residual
 blocks (ResNet), channels and units (LeNet-5) for ``structured``; whole residual blocks
 for ``layer_dropout``.
 
@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lib.errors import ConfigError
+from lib.core.errors import ConfigError
+from lib.core.spec import PruneSettings
+from lib.core.structures import Part, Structure, residual_blocks, structures
 from lib.pruning.magnitude import MagnitudePruner
 from lib.pruning.threshold import prune_count
-from lib.spec import PruneSettings
-from lib.structures import Part, Structure, residual_blocks, structures
 
 
 class StructuredPruner(MagnitudePruner):
@@ -65,7 +65,7 @@ class StructuredPruner(MagnitudePruner):
         return [u for u in structures(model) if all(p.param in self.shapes for p in u.parts)]
 
     def nothing_to_remove(self, model: nn.Module) -> str:
-        return (f"structured pruning needs a model that describes its structures (lib/structures.py); "
+        return (f"structured pruning needs a model that describes its structures (lib/core/structures.py); "
                 f"{type(model).__name__} describes none: choose another pruning method")
 
     # -- the mask update -----------------------------------------------------------------------
@@ -153,7 +153,7 @@ class StructuredPruner(MagnitudePruner):
         return removed / self.prunable_count()
 
     def removed_units(self) -> list[Structure]:
-        """The units the masks remove whole (what surgery cuts, lib/surgery.py)."""
+        """The units the masks remove whole (what surgery cuts, lib/surgery/cut.py)."""
         masks = {name: self._bool_mask(name) for name, _ in self.params}
         return [unit for unit in self.units if self._gone(unit, masks)]
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lib.errors import ConfigError
-from lib.kernels import native
+from lib.core.errors import ConfigError
+from lib.optim.kernels import native
 
 ThresholdFn = Callable[..., list[Tensor]]  # (scores, sparsity, *, seed=0) -> keep-masks
 

@@ -1,6 +1,6 @@
 """Part 5: activation checkpointing on the device. For each policy (none, uniform, sqrt, selective,
 budget) the bytes one forward leaves saved for backward, measured on CUDA, against the harness's
-estimate of them (lib/actckpt.py), with the step's CUDA peak (scripts/bench_activation_ckpt.py)."""
+estimate of them (lib/hardware/actckpt.py), with the step's CUDA peak (scripts/bench_activation_ckpt.py)."""
 
 from __future__ import annotations
 

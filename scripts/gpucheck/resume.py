@@ -1,7 +1,7 @@
 """Part 6: exact resume on the device. A tiny GPT (AdamWPrune bitter7, its fused masked step, state
 pruning to 50 %) runs once uninterrupted and once killed (SIGKILL, two steps after a checkpoint) and
 resumed; with CONFIG_DETERMINISTIC (strict deterministic algorithms, CUBLAS_WORKSPACE_CONFIG set by
-lib/run.py before CUDA starts) the two must be the same run to the bit: every milestone's weights,
+lib/train/run.py before CUDA starts) the two must be the same run to the bit: every milestone's weights,
 optimizer state, masks and RNG states (CUDA's included), best.pt, the logs and the summary.
 The model runs uncompiled (three processes compiling it would not fit the budget; part 2 proves
 compile); the fused masked step is still compiled, with autotuning off in all three processes, so no
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from gpucheck import ROOT, Context, result
-from lib.run_records import failure_line
+from lib.matrix.records import failure_line
 
 EVERY, DRY_EVERY = 20, 2  # checkpoint (and milestone) interval; the run is three of them
 NO_AUTOTUNE = """
@@ -81,12 +81,12 @@ def run(ctx: Context) -> dict:
 
 
 def _run(run_dir: Path, patch: str, timeout: float, dry: bool) -> subprocess.CompletedProcess:
-    """`python -m lib.run run_dir` after ``patch``; DRY=1 runs an unpatched one in this process (a new process
+    """`python -m lib.train.run run_dir` after ``patch``; DRY=1 runs an unpatched one in this process (a new process
     costs seconds of imports on a 2-core CI machine), the killed one always in its own."""
-    code = f"{patch}\nimport sys\nfrom lib.run import main\nsys.exit(main([{str(run_dir)!r}]))"
+    code = f"{patch}\nimport sys\nfrom lib.train.run import main\nsys.exit(main([{str(run_dir)!r}]))"
     with (run_dir / "log.txt").open("a") as log:
         if dry and not patch:
-            from lib import run as run_mod
+            from lib.train import run as run_mod
 
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 return subprocess.CompletedProcess([], run_mod.main([str(run_dir)]))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpucheck import PARTS, ROOT, TOTAL_BUDGET_S, Context, Part, result
-from lib.run_records import failure_line
+from lib.matrix.records import failure_line
 
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 BULKY = ("*.pt", "*.ckpt")

@@ -49,7 +49,7 @@ def run(ctx: Context) -> dict:
 def sweep_row(ctx: Context) -> dict:
     """Train a tiny GPT on the device (no compile: seconds), sweep its best checkpoint at 2:4 by magnitude."""
     from gpucheck.train import ON_CPU, specs, train_one
-    from lib.sweep import sweep_run
+    from lib.sweep.oneshot import sweep_run
 
     extra = {"CONFIG_COMPILE_OFF": "y", **ON_CPU} if ctx.dry else TINY_RUN
     dense = [s for s in specs(ctx.work, True, ROOT / "data", extra) if s.pruning == "none"][0]

@@ -2,7 +2,7 @@
 
 Both runs come from the gpt2-finewebedu-bitter7 defconfig (a temporary config: pydoc text
 instead of FineWebEdu, a few hundred steps, one micro-batch per step) and are planned for this
-device by the harness itself, then trained by `python -m lib.run` as `make` would. Measured:
+device by the harness itself, then trained by `python -m lib.train.run` as `make` would. Measured:
 steady tokens/s (from train.jsonl, past the compile warm-up and before the first evaluation),
 MFU against the GPU table's bf16 peak, and peak CUDA memory against the plan's estimate.
 """
@@ -55,8 +55,8 @@ def specs(work: Path, tiny: bool, data_dir: Path, extra: dict[str, str] | None =
 def estimate_bytes(spec: Any, work: Path) -> int:
     """The plan's step estimate at the run's micro-batch (weights, gradients, state, activations)."""
     from lib import config as config_mod
-    from lib.plan_actckpt import ActCkptPlanner
-    from lib.task import get_task
+    from lib.core.task import get_task
+    from lib.hardware.plan_actckpt import ActCkptPlanner
 
     hw = spec.hardware
     settings = config_mod.load(work / "config_bitter7" / ".config").hardware
@@ -79,26 +79,26 @@ def steady_rate(run_dir: Path, tokens_per_step: int, first_eval: int) -> tuple[f
 
 
 def train_one(spec: Any, work: Path, timeout: float, dry: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Train ``spec`` as `make` would (`python -m lib.run`); DRY=1 trains in this process instead, which saves
+    """Train ``spec`` as `make` would (`python -m lib.train.run`); DRY=1 trains in this process instead, which saves
     the seconds a new process spends importing torch on a 2-core CI machine."""
     run_dir = work / spec.name
     run_dir.mkdir(parents=True, exist_ok=True)
     spec.write(run_dir / "spec.json")
     with (run_dir / "log.txt").open("w") as log:
         if dry:
-            from lib import run as run_mod
+            from lib.train import run as run_mod
 
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 run_mod.run(run_dir)
         else:
-            subprocess.run([sys.executable, "-m", "lib.run", str(run_dir)], cwd=ROOT, stdout=log,
+            subprocess.run([sys.executable, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, stdout=log,
                            stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
     return run_dir, json.loads((run_dir / "summary.json").read_text())
 
 
 def run(ctx: Context) -> dict:
-    from lib import gpus
-    from lib.task import get_task
+    from lib.core.task import get_task
+    from lib.hardware import gpus
 
     deadline = time.monotonic() + ctx.budget_s - 5
     found = specs(ctx.work, ctx.dry, ROOT / "data", ON_CPU if ctx.dry else None)

@@ -1,0 +1,362 @@
+"""`make sweep RUN=<run dir>` (or RESULTS=<dir>): how much pruning a trained model tolerates.
+
+The run's best checkpoint is read, never written. For every pattern x importance metric x target
+sparsity a copy of the dense weights is pruned one-shot, without training, and evaluated on the
+validation split; each row also records its size as it would be stored and its speed measured
+beside the dense model (lib/sweep/measure.py). The gradient-sensitivity and activation metrics see
+a few calibration batches of training data first (one forward and backward each, no step, batch
+norm and dropout in evaluation mode).
+
+The recommendation, per pattern, is the highest target whose validation metric stays within the
+tolerance of dense (points of accuracy, or percent of perplexity). Overall, among the patterns'
+picks, one that buys something measured here (fewer parameters, or a reliable speed-up of
+MIN_SPEEDUP or more) is preferred, then the highest sparsity reached over all prunable weights
+(ties: the better metric); only it is evaluated on the test split (docs/algorithms.md, "One-shot
+sweep").
+Everything goes to <run dir>/sweep/: sweep.json, sweep.md and sweep.png (lib/sweep/report.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib import checkpoint
+from lib.core.errors import ConfigError, HarnessError, first_line
+from lib.core.spec import PruneSettings, RunSpec, SweepSettings, run_spec
+from lib.core.task import Metric, Task, get_task
+from lib.optim import build_optimizer
+from lib.pruning import build_pruner
+from lib.pruning.importance import build_importance
+from lib.pruning.prunable import PRUNABLE_TYPES, prunable_parameters, zero_fraction
+from lib.results import load as load_results
+from lib.surgery.measure import LARGE_BATCH
+from lib.sweep import measure as sweep_measure
+from lib.sweep import report as sweep_report
+from lib.sweep import settings as sweep_settings
+
+NEEDS_CALIBRATION = ("gradient-sensitivity", "activation")
+
+
+@dataclasses.dataclass
+class Subject:
+    """The checkpoint under study: the model (pruned in place row by row), its dense weights, a dense twin."""
+
+    spec: RunSpec
+    task: Task
+    settings: SweepSettings
+    model: nn.Module
+    dense: nn.Module
+    weights: dict[str, torch.Tensor]
+    architecture: dict | None
+    device: torch.device
+    calibrated: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.weights)
+
+
+def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: Any = print) -> dict[str, Any]:
+    """Sweep the best checkpoint of ``run_dir``; write <run_dir>/sweep/ and return the record."""
+    spec = run_spec(run_dir)
+    task = get_task(spec.model)
+    settings = sweep_settings.overridden(spec.sweep, given or {}, task.metric.higher_is_better)
+    best = run_dir / "checkpoints" / "best.pt"
+    if not best.is_file():
+        raise HarnessError(f"{run_dir} has no best checkpoint ({best} is missing: the run did not reach an eligible "
+                           f"evaluation, is unfinished, or ran with CONFIG_KEEP_CHECKPOINTS off); nothing to sweep")
+    digest = _sha256(best)
+    payload = checkpoint.load(best)
+    task.prepare(spec)
+    _check_calibration(task, spec, settings)
+    subject = _subject(spec, task, settings, payload)
+    say(f"sweep: {best} (step {payload['step']}) on {subject.device}: {len(settings.patterns)} pattern(s) x "
+        f"{len(settings.metrics)} metric(s) x {len(settings.sparsities)} sparsities, one-shot, on the val split")
+    subject.calibrated = {metric: calibrate(subject, metric) for metric in settings.metrics}
+    base = zero_fraction(subject.model)
+    reference = "dense" if base == 0 else f"the checkpoint as trained ({100 * base:.1f} % sparse)"
+    dense = _dense_row(subject)
+    rows = [row for pattern in settings.patterns for metric in settings.metrics
+            for row in _rows(subject, pattern, metric, base, say)]
+    value = dense["val"][task.metric.name]
+    picks = recommend(rows, value, task.metric, settings)
+    chosen = overall(rows, picks, task.metric, dense)
+    test = _test(subject, rows[chosen]) if chosen is not None else None
+    record = {"run": spec.name, "model": spec.model, "checkpoint": {"path": "checkpoints/best.pt", "sha256": digest,
+                                                                    "step": int(payload["step"])},
+              "metric": dataclasses.asdict(task.metric), "device": str(subject.device),
+              "settings": dataclasses.asdict(settings), "reference": reference,
+              "tolerance": tolerance_text(task.metric, settings, reference),
+              "calibration": {"batches": settings.calibration_batches, "micro_batch": spec.hardware.micro_batch},
+              "checkpoint_sparsity": base, "dense": dense, "rows": rows,
+              "recommended": {pattern: pick for pattern, pick in picks.items()},
+              "overall": None if chosen is None else {"row": chosen, "test": test, "buys": buys(rows[chosen], dense)},
+              "note": sweep_measure.CPU_NOTE if subject.device.type == "cpu" else ""}
+    if _sha256(best) != digest:
+        record["note"] += "; best.pt was replaced while the sweep read it (is the run still training?)"
+    out = sweep_report.write(run_dir / "sweep", record)
+    say(sweep_report.recommendation_lines(record))
+    say(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
+    return record
+
+
+def sweep_results(folder: Path, given: dict[str, str | None] | None = None, say: Any = print) -> list[dict]:
+    """Sweep every ok run of a results folder, then draw one combined graph; a run that cannot be swept
+    (no best checkpoint, ...) is named and the others go on."""
+    runs = [run for run in load_results(folder).runs if run.summary.get("status") == "ok" and run.directory]
+    if not runs:
+        raise HarnessError(f"{folder}: no ok run to sweep; finish the runs first (`make continue`)")
+    records, failed = [], []
+    for run in runs:
+        try:
+            records.append(sweep_run(run.directory, given, say))
+        except ConfigError:
+            raise  # a bad setting fails every run alike
+        except HarnessError as exc:
+            failed.append(run.name)
+            say(f"sweep: {run.name} skipped: {exc}")
+    if records:
+        say(f"wrote {sweep_report.write_combined(folder, records)}")
+    if failed:
+        raise HarnessError(f"sweep: {len(failed)} of {len(runs)} run(s) could not be swept: {', '.join(failed)}")
+    return records
+
+
+# -- the rows ------------------------------------------------------------------------------------
+
+
+def _subject(spec: RunSpec, task: Task, settings: SweepSettings, payload: dict[str, Any]) -> Subject:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    architecture = payload.get("architecture")
+    model = task.build_model(spec, architecture)
+    model.load_state_dict(payload["model"])
+    model.to(device).eval()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Subject(spec, task, settings, model, copy.deepcopy(model), weights, architecture, device)
+
+
+def _check_calibration(task: Task, spec: RunSpec, settings: SweepSettings) -> None:
+    needing = [m for m in settings.metrics if m in NEEDS_CALIBRATION]
+    if not needing:
+        return
+    if settings.calibration_batches == 0:
+        raise ConfigError(f"sweep: {', '.join(needing)} need calibration batches, and CALIBRATION is 0; "
+                          f"give CALIBRATION=8 (or METRICS=magnitude)")
+    wanted = settings.calibration_batches * spec.hardware.micro_batch
+    have = task.examples_per_epoch(spec)
+    if wanted > have:
+        raise ConfigError(f"sweep: {settings.calibration_batches} calibration batches x micro-batch "
+                          f"{spec.hardware.micro_batch} = {wanted} examples, but {spec.model}'s training split holds "
+                          f"{have}; give CALIBRATION={max(1, have // spec.hardware.micro_batch)} or fewer")
+
+
+def calibrate(subject: Subject, metric: str) -> dict[str, Any]:
+    """The state of importance ``metric`` after the calibration batches ({} for magnitude, which needs none)."""
+    if metric not in NEEDS_CALIBRATION:
+        return {}
+    model, task, spec = subject.model, subject.task, subject.spec
+    importance = build_importance(metric, model, prunable_parameters(model))
+    layers = [module for module in model.modules() if isinstance(module, PRUNABLE_TYPES)]
+    stream = task.train_batches(spec, spec.hardware.micro_batch, spec.seed)
+    try:
+        model.eval()
+        for module in layers:
+            module.train()  # the activation hooks observe layers in training mode; Linear and Conv compute alike
+        for _ in range(subject.settings.calibration_batches):
+            batch = tuple(t.to(subject.device) for t in next(stream))
+            model.zero_grad(set_to_none=True)
+            task.loss(model, batch).backward()
+            importance.accumulate()
+        return importance.state_dict()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        importance.close()
+
+
+def _rows(subject: Subject, pattern: str, metric: str, base: float, say: Any) -> list[dict[str, Any]]:
+    n, m = _nm(pattern) if ":" in pattern else (0, 1)
+    targets = [1 - n / m] if ":" in pattern else list(subject.settings.sparsities)
+    pruner = _pruner(subject, pattern, metric)
+    rows = []
+    try:
+        for target in targets:
+            row = {"pattern": pattern, "metric": metric, "target": target}
+            skip = _skip(pruner, target, base)
+            if skip:
+                rows.append({**row, "skipped": skip})
+                say(f"  {pattern:>12} {metric:<20} {100 * target:5.1f} %: skipped ({skip})")
+                continue
+            rows.append({**row, **_measure(subject, pattern, pruner, target)})
+            say(f"  {pattern:>12} {metric:<20} {100 * target:5.1f} %: " + sweep_report.row_line(subject.task.metric,
+                                                                                             rows[-1]))
+    finally:
+        pruner.close()
+        subject.restore()
+    return rows
+
+
+def _pruner(subject: Subject, pattern: str, metric: str) -> Any:
+    method = "nm" if ":" in pattern else {"unstructured": "magnitude", "structured": "structured"}[pattern]
+    n, m = _nm(pattern) if ":" in pattern else (2, 4)
+    pruner = build_pruner(subject.model, None, PruneSettings(method=method, importance=metric, nm_n=n, nm_m=m))
+    names = {name for name, _ in pruner.params}
+    state = {key: {name: v for name, v in part.items() if name in names}
+             for key, part in subject.calibrated[metric].items()}
+    pruner.metric.load_state_dict(state)
+    return pruner
+
+
+def _skip(pruner: Any, target: float, base: float) -> str:
+    if target <= base + 1e-9:
+        return f"the checkpoint is already {100 * base:.1f} % sparse"
+    reachable = getattr(pruner, "reachable", 1.0)
+    if target > reachable:
+        return f"beyond the {100 * reachable:.1f} % that whole structures can reach"
+    return ""
+
+
+def _apply(subject: Subject, pruner: Any, target: float) -> None:
+    subject.restore()
+    pruner.masks = {}
+    pruner.prune_to(target)
+
+
+def _measure(subject: Subject, pattern: str, pruner: Any, target: float) -> dict[str, Any]:
+    _apply(subject, pruner, target)
+    task, spec = subject.task, subject.spec
+    row: dict[str, Any] = {"reached": pruner.sparsity(), "reached_all": zero_fraction(subject.model),
+                           "val": task.evaluate(subject.model, spec, "val")}
+    coverage = [name for name, _ in pruner.params]
+    if pattern == "structured":
+        smaller = _cut(subject, pruner).to(subject.device)
+        row.update(size=sweep_measure.sizes(smaller, "dense"), speed=sweep_measure.speed(
+            task, spec, subject.dense, smaller, subject.device), removed=pruner.report().get("structures"))
+        return row
+    row["size"] = sweep_measure.sizes(subject.model, pattern, coverage)
+    if ":" in pattern:
+        row["dense_layers"] = pruner.report()["dense_layers"]
+    row["speed"] = sweep_measure.speed(task, spec, subject.dense, subject.model, subject.device)
+    if pattern == "2:4" and sweep_measure.semi_structured_ok(subject.device):
+        try:
+            dense, sparse, converted = sweep_measure.semi_structured_pair(subject.dense, subject.model, coverage)
+            row["speed_sparse_kernels"] = {**sweep_measure.speed(task, spec, dense, sparse, subject.device),
+                                           "kernels": f"semi-structured sparse, float16, {converted} Linear layer(s)"}
+        except RuntimeError as exc:  # recorded, not hidden: the row keeps its dense-kernel timing
+            row["speed_sparse_kernels"] = {"error": first_line(exc)}
+    return row
+
+
+def _cut(subject: Subject, pruner: Any) -> nn.Module:
+    """The structurally smaller model the masks describe, cut on the CPU by surgery's one path."""
+    from lib.surgery.command import Trained, smaller
+
+    cpu = subject.task.build_model(subject.spec, subject.architecture)
+    cpu.load_state_dict({k: v.cpu() for k, v in subject.model.state_dict().items()})
+    old = Trained(cpu, build_optimizer(cpu, subject.spec.optim), None)
+    return smaller(subject.task, subject.spec, old, pruner.removed_units(), pruner.removed_blocks())[1].model
+
+
+def _dense_row(subject: Subject) -> dict[str, Any]:
+    return {"val": subject.task.evaluate(subject.model, subject.spec, "val"),
+            "size": sweep_measure.sizes(subject.model, "dense")}
+
+
+def _test(subject: Subject, row: dict[str, Any]) -> dict[str, float]:
+    pruner = _pruner(subject, row["pattern"], row["metric"])
+    try:
+        _apply(subject, pruner, row["target"])
+        return subject.task.evaluate(subject.model, subject.spec, "test")
+    finally:
+        pruner.close()
+        subject.restore()
+
+
+# -- the recommendation ---------------------------------------------------------------------------
+
+
+def within(value: float, dense: float, metric: Metric, settings: SweepSettings) -> bool:
+    """True when ``value`` is within the tolerance of the dense ``dense``."""
+    if metric.higher_is_better:
+        return dense - value <= settings.tolerance_accuracy + 1e-9
+    return value <= dense * (1 + settings.tolerance_perplexity / 100) + 1e-9
+
+
+def recommend(rows: list[dict[str, Any]], dense: float, metric: Metric,
+              settings: SweepSettings) -> dict[str, int | None]:
+    """{pattern: index of its highest-target row within tolerance (ties: better metric), or None}."""
+    picks: dict[str, int | None] = {}
+    for i, row in enumerate(rows):
+        picks.setdefault(row["pattern"], None)
+        if "val" not in row or not within(row["val"][metric.name], dense, metric, settings):
+            continue
+        j = picks[row["pattern"]]
+        if j is None or _ahead(row, rows[j], "target", metric):
+            picks[row["pattern"]] = i
+    return picks
+
+
+def overall(rows: list[dict[str, Any]], picks: dict[str, int | None], metric: Metric,
+            dense: dict[str, Any] | None = None) -> int | None:
+    """Of the patterns' picks (all within tolerance, so their quality ties), one that buys something measured
+    here (``buys``) before one that does not; then the highest sparsity over all prunable weights; then the
+    better metric."""
+    best = None
+    for i in picks.values():
+        if i is None:
+            continue
+        gains, leader = bool(buys(rows[i], dense)), best is not None and bool(buys(rows[best], dense))
+        if best is None or gains > leader or (gains == leader and _ahead(rows[i], rows[best], "reached_all", metric)):
+            best = i
+    return best
+
+
+MIN_SPEEDUP = 1.05  # below this a speed-up is within what repeated timings wander by
+
+
+def buys(row: dict[str, Any], dense: dict[str, Any] | None) -> list[str]:
+    """What a row's model gains over dense, measured here: fewer parameters to hold and run, or a speed-up that
+    is reliable (lib/core/timing.py) and at least MIN_SPEEDUP. Zeros stored densely buy neither."""
+    gains = []
+    size, before = row.get("size") or {}, ((dense or {}).get("size") or {}).get("parameters")
+    if before and size.get("parameters") and size["parameters"] < before:
+        gains.append(f"parameters {before:,} -> {size['parameters']:,} ({size['parameters'] / before:.2f}x)")
+    for name, speed in (("", row.get("speed")), (" on 2:4 sparse kernels", row.get("speed_sparse_kernels"))):
+        up = (speed or {}).get(f"speedup_batch_{LARGE_BATCH}")
+        if speed and "error" not in speed and speed.get("reliable") and up and up >= MIN_SPEEDUP:
+            gains.append(f"throughput {up:.2f}x{name}")
+    return gains
+
+
+def _ahead(a: dict[str, Any], b: dict[str, Any], key: str, metric: Metric) -> bool:
+    if a[key] != b[key]:
+        return a[key] > b[key]
+    return metric.better(a["val"][metric.name], b["val"][metric.name])
+
+
+def tolerance_text(metric: Metric, settings: SweepSettings, reference: str = "dense") -> str:
+    if metric.higher_is_better:
+        return f"at most {settings.tolerance_accuracy:g} points of {metric.name} below {reference}"
+    return f"{metric.name} at most {settings.tolerance_perplexity:g} % above {reference}"
+
+
+# -- small helpers --------------------------------------------------------------------------------
+
+
+def _nm(pattern: str) -> tuple[int, int]:
+    n, m = pattern.split(":")
+    return int(n), int(m)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

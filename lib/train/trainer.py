@@ -1,0 +1,391 @@
+"""The ONE training loop, shared by every model (read it top to bottom).
+
+It knows a model only through its task plug-in (lib/core/task.py) and takes every
+setting from the RunSpec; it never reads .config. Outputs in the run folder:
+metrics.jsonl (one line per evaluation), checkpoints/best.pt (the best
+checkpoint by validation metric among evaluations at the target sparsity) and
+the summary dict that lib/train/run.py writes as summary.json.
+
+With several ranks (torchrun, lib/train/distributed.py) the model runs under
+DistributedDataParallel; every rank reads its rows of each global batch, sees
+the same reduced losses and metrics (so takes the same decisions), gets rank 0's
+pruning masks after each update, and only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lib import checkpoint
+from lib.checkpoint import state as ckpt_state
+from lib.checkpoint.manager import Manager, Policy
+from lib.core.spec import HardwarePlan, RunSpec, TrainSettings
+from lib.core.task import Task, get_task
+from lib.hardware import actckpt, gpus, memory, plan_actckpt, probe
+from lib.optim import build_optimizer, masked_step
+from lib.optim.adamwprune import AdamWPrune
+from lib.pruning import build_pruner
+from lib.surgery.stats import StructureStats
+from lib.train import distributed
+from lib.train.distributed import SINGLE, Shard
+from lib.train.tracking import NullTracker, open_tracker
+
+SPARSITY_TOLERANCE = 0.005  # reached sparsity must be within 0.5 points of target
+TIME_PROBE_STEPS = 5  # steps measured before a time budget fixes the step count
+
+
+@dataclass
+class Best:
+    """The best evaluation so far among those eligible (at target sparsity)."""
+
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:  # strict: an op without a deterministic kernel stops the run (lib/train/run.py sets cuBLAS up)
+        torch.use_deterministic_algorithms(True)
+
+
+def planned_steps(train: TrainSettings, examples_per_epoch: int, batch_size: int) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch) from the EPOCHS and MAX_ITERS budgets."""
+    per_epoch = max(1, math.ceil(examples_per_epoch / batch_size))
+    budgets = [n for n in (train.epochs * per_epoch, train.max_iters) if n > 0]
+    return (min(budgets) if budgets else 0), per_epoch
+
+
+def lr_at(step: int, peak: float, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to ``peak`` then cosine decay to ``min_ratio * peak`` at ``total``."""
+    if warmup and step <= warmup:
+        return peak * step / warmup
+    if total <= warmup:
+        return peak
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bool = False) -> dict[str, Any]:
+    """Train one run as rank ``shard``; return its summary (status ok or diverged). Exceptions mean failed,
+    except ``SurgeryDue`` (CONFIG_SURGERY_EVERY): lib/train/run.py cuts the checkpoint just written and calls
+    again with ``after_surgery`` (which is not counted as a resume)."""
+    hw, cfg = spec.hardware, spec.train
+    if hw.threads:
+        torch.set_num_threads(hw.threads)
+    seed_everything(spec.seed, cfg.deterministic)
+    device = distributed.device(hw.device, shard)
+    task = get_task(spec.model)
+    with distributed.main_first(shard):  # rank 0 alone writes data files a task prepares on first use
+        task.prepare(spec)
+
+    ckpt_dir = run_dir / "checkpoints"
+    manager = Manager(ckpt_dir, Policy(cfg.ckpt_interval, cfg.ckpt_time_s, cfg.ckpt_keep_last, cfg.ckpt_milestone),
+                      say=lambda line: _log(line, shard))
+    found = manager.latest()  # a killed or stopped run goes on from its newest valid checkpoint
+    architecture = found[1].get("architecture") if found else None  # as surgery left it (lib/surgery/cut.py)
+    model = task.build_model(spec, architecture).to(device)
+    stats = StructureStats(model, cfg.structure_stats_every) if cfg.structure_stats_every else None
+    if hw.act_ckpt_segments:  # recompute activations in backward (lib/hardware/actckpt.py); chosen by the plan
+        actckpt.apply(task.blocks(model), [actckpt.Segment(*s) for s in hw.act_ckpt_segments])
+    optimizer = build_optimizer(model, spec.optim)
+    if isinstance(optimizer, AdamWPrune):  # the plan's fused masked step; clipping reads grads before the step
+        optimizer.fused = hw.fused_step and masked_step.fusable(optimizer)
+        optimizer.grads_read_before_step = cfg.grad_clip > 0
+    pruner = build_pruner(model, optimizer, spec.prune)  # the raw model: names match checkpoints
+    ddp = distributed.wrap(model, shard, device)  # DistributedDataParallel with several ranks, else the model
+    forward_model = torch.compile(ddp) if hw.compile else ddp  # compiled forward; same parameters
+    autocast, scaler = _precision(device, hw.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = hw.tf32  # the plan: Ampere+ only
+    probe_tries: list[dict[str, Any]] = []
+    total, per_epoch = planned_steps(cfg, task.examples_per_epoch(spec), cfg.batch_size)
+    if found:  # every tensor, counter and RNG as they were; the same micro-batch, not a new probe
+        done = ckpt_state.restore(found[1], found[0], spec.to_dict(), model, optimizer, pruner, scaler, stats)
+        hw = dataclasses.replace(hw, micro_batch=done.micro_batch, grad_accum=done.grad_accum)
+        _log(f"resuming {spec.name} from {found[0].name} (step {done.step})", shard)
+        if not after_surgery:
+            done.resumed_from.append(done.step)
+    else:
+        if hw.probe:  # CONFIG_PROBE_BATCH: halve the micro-batch on out-of-memory, before any real step
+            hw, probe_tries = probe.fit_micro_batch(task, model, spec, device, autocast)
+        provisional = total or 10**9  # with only a time budget the step count is fixed after probing
+        eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
+        done = ckpt_state.Progress(provisional=provisional, eval_every=eval_every, micro_batch=hw.micro_batch,
+                                   grad_accum=hw.grad_accum)
+    provisional, eval_every, step, evals = done.provisional, done.eval_every, done.step, done.evals
+    samples, train_time, best = done.samples, done.train_time, Best(done.best_step, dict(done.best_metrics))
+    pruner.set_total_steps(provisional)
+    stream = task.train_batches(spec, hw.micro_batch, spec.seed, shard=shard)  # this rank's rows
+    for _ in range(step * hw.grad_accum):  # past what the run consumed before its checkpoint
+        next(stream)
+
+    tracker = open_tracker(spec, run_dir) if shard.main else NullTracker()  # a tracker failure never stops the run
+    if shard.main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    offsets = done.log_offsets if found else {}
+    metrics_file = _output(run_dir / "metrics.jsonl", shard, offsets.get("metrics"))
+    curve_file = _output(run_dir / "train.jsonl", shard, offsets.get("train"))  # loss, lr, sparsity, memory
+    status, error = "ok", None
+    memory.reset_peak(device)
+    start = time.perf_counter()
+    bar = tqdm(total=provisional if total else None, initial=step, desc=spec.name, unit="step", leave=False,
+               disable=None if shard.main else True)
+
+    model.train()
+    meter_step, activations = step + 2, None  # measured in this session's 2nd step: the 1st allocates caches
+    while step < provisional:
+        step += 1
+        t0 = time.perf_counter()
+        lr = lr_at(step, spec.optim.lr, provisional, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(hw.grad_accum):
+            batch = tuple(t.to(device, non_blocking=True) for t in next(stream))
+            if micro == 0:
+                first = batch  # the step's first micro-batch: what structure statistics are measured on
+            with distributed.no_sync_unless(ddp, last=micro == hw.grad_accum - 1):  # all-reduce once per step
+                before = actckpt.bytes_in_use(device) if step == meter_step and micro == 0 else None
+                with autocast():
+                    loss = task.loss(forward_model, batch) / hw.grad_accum
+                if before is not None:  # what this forward left saved for backward, under the plan's policy
+                    activations = actckpt.bytes_in_use(device) - before
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            samples += task.samples_in(batch)
+        scaler.unscale_(optimizer)  # fp16 only; a no-op otherwise
+        if stats is not None and stats.due(step):  # structure statistics for surgery: this step's grads
+            with autocast():
+                stats.record(functools.partial(task.loss, model, first))
+        pruner.before_step()  # pruned weights get no gradient
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if pruner.after_step(step):  # mask updates happen here, on schedule
+            distributed.broadcast_masks(pruner)  # decided once: rank 0's masks on every rank
+        train_time += time.perf_counter() - t0
+        bar.update(1)
+
+        if cfg.time_budget_s and step == TIME_PROBE_STEPS:
+            # the slowest rank's time, so that every rank fixes the same step count
+            provisional = _steps_within_budget(step, distributed.reduce_max(train_time), cfg.time_budget_s, total)
+            pruner.set_total_steps(provisional)
+            bar.total = provisional
+            eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
+        log_now = step % cfg.log_interval == 0 or step == provisional
+        if log_now or step % eval_every == 0:  # the mean over ranks: every rank takes the same decisions
+            train_loss = distributed.reduce_sum(float(loss_sum))[0] / shard.world_size
+        if log_now:
+            if not math.isfinite(train_loss):
+                status, error = "diverged", f"training loss became {train_loss} at step {step}"
+                break
+            sparsity = pruner.sparsity()
+            curve_file.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "sparsity": sparsity,
+                                         "elapsed_s": time.perf_counter() - start, **memory.current(device)}) + "\n")
+            curve_file.flush()  # `tail -f train.jsonl` (and a watcher) sees each step as it happens
+            bar.set_postfix(loss=f"{train_loss:.4f}", sparsity=f"{sparsity:.3f}")
+            _log(f"step {step}/{provisional} loss {train_loss:.4f} lr {lr:.2e} sparsity {sparsity:.4f}", shard)
+        if step % eval_every == 0 or step == provisional:
+            with autocast():  # evaluate in the training precision, as the model is trained in it
+                record = _evaluate(task, model, spec, step, per_epoch, lr, pruner, train_loss, start, shard)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            tracker.log(record)
+            evals += 1
+            if not math.isfinite(record["val"]["loss"]):
+                status, error = "diverged", f"validation loss became {record['val']['loss']} at step {step}"
+                break
+            if _eligible(record, spec) and _improves(task, record, best):
+                best = Best(step, record["val"])  # the same on every rank: the metrics are reduced
+                if shard.main:
+                    _save_checkpoint(ckpt_dir / "best.pt", model, pruner, step)
+        stop = _stop_agreed(shard)
+        cut_now = cfg.surgery_every > 0 and step % cfg.surgery_every == 0
+        if step < provisional and (stop or cut_now or manager.due(step)):  # the end of a step: a clean point to resume
+            if shard.main:
+                metrics_file.flush()
+                curve_file.flush()
+                now = dataclasses.replace(
+                    done, step=step, provisional=provisional, eval_every=eval_every, evals=evals, samples=samples,
+                    train_time=train_time, wall_before=done.wall_before + time.perf_counter() - start,
+                    best_step=best.step, best_metrics=dict(best.metrics),
+                    log_offsets={"metrics": metrics_file.tell(), "train": curve_file.tell()})
+                manager.save(step, ckpt_state.payload(now, spec.to_dict(), model, optimizer, pruner, scaler, stats))
+            if stop:
+                bar.close()
+                raise ckpt_state.Stopped(step, stop)
+            if cut_now:
+                bar.close()
+                raise ckpt_state.SurgeryDue(step)
+    bar.close()
+    metrics_file.close()
+    curve_file.close()
+    tracker.finish()
+    wall = done.wall_before + time.perf_counter() - start
+    if status == "ok" and shard.main:
+        manager.remove_training()  # only a resume needs them; best.pt and milestones stay
+
+    reached = pruner.sparsity()  # of the final weights, before the best checkpoint is loaded back
+    with autocast():
+        test = _test_at_best(task, model, spec, ckpt_dir / "best.pt", best, shard) if status == "ok" else None
+    if not cfg.keep_checkpoints and shard.main:
+        (ckpt_dir / "best.pt").unlink(missing_ok=True)
+    flags = []
+    if spec.pruning != "none" and abs(reached - spec.sparsity) > SPARSITY_TOLERANCE:
+        flags.append("sparsity_missed")
+    if status == "ok" and best.step == 0:
+        flags.append("no_eligible_checkpoint")
+    ranks = _ranks_record(pruner, flags) if shard.world_size > 1 else {}
+    samples, train_time = distributed.reduce_sum(samples)[0], distributed.reduce_max(train_time)  # all ranks
+    throughput = samples / train_time if train_time else 0.0
+    return {
+        "name": spec.name,
+        "status": status,
+        "error": error,
+        "flags": flags,
+        "metric": {"name": task.metric.name, "higher_is_better": task.metric.higher_is_better,
+                   "unit": task.metric.unit},
+        "best": {"step": best.step, "val": best.metrics} if best.step else None,
+        "test_at_best": test,
+        "sparsity": {"target": spec.sparsity, "reached": reached, "prunable_params": pruner.prunable_count(),
+                     "cut_by_surgery": pruner.removed / max(1, pruner.prunable_count() + pruner.removed),
+                     "total_params": sum(p.numel() for p in model.parameters()), **pruner.report()},
+        "steps": {"planned": provisional, "done": step, "evaluations": evals},
+        "memory": {**memory.peak(device), "state_bytes": memory.state_bytes(model, optimizer, pruner.buffer_bytes())},
+        "throughput": {"unit": f"{task.sample_unit}/s", "value": throughput},
+        "mfu": _mfu(task, spec, hw, device, throughput),
+        "activations": plan_actckpt.record(task, spec, hw, activations),
+        "hardware": {"micro_batch": hw.micro_batch, "grad_accum": hw.grad_accum, "world_size": hw.world_size,
+                     "planned_micro_batch": spec.hardware.micro_batch, "probe": probe_tries},
+        "wall_time_s": wall,
+        **({"resumed": {"count": len(done.resumed_from), "from_steps": done.resumed_from}}
+           if done.resumed_from else {}),
+        **({"surgery": done.surgeries} if done.surgeries else {}),
+        **({"structure_stats": {"every": stats.every, "count": stats.count}} if stats else {}),
+        **ranks,
+    }
+
+
+def _mfu(task: Task, spec: RunSpec, hw: HardwarePlan, device: torch.device, throughput: float) -> dict | None:
+    """Model FLOPs utilisation on a known GPU in 16-bit (lib/hardware/gpus.py); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    return gpus.mfu(task.flops_per_sample(spec), throughput, torch.cuda.get_device_name(device), total, hw.dtype,
+                    hw.world_size)
+
+
+def _output(path: Path, shard: Shard, resume_at: int | None = None) -> Any:
+    """A log file of the run folder, opened by rank 0 only; the other ranks write to nowhere.
+
+    On a resume the file is cut back to its size at the checkpoint (``resume_at`` bytes), so the
+    steps run again after it are logged once."""
+    if not shard.main:
+        return open(os.devnull, "w")
+    if resume_at is None or not path.exists():
+        return path.open("w")
+    handle = path.open("r+")
+    handle.truncate(resume_at)
+    handle.seek(resume_at)
+    return handle
+
+
+def _stop_agreed(shard: Shard) -> int:
+    """The stop signal if any rank got one (so that every rank stops after the same step), else 0."""
+    stop = ckpt_state.stop_requested()
+    if shard.world_size > 1:
+        stop = int(distributed.reduce_max(float(stop)))
+    return stop
+
+
+def _precision(device: torch.device, dtype: str) -> tuple[Any, torch.amp.GradScaler]:
+    """An autocast context factory for the plan's dtype, and a grad scaler (active for fp16 only)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    if dtype == "float32":
+        return contextlib.nullcontext, scaler
+    return (lambda: torch.autocast(device.type, dtype=getattr(torch, dtype))), scaler
+
+
+def _steps_within_budget(step: int, elapsed: float, budget: float, cap: int) -> int:
+    """Steps reachable in the time budget, from the measured speed; never more than ``cap``."""
+    reachable = max(step, int(budget / (elapsed / step)))
+    return min(reachable, cap) if cap else reachable
+
+
+def _log(line: str, shard: Shard) -> None:
+    if shard.main:
+        tqdm.write(line)
+
+
+def _evaluate(task: Task, model: torch.nn.Module, spec: RunSpec, step: int, per_epoch: int, lr: float,
+              pruner: Any, train_loss: float, start: float, shard: Shard) -> dict[str, Any]:
+    model.eval()
+    with torch.no_grad():
+        val = task.evaluate(model, spec, "val", shard=shard)  # each rank its share; the sums reduced
+    model.train()
+    name = task.metric.name
+    _log(f"eval step {step}: val {name} {val[name]:.4f} val loss {val['loss']:.4f} sparsity {pruner.sparsity():.4f}",
+         shard)
+    return {"step": step, "epoch": step / per_epoch, "lr": lr, "train_loss": train_loss, "val": val,
+            "sparsity": pruner.sparsity(), "target_sparsity_now": pruner.scheduled_sparsity(step),
+            "elapsed_s": time.perf_counter() - start}
+
+
+def _eligible(record: dict[str, Any], spec: RunSpec) -> bool:
+    """Only checkpoints at the target sparsity may be "best": an early dense one says nothing of pruning."""
+    return spec.pruning == "none" or record["sparsity"] >= spec.sparsity - SPARSITY_TOLERANCE
+
+
+def _improves(task: Task, record: dict[str, Any], best: Best) -> bool:
+    value = record["val"][task.metric.name]
+    return not best.step or task.metric.better(value, best.metrics[task.metric.name])
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, pruner: Any, step: int) -> None:
+    # verified like every checkpoint (lib/checkpoint); a full disk leaves the previous best.pt intact
+    checkpoint.save(path, {"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step,
+                           "architecture": ckpt_state.architecture_of(model)})
+
+
+def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, path: Path, best: Best,
+                  shard: Shard) -> dict | None:
+    """Evaluate the test split once, on the best checkpoint as saved on disk (read by rank 0, sent to all)."""
+    if not best.step:
+        return None
+    step = best.step
+    if shard.main:
+        state = checkpoint.load(path)
+        model.load_state_dict(state["model"])
+        step = state["step"]
+    distributed.broadcast_module(model)
+    model.eval()
+    with torch.no_grad():
+        result = task.evaluate(model, spec, "test", shard=shard)
+    return {"step": step, **result}
+
+
+def _ranks_record(pruner: Any, flags: list[str]) -> dict[str, Any]:
+    """Every rank's mask digest, and whether they agree (flag "masks_differ" if not); a collective call."""
+    digests = distributed.gather(distributed.mask_digest(pruner))
+    identical = len(set(digests)) == 1
+    if not identical:
+        flags.append("masks_differ")
+    return {"distributed": {"world_size": len(digests), "backend": distributed.backend(), "mask_digests": digests,
+                            "masks_identical": identical}}
