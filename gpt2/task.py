@@ -23,11 +23,11 @@ from gpt2.data import Shards, eval_windows, load_shards, train_batches
 from gpt2.model import GPT, PADDED_VOCAB, config_for, flops_per_token
 from gpt2.sources import DATASETS, SPLITS, source_of
 from lib.core.errors import ConfigError
+from lib.core.provenance import file_sha256
 from lib.core.spec import RunSpec
 from lib.core.task import Batch, Metric
 from lib.train import distributed
 from lib.train.distributed import SINGLE, Shard
-from lib.train.provenance import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 # Micro-batch per GPU for GPT-2 124M at block 1024 (docs/algorithms.md, "GPU micro-batch table"). B200, W7900

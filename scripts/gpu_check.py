@@ -27,7 +27,7 @@ sys.path.insert(1, str(ROOT / "scripts"))
 
 from gpucheck import BY_KEY, box, runner  # noqa: E402
 
-from lib.train.provenance import code_state  # noqa: E402
+from lib.core.provenance import code_state  # noqa: E402
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -44,7 +44,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def commit() -> str:
-    """The commit checked, with "+dirty" for uncommitted changes to tracked files (lib/train/provenance.py)."""
+    """The commit checked, with "+dirty" for uncommitted changes to tracked files (lib/core/provenance.py)."""
     state = code_state()
     return (state["commit"][:12] + ("+dirty" if state["dirty"] else "")) if state["commit"] else "unknown (no git)"
 

@@ -14,11 +14,11 @@ from lenet5.model import LeNet5
 from lib.core.errors import ConfigError
 from lib.core.spec import OptimSettings, PruneSettings
 from lib.hardware import memory
-from lib.optim import build_optimizer, masked_step
+from lib.optim import bitmask, build_optimizer, masked_step
 from lib.optim.adamwprune import AdamWPrune
 from lib.optim.adamwspam import AdamWSPAM
 from lib.optim.groups import param_groups
-from lib.pruning import bitmask, bitter, build_pruner
+from lib.pruning import bitter, build_pruner
 from lib.pruning.state import StatePruner
 from tests.conftest import ROOT
 from tests.conftest import small_conv_net as net

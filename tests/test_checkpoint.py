@@ -362,7 +362,7 @@ def test_export_is_safetensors_with_exact_zeros_and_evaluates_the_same(tmp_path)
     weights = load_file(run_dir / "export" / "model.safetensors")
     best = load(run_dir / "checkpoints" / "best.pt")
     for name, packed in best["pruner"]["masks"].items():
-        from lib.pruning.bitmask import unpack
+        from lib.optim.bitmask import unpack
 
         keep = packed if packed.dtype == torch.bool else unpack(packed, weights[name].shape)
         assert torch.count_nonzero(weights[name][~keep.bool()]) == 0, name  # pruned: exactly zero

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from lib import hardware
-from lib.optim import kernels
+from lib.optim import bitmask, kernels
 from lib.optim.adamwprune import AdamWPrune
 from lib.optim.adamwspam import AdamWSPAM
 from lib.optim.kernels import native, torch_kernels
-from lib.pruning import bitmask
 
 needs_kernels = pytest.mark.skipif(bool(native.why_unavailable()), reason=native.why_unavailable() or "ok")
 

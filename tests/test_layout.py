@@ -1,6 +1,6 @@
 """lib/ reads as one house: a package per concern (at most 14 entries at its top, no Kconfig files there),
-and no import circle between its modules, counting imports inside functions (those under TYPE_CHECKING
-aside)."""
+no import circle between its modules nor between its packages, counting imports inside functions (those
+under TYPE_CHECKING aside), and lib/core importing nothing else of lib."""
 
 from __future__ import annotations
 
@@ -86,7 +86,34 @@ def test_no_import_circle_between_modules() -> None:
     assert cycles(import_graph()) == []
 
 
+def package_of(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    packages: dict[str, set[str]] = {}
+    for module, imported in graph.items():
+        packages.setdefault(package_of(module), set()).update(
+            package_of(m) for m in imported if package_of(m) != package_of(module))
+    for targets in list(packages.values()):
+        for target in targets:
+            packages.setdefault(target, set())
+    return packages
+
+
+def test_no_import_circle_between_packages() -> None:
+    assert cycles(package_graph(import_graph())) == []
+
+
+def test_core_imports_nothing_else_of_lib() -> None:
+    outside = {f"{m} -> {d}" for m, imported in import_graph().items() if package_of(m) == "lib.core"
+               for d in imported if package_of(d) != "lib.core"}
+    assert not outside, sorted(outside)
+
+
 def test_the_circle_finder_finds_a_circle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = import_graph()
     assert "lib.results" in graph["lib.results.report"]  # imports inside functions count too
+    assert package_graph({"lib.a.x": {"lib.b.y"}, "lib.b.y": {"lib.a.z"}, "lib.a.z": set()}) == {
+        "lib.a": {"lib.b"}, "lib.b": {"lib.a"}}

@@ -14,8 +14,8 @@ from lib import checkpoint, config, matrix
 from lib.core.errors import ConfigError
 from lib.core.spec import PruneSettings
 from lib.hardware import Devices
+from lib.optim.bitmask import unpack
 from lib.pruning import build_pruner
-from lib.pruning.bitmask import unpack
 from lib.pruning.nm import candidates, is_exactly_nm, keep_mask, parse_pattern
 from lib.pruning.threshold import prune_count
 from tests.conftest import tiny_spec, trained_run

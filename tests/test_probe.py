@@ -1,4 +1,4 @@
-"""Probe mode (lib/hardware/probe.py): halve the micro-batch on out-of-memory before training, and record it.
+"""Probe mode (lib/train/probe.py): halve the micro-batch on out-of-memory before training, and record it.
 
 A CPU has no GPU allocator to exhaust, so out-of-memory is simulated: the task's
 loss raises torch.OutOfMemoryError (what CUDA raises) above a micro-batch limit.
@@ -14,7 +14,7 @@ import torch
 
 from lib.core.errors import HarnessError
 from lib.core.task import get_task
-from lib.hardware import probe
+from lib.train import probe
 from lib.train import run as run_mod
 from tests.conftest import tiny_spec
 

@@ -15,11 +15,11 @@ import torch
 
 from lenet5.data import load_mnist5k
 from lib import matrix
+from lib.core import provenance
+from lib.core.provenance import tensors_sha256
 from lib.core.pyenv import normalise
-from lib.train import provenance
 from lib.train import run as run_mod
 from lib.train.classification import fingerprint
-from lib.train.provenance import tensors_sha256
 from tests.conftest import ROOT, tiny_spec
 
 

@@ -9,8 +9,8 @@ from torch import nn
 from lib.core.errors import ConfigError
 from lib.core.spec import OptimSettings, PruneSettings
 from lib.optim import build_optimizer
+from lib.optim.bitmask import packed_size
 from lib.pruning import PRUNERS, build_pruner, prunable_parameters
-from lib.pruning.bitmask import packed_size
 from lib.pruning.threshold import global_exact_mask, prune_count
 from tests.conftest import small_conv_net as make
 

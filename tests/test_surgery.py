@@ -429,7 +429,7 @@ def test_resnet_streams_couple_every_writer_and_reader_and_keep_the_shortcut_kin
 
 
 def test_adamwprune_state_pruning_masks_are_cut_in_optimizer_and_pruner() -> None:
-    from lib.pruning import bitmask
+    from lib.optim import bitmask
 
     torch.manual_seed(0)
     model = GPT(config_for("tiny", vocab_size=256, block_size=16))

@@ -24,7 +24,7 @@ from lib.core.errors import HarnessError
 from lib.core.files import write_atomic, write_json_atomic
 from lib.core.spec import RunSpec
 from lib.core.task import get_task
-from lib.pruning.bitmask import unpack
+from lib.optim.bitmask import unpack
 
 
 def export(run_dir: Path) -> Path:

@@ -22,7 +22,7 @@ import torch
 
 from lib.checkpoint.format import CheckpointError
 from lib.core.errors import first_line
-from lib.train.provenance import code_state
+from lib.core.provenance import code_state
 
 FORMAT = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it preempts a job
@@ -183,6 +183,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def versions() -> dict[str, str]:
-    """What made the checkpoint: the commit and the library versions (lib/train/provenance.py collects them)."""
+    """What made the checkpoint: the commit and the library versions (lib/core/provenance.py collects them)."""
     return {"commit": code_state()["commit"] or "unknown", "torch": str(torch.__version__),
             "numpy": np.__version__, "python": platform.python_version()}

@@ -17,6 +17,7 @@ from typing import Any
 
 import kconfiglib
 
+from lib.config import sweep as sweep_settings
 from lib.config.executor import ExecutorSettings
 from lib.config.kconf import (
     Reader,
@@ -30,7 +31,6 @@ from lib.core.errors import ConfigError
 from lib.core.spec import OptimSettings, PruneSettings, SurgerySettings, SweepSettings, TrainSettings
 from lib.core.task import model_folder
 from lib.hardware import HardwareSettings
-from lib.sweep import settings as sweep_settings
 
 SPARSITY_CHOICES = (50, 70, 90, 95, 99)
 
@@ -355,7 +355,7 @@ def _surgery(r: Reader) -> SurgerySettings:
 
 
 def _sweep(r: Reader) -> SweepSettings:
-    """CONFIG_SWEEP_*: what `make sweep` tries (parsed by lib/sweep/settings.py, as the command line is)."""
+    """CONFIG_SWEEP_*: what `make sweep` tries (parsed by lib/config/sweep.py, as the command line is)."""
     s = sweep_settings
     return SweepSettings(sparsities=s.sparsities(r.str("SWEEP_SPARSITIES"), "CONFIG_SWEEP_SPARSITIES"),
                          metrics=s.metrics(r.str("SWEEP_METRICS"), "CONFIG_SWEEP_METRICS"),

@@ -113,7 +113,7 @@ class Task(Protocol):
 
     def data_fingerprint(self, spec: RunSpec) -> dict[str, str]:
         """Optional: what identifies the data a run used (split contents, token files' SHA-256), for the
-        provenance in summary.json (lib/train/provenance.py)."""
+        provenance in summary.json (lib/core/provenance.py)."""
         ...
 
     def usage(self, spec: RunSpec) -> dict[str, str]:

@@ -10,7 +10,7 @@ fused kernel where torch has one for the parameters' device) or ``AdamWSPAM``
 - ``step()`` is the base's own step, untouched. With no masks (pruning off)
   AdamWPrune is therefore bit-identical to its base optimizer.
 - The masks live in ``self.masks`` (param -> bit-packed uint8, 1 bit per
-  weight; lib/pruning/bitmask.py): the optimizer-owned mask store, in the
+  weight; lib/optim/bitmask.py): the optimizer-owned mask store, in the
   spirit of JaxPruner's masks kept inside the optimizer state. They are kept
   apart from ``self.state`` on purpose: they are pruning buffers, reported by
   the state pruner's ``buffer_bytes()``, and lib/memory.state_bytes (which sums
@@ -41,8 +41,7 @@ from torch import Tensor, nn
 from lib.core.errors import ConfigError
 from lib.core.registry import lookup
 from lib.core.spec import OptimSettings
-from lib.optim import masked_step
-from lib.pruning import bitmask
+from lib.optim import bitmask, masked_step
 
 
 class AdamWPrune(torch.optim.Optimizer):

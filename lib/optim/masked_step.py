@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lib.optim import kernels
-from lib.pruning import bitmask
+from lib.optim import bitmask, kernels
 
 _ADAMW_OFF = ("amsgrad", "maximize", "capturable", "differentiable")  # group flags the kernel does not implement
 

@@ -23,9 +23,8 @@ from torch import Tensor, nn
 
 from lib.core.errors import HarnessError
 from lib.core.spec import PruneSettings
-from lib.optim import kernels
+from lib.optim import bitmask, kernels
 from lib.optim.kernels import native
-from lib.pruning import bitmask
 from lib.pruning.prunable import prunable_parameters, zero_count
 from lib.pruning.schedule import SparsitySchedule
 from lib.pruning.threshold import LazyScores, get_threshold, prune_count, sample_size, sampled_cut
@@ -35,7 +34,7 @@ class Pruner:
     """Gradual pruning of the prunable weights of ``model`` along a sparsity schedule."""
 
     name: ClassVar[str] = "base"
-    # Store keep-masks bit-packed (lib/pruning/bitmask.py, 1 bit per weight) instead of bool (1 byte).
+    # Store keep-masks bit-packed (lib/optim/bitmask.py, 1 bit per weight) instead of bool (1 byte).
     pack_masks: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, settings: PruneSettings):

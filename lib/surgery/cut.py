@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lib.core.structures import Structure
-from lib.pruning import bitmask
+from lib.optim import bitmask
 from lib.surgery.dependency import Follower
 
 

@@ -2,7 +2,7 @@
 
 Size is counted, per pattern, as the model would be stored:
 - dense and unstructured: every tensor dense; unstructured also as a compressed file would hold it,
-  the kept values plus one bit per prunable weight (the harness's packed masks, lib/pruning/bitmask.py);
+  the kept values plus one bit per prunable weight (the harness's packed masks, lib/optim/bitmask.py);
 - N:M: the N kept values of every group plus their positions, ceil(log2 M) bits each (2 bits for 2:4,
   the metadata NVIDIA's sparse kernels read), the layers outside the pattern dense;
 - structured: the smaller model that surgery cuts out (lib/surgery/command.smaller), dense.

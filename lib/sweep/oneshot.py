@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lib import checkpoint
+from lib.config import sweep as sweep_settings
 from lib.core.errors import ConfigError, HarnessError, first_line
 from lib.core.spec import PruneSettings, RunSpec, SweepSettings, run_spec
 from lib.core.task import Metric, Task, get_task
@@ -39,7 +40,6 @@ from lib.results import load as load_results
 from lib.surgery.measure import LARGE_BATCH
 from lib.sweep import measure as sweep_measure
 from lib.sweep import report as sweep_report
-from lib.sweep import settings as sweep_settings
 
 NEEDS_CALIBRATION = ("gradient-sensitivity", "activation")
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.core.errors import ConfigError
+from lib.core.provenance import tensors_sha256
 from lib.core.task import Metric
 from lib.train import distributed
 from lib.train.distributed import SINGLE, Shard
-from lib.train.provenance import tensors_sha256
 
 
 @dataclass(frozen=True)

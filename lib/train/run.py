@@ -31,11 +31,11 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from lib.checkpoint import state as ckpt_state  # noqa: E402
-from lib.core import runlock  # noqa: E402
+from lib.core import provenance, runlock  # noqa: E402
 from lib.core.errors import HarnessError  # noqa: E402
 from lib.core.files import DiskFullError, is_disk_full, write_error, write_json_atomic  # noqa: E402
 from lib.core.spec import RunSpec  # noqa: E402
-from lib.train import distributed, provenance  # noqa: E402
+from lib.train import distributed  # noqa: E402
 
 
 def run(run_dir: Path) -> int:

@@ -35,12 +35,12 @@ from lib.checkpoint import state as ckpt_state
 from lib.checkpoint.manager import Manager, Policy
 from lib.core.spec import HardwarePlan, RunSpec, TrainSettings
 from lib.core.task import Task, get_task
-from lib.hardware import actckpt, gpus, memory, plan_actckpt, probe
+from lib.hardware import actckpt, gpus, memory, plan_actckpt
 from lib.optim import build_optimizer, masked_step
 from lib.optim.adamwprune import AdamWPrune
 from lib.pruning import build_pruner
 from lib.surgery.stats import StructureStats
-from lib.train import distributed
+from lib.train import distributed, probe
 from lib.train.distributed import SINGLE, Shard
 from lib.train.tracking import NullTracker, open_tracker
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gpucheck import Context, result
-from lib.train.provenance import device_name
+from lib.core.provenance import device_name
 
 NO_GPU_EXIT, CPU_TORCH_EXIT = 2, 3
 
