@@ -117,7 +117,7 @@ start() {
 stop() {
     [ "$(id -u)" = 0 ] || die "needs root: sudo scripts/local_slurm.sh stop"
     local mine
-    mine=$(sort -u "$STARTED" 2>/dev/null | tr '\n' ' ')
+    mine=$( { sort -u "$STARTED" 2>/dev/null || true; } | tr '\n' ' ')
     [ -n "$mine" ] || { echo "local_slurm: no daemon started by this script is recorded in $STARTED; nothing stopped"; return; }
     for daemon in $mine; do
         pkill -x "$daemon" 2>/dev/null || true
