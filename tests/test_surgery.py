@@ -428,7 +428,7 @@ def test_resnet_streams_couple_every_writer_and_reader_and_keep_the_shortcut_kin
     assert narrow(torch.randn(1, 3, 32, 32)).shape == (1, 100)
 
 
-def test_adamwprune_state_pruning_masks_are_cut_in_optimizer_and_pruner() -> None:
+def test_adamwprune_state_pruning_masks_are_cut_once_through_the_pruner() -> None:
     from lib.optim import bitmask
 
     torch.manual_seed(0)

@@ -10,11 +10,15 @@ fused kernel where torch has one for the parameters' device) or ``AdamWSPAM``
 - ``step()`` is the base's own step, untouched. With no masks (pruning off)
   AdamWPrune is therefore bit-identical to its base optimizer.
 - The masks live in ``self.masks`` (param -> bit-packed uint8, 1 bit per
-  weight; lib/optim/bitmask.py): the optimizer-owned mask store, in the
-  spirit of JaxPruner's masks kept inside the optimizer state. They are kept
-  apart from ``self.state`` on purpose: they are pruning buffers, reported by
-  the state pruner's ``buffer_bytes()``, and lib/memory.state_bytes (which sums
-  ``optimizer.state``) must not count them a second time.
+  weight; lib/optim/bitmask.py): the one mask store of a state-pruned run, in
+  the spirit of JaxPruner's masks kept inside the optimizer state. The state
+  pruner (lib/pruning/state.py) decides them and reads them through a view
+  by name, without a copy; it also carries them into checkpoints, so this
+  optimizer's ``state_dict`` holds no masks and nothing has to keep two copies
+  alike. They are kept apart from ``self.state`` on purpose: they are pruning
+  buffers, reported by the state pruner's ``buffer_bytes()``, and
+  lib/hardware/memory.state_bytes (which sums ``optimizer.state``) must not
+  count them a second time.
 
 With ``fused`` on (the plan's FUSED_STEP, lib/hardware/__init__.py) and masks set, ``step()``
 applies the mask inside the update (lib/optim/masked_step.py): one pass per masked
@@ -132,23 +136,14 @@ class AdamWPrune(torch.optim.Optimizer):
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The base's state dict plus ``"masks"``: {index of the param in group order: packed mask}."""
-        state = self.base.state_dict()
-        index = {id(p): i for i, p in enumerate(self._params())}
-        state["masks"] = {index[id(p)]: packed for p, packed in self.masks.items()}
-        return state
+        """The base's state dict; the masks travel in the state pruner's (module docstring)."""
+        return self.base.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Inverse of ``state_dict``: restores the base, then re-installs (and applies) the masks."""
-        state_dict = dict(state_dict)
-        masks = state_dict.pop("masks", {})
+        """Restore the base; masks already installed (the pruner may load first) are applied to the loaded state."""
+        state_dict = {key: value for key, value in state_dict.items() if key != "masks"}  # a copy older files held
         self.base.load_state_dict(state_dict)
-        params = self._params()
-        self.masks = {}
-        self.set_masks({params[int(i)]: packed for i, packed in masks.items()})
-
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+        self.set_masks(dict(self.masks))
 
 
 # -- factories ----------------------------------------------------------------------------------

@@ -12,14 +12,16 @@ and *what* (scores -> threshold); the optimizer stores and applies the masks.
   zeroes pruned weights and their exp_avg / exp_avg_sq / max_exp_avg_sq.
 - Every step: ``before_step`` calls ``AdamWPrune.mask_gradients``.
 
-``self.masks`` (name -> packed mask) refers to the very tensors the optimizer
-holds, so checkpoints, ``mask(name)`` and ``buffer_bytes`` (1 bit per prunable
-weight) work as for every pruner without a second copy.
+One owner: the optimizer's store is the only mask store. ``self.masks`` is a view
+of it by weight name (a property, no copy), so checkpoints (the pruner's state
+dict carries the masks; the optimizer's carries none), ``mask(name)``, surgery
+and ``buffer_bytes`` (1 bit per prunable weight) work as for every pruner, and
+assigning ``self.masks`` installs the masks in the optimizer.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -54,6 +56,19 @@ class StatePruner(Pruner):
         # beta1 of each weight's group, for bitter8's bias correction.
         self.beta1 = {id(p): group.get("betas", (0.9, 0.999))[0] for group in optimizer.param_groups
                       for p in group["params"]}
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The optimizer's packed masks by weight name: a view of its store, never a copy."""
+        store = self.optimizer.masks
+        return {name: store[param] for name, param in self.params if param in store}
+
+    @masks.setter
+    def masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Install ``masks`` (by weight name) as the optimizer's whole store; it zeroes what they prune."""
+        params = dict(self.params)
+        self.optimizer.clear_masks()
+        self.optimizer.set_masks({params[name]: mask for name, mask in masks.items()})
 
     def importance(self, name: str, param: nn.Parameter) -> torch.Tensor:
         return bitter.importance(self.score, param, self.optimizer.state.get(param), self.beta1[id(param)])
@@ -91,17 +106,4 @@ class StatePruner(Pruner):
             for _, param in self.params:
                 self.optimizer.set_masks({param: masks.pop(0)})  # packed there; each bool mask freed in turn
         self.applied = sparsity
-        self._sync_masks()
-
-    def _sync_masks(self) -> None:
-        """Point ``self.masks`` (by name) at the optimizer's packed masks (same tensors, no copy)."""
-        store = self.optimizer.masks
-        self.masks = {name: store[param] for name, param in self.params if param in store}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore masks and progress, install the masks in the optimizer and re-apply them."""
-        super().load_state_dict(state)
-        params = dict(self.params)
-        self.optimizer.set_masks({params[name]: packed for name, packed in self.masks.items()})
-        self._sync_masks()
 

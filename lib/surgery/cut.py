@@ -11,9 +11,9 @@ everything else is index bookkeeping done here once:
   the blocks after it in the same list move up (``h.5`` becomes ``h.4``).
 - ``carry_model``, ``carry_optimizer`` and ``carry_pruner`` apply a Cut to a model's
   state dict, to an optimizer's state dict (every per-weight tensor: exp_avg,
-  exp_avg_sq, max_exp_avg_sq, momentum buffers, AdamWPrune's packed masks; scalars
+  exp_avg_sq, max_exp_avg_sq, momentum buffers; scalars
   such as ``step`` and the SPAM clock unchanged) and to a pruner's state dict (masks,
-  packed or not, and movement scores). Values are selected, never recomputed: every
+  packed or not, AdamWPrune's included, and movement scores). Values are selected, never recomputed: every
   surviving weight keeps its state bit for bit.
 """
 
@@ -128,12 +128,8 @@ def carry_optimizer(old_state: dict[str, Any], old_model: nn.Module, old_optimiz
     fresh = new_optimizer.state_dict()
     groups = [{**old, "params": new["params"]} for old, new in zip(old_state["param_groups"], fresh["param_groups"],
                                                                      strict=True)]
-    carried = {**old_state, "state": state, "param_groups": groups}
-    if "masks" in old_state:  # AdamWPrune: {position: packed mask}
-        by_old = {old_names[int(i)]: m for i, m in old_state["masks"].items()}
-        carried["masks"] = {i: _cut_value(by_old[cut.keep[new][0]], shapes[cut.keep[new][0]], cut.keep[new][1])
-                            for i, new in enumerate(new_names) if cut.keep[new][0] in by_old}
-    return carried
+    # Masks are the pruner's to carry (carry_pruner), AdamWPrune's included; older optimizer states held a copy.
+    return {**{k: v for k, v in old_state.items() if k != "masks"}, "state": state, "param_groups": groups}
 
 
 def carry_pruner(state: dict[str, Any], old_model: nn.Module, cut: Cut, removed_weights: int) -> dict[str, Any]:
