@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lib.checkpoint.folder import RunCheckpoints
+
 # (model, optimizer, variant, pruning, target) -> test metric at best, per seed (1, 2)
 ACCURACY = {
     ("lenet5", "adamw", "", "none", 0.0): (98.0, 98.4),
@@ -77,8 +79,8 @@ def write_run(folder: Path, key: tuple, seed: int, test: float) -> dict:
             rec["cuda_allocated_bytes"] = (900 + s) * 2**20
         curve.append(rec)
     (run_dir / "train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in curve))
-    (run_dir / "checkpoints").mkdir()
-    (run_dir / "checkpoints" / "best.pt").write_bytes(b"not a real checkpoint")
+    RunCheckpoints(run_dir).folder.mkdir()
+    RunCheckpoints(run_dir).best.write_bytes(b"not a real checkpoint")
     (run_dir / "log.txt").write_text("training log\n")
     return summary
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lib.checkpoint import load as load_checkpoint
+from lib.checkpoint.folder import RunCheckpoints
 from lib.core.errors import HarnessError
 from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec
 from lib.train import distributed
@@ -92,7 +93,7 @@ def test_two_rank_gloo_run_matches_one_process(tmp_path: Path) -> None:
 
     spec = RunSpec.read(ddp_dir / "spec.json")
     model = TASK.build_model(spec)
-    model.load_state_dict(load_checkpoint(ddp_dir / "checkpoints" / "best.pt")["model"])
+    model.load_state_dict(load_checkpoint(RunCheckpoints(ddp_dir).best)["model"])
     assert TASK.evaluate(model, spec, "test")["loss"] == pytest.approx(ddp["test_at_best"]["loss"], rel=1e-5)
 
 

@@ -5,6 +5,7 @@ under TYPE_CHECKING aside), and lib/core importing nothing else of lib."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -117,3 +118,26 @@ def test_the_circle_finder_finds_a_circle() -> None:
     assert "lib.results" in graph["lib.results.report"]  # imports inside functions count too
     assert package_graph({"lib.a.x": {"lib.b.y"}, "lib.b.y": {"lib.a.z"}, "lib.a.z": set()}) == {
         "lib.a": {"lib.b"}, "lib.b": {"lib.a"}}
+
+
+CHECKPOINT_NAMES = re.compile(r"best\.pt|\.ckpt\b|step_\d{8}|[\"']latest[\"']|[\"']milestones[\"']|milestones/")
+
+
+def checkpoint_names_outside(home: Path, roots: list[Path]) -> list[str]:
+    """Lines of Python code under ``roots`` (``home`` aside) that spell a checkpoint file's name."""
+    found = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            if home in path.parents:
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if CHECKPOINT_NAMES.search(line):
+                    found.append(f"{path.relative_to(root.parent)}:{number}: {line.strip()}")
+    return found
+
+
+def test_only_lib_checkpoint_spells_checkpoint_file_names(tmp_path: Path) -> None:
+    """The run folder's checkpoint layout has one owner (lib/checkpoint/folder.py); nothing else spells it."""
+    assert checkpoint_names_outside(LIB / "checkpoint", [LIB, ROOT / "scripts"]) == []
+    (tmp_path / "elsewhere.py").write_text('best = run_dir / "checkpoints" / "best.pt"\n')
+    assert len(checkpoint_names_outside(LIB / "checkpoint", [tmp_path])) == 1  # the finder finds one

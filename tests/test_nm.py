@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lib import checkpoint, config, matrix
+from lib.checkpoint.folder import RunCheckpoints
 from lib.core.errors import ConfigError
 from lib.core.spec import PruneSettings
 from lib.hardware import Devices
@@ -126,7 +127,7 @@ def test_a_gradual_nm_run_trains_and_ends_exactly_2_of_4(tmp_path: Path) -> None
 
     text = "\n".join(_patterns([Run(summary, run_dir)]))
     assert "| nm | 2:4 | 58,920 | conv1.weight (25 inputs), conv2.weight (150 inputs) |" in text
-    best = checkpoint.load(run_dir / "checkpoints" / "best.pt")
+    best = checkpoint.load(RunCheckpoints(run_dir).best)
     for name, mask in best["pruner"]["masks"].items():
         weight = best["model"][name]
         keep = unpack(mask, weight.shape)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lib import checkpoint, cli, config, matrix
+from lib.checkpoint.folder import RunCheckpoints
 from lib.core.errors import HarnessError
 from lib.core.spec import RunSpec
 from lib.hardware import Devices
@@ -104,8 +105,8 @@ def test_a_signalled_job_is_requeued_and_resumes_to_an_uninterrupted_runs_weight
     assert summary["status"] == "ok"
     (tmp_path / "reference").mkdir()
     reference = trained_run(tmp_path / "reference", RunSpec.read(run_dir / "spec.json"))
-    ours = checkpoint.load(run_dir / "checkpoints" / "best.pt")["model"]
-    theirs = checkpoint.load(reference / "checkpoints" / "best.pt")["model"]
+    ours = checkpoint.load(RunCheckpoints(run_dir).best)["model"]
+    theirs = checkpoint.load(RunCheckpoints(reference).best)["model"]
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 

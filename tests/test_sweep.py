@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lib import config
+from lib.checkpoint.folder import RunCheckpoints
 from lib.core.errors import ConfigError, HarnessError
 from lib.core.spec import SweepSettings
 from lib.core.task import Metric
@@ -51,7 +52,7 @@ def _val_pruned_by_torch(run_dir: Path, target: float) -> dict[str, float]:
     spec = RunSpec.read(run_dir / "spec.json")
     task = get_task(spec.model)
     model = task.build_model(spec)
-    model.load_state_dict(load(run_dir / "checkpoints" / "best.pt")["model"])
+    model.load_state_dict(load(RunCheckpoints(run_dir).best)["model"])
     weights = [(m, "weight") for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert sum(m.weight.numel() for m, _ in weights) == LENET_PRUNABLE
     if target:
@@ -67,7 +68,7 @@ def test_one_shot_rows_reach_their_targets_and_leave_the_checkpoint_untouched(le
     lines: list[str] = []
     record = sweep_run(lenet, {**QUIET, "SPARSITIES": "30,50,70"}, say=lines.append)
     assert _digests(lenet / "checkpoints") == before  # byte for byte
-    best = (lenet / "checkpoints" / "best.pt").read_bytes()
+    best = RunCheckpoints(lenet).best.read_bytes()
     assert record["checkpoint"]["sha256"] == hashlib.sha256(best).hexdigest()
     rows = record["rows"]
     assert len(rows) == 3 * 3 + 3 + 3 * 3  # unstructured and structured x metrics x sparsities, 2:4 once per metric
@@ -190,7 +191,7 @@ def test_a_results_folder_is_swept_run_by_run_with_one_combined_graph(lenet: Pat
     shutil.copytree(lenet, folder / lenet.name)
     broken = folder / "no_best"
     shutil.copytree(lenet, broken)
-    (broken / "checkpoints" / "best.pt").unlink()
+    RunCheckpoints(broken).best.unlink()
     entries = [json.loads((folder / lenet.name / "summary.json").read_text())]
     entries.append({**entries[0], "name": "no_best"})
     (folder / "summary.json").write_text(json.dumps({"runs": entries}))
@@ -230,7 +231,7 @@ def test_bad_sweep_settings_are_one_line_and_write_nothing(lenet: Path, tmp_path
 def test_make_sweep_without_a_best_checkpoint_or_a_run_is_one_line(lenet: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(lenet, run_dir)
-    (run_dir / "checkpoints" / "best.pt").unlink()
+    RunCheckpoints(run_dir).best.unlink()
     for args, expected in (
             (["--run", str(run_dir)], f"error: {run_dir} has no best checkpoint ({run_dir}/checkpoints/best.pt is "
                                       f"missing: the run did not reach an eligible evaluation, is unfinished, or ran "

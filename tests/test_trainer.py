@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lib.checkpoint import load as load_checkpoint
+from lib.checkpoint.folder import RunCheckpoints
 from lib.core.spec import RunSpec
 from lib.core.task import get_task
 from lib.train import run as run_mod
@@ -47,7 +48,7 @@ def test_planned_steps_takes_the_smaller_budget():
 def test_best_checkpoint_is_saved_and_test_is_measured_on_it(tmp_path):
     summary, run_dir = _run(tiny_spec("dense", max_iters=20), tmp_path)
     assert summary["status"] == "ok", summary
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    ckpt = load_checkpoint(RunCheckpoints(run_dir).best)
     assert ckpt["step"] == summary["best"]["step"] == summary["test_at_best"]["step"]
     evals = _metrics(run_dir)
     best_val = max(e["val"]["accuracy"] for e in evals)
@@ -115,7 +116,7 @@ def test_a_rerun_in_a_new_process_is_bit_identical(tmp_path):
         subprocess.run([PY, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, check=True, capture_output=True,
                        timeout=300)
         dirs.append(run_dir)
-    a, b = (load_checkpoint(d / "checkpoints" / "best.pt")["model"] for d in dirs)
+    a, b = (load_checkpoint(RunCheckpoints(d).best)["model"] for d in dirs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = ("time", "elapsed", "wall", "throughput", "rss", "memory")
     def logged(d: Path) -> list:

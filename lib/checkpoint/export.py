@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from lib.checkpoint.folder import RunCheckpoints
 from lib.checkpoint.format import CheckpointError, load
 from lib.checkpoint.state import architecture_of, versions
 from lib.core.errors import HarnessError
@@ -32,10 +33,7 @@ def export(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     spec = RunSpec.read(run_dir / "spec.json")
     summary = _summary(run_dir)
-    best = run_dir / "checkpoints" / "best.pt"
-    if not best.is_file():
-        raise HarnessError(f"{run_dir} has no best checkpoint ({best} is missing: the run did not reach an eligible "
-                           f"evaluation, is unfinished, or ran with CONFIG_KEEP_CHECKPOINTS off); nothing to export")
+    best = RunCheckpoints(run_dir).require_best("export")
     state = _load_best(best)
     model = _build(spec, state.get("architecture"))
     model.load_state_dict(state["model"])

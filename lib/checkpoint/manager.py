@@ -25,6 +25,13 @@ from lib.checkpoint.format import CheckpointError, load, save
 from lib.core.files import write_text_atomic
 
 STEP_FILE = re.compile(r"^step_(\d{8})\.ckpt$")
+LATEST = "latest"
+MILESTONES = "milestones"
+
+
+def step_file(step: int) -> str:
+    """The file name of the training checkpoint written at the end of ``step``."""
+    return f"step_{step:08d}.ckpt"
 
 
 @dataclass
@@ -60,13 +67,10 @@ class Manager:
 
     def save(self, step: int, payload: dict[str, Any]) -> Path:
         """Write the checkpoint of ``step``, move `latest` to it, drop the ones past keep_last."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step_{step:08d}.ckpt"
-        save(path, payload)  # DiskFullError / HarnessError: `latest` still names the previous one
-        write_text_atomic(self.folder / "latest", path.name + "\n")
+        path = self.install(step, payload)
         self.last_time = time.monotonic()
         if self.policy.milestone_every and step % self.policy.milestone_every == 0:
-            milestones = self.folder / "milestones"
+            milestones = self.folder / MILESTONES
             milestones.mkdir(exist_ok=True)
             target = milestones / path.name
             target.unlink(missing_ok=True)
@@ -74,6 +78,19 @@ class Manager:
         for old in self.steps()[:-self.policy.keep_last]:
             old.unlink(missing_ok=True)
         return path
+
+    def install(self, step: int, payload: dict[str, Any]) -> Path:
+        """Write the checkpoint of ``step`` (replacing one of that step) and move `latest` to it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / step_file(step)
+        save(path, payload)  # DiskFullError / HarnessError: `latest` still names the previous one
+        write_text_atomic(self.folder / LATEST, path.name + "\n")
+        return path
+
+    def milestones(self) -> list[Path]:
+        """The milestones kept for good, oldest first."""
+        folder = self.folder / MILESTONES
+        return sorted(p for p in folder.iterdir() if STEP_FILE.match(p.name)) if folder.is_dir() else []
 
     def steps(self) -> list[Path]:
         """The training checkpoints present, oldest first."""
@@ -110,7 +127,7 @@ class Manager:
 
     def _pointer(self) -> Path | None:
         try:
-            name = (self.folder / "latest").read_text().strip()
+            name = (self.folder / LATEST).read_text().strip()
         except OSError:
             return None
         return self.folder / name if STEP_FILE.match(name) else None
@@ -119,4 +136,4 @@ class Manager:
         """Drop the training checkpoints and `latest` (a finished run needs neither); keep best and milestones."""
         for path in self.steps():
             path.unlink(missing_ok=True)
-        (self.folder / "latest").unlink(missing_ok=True)
+        (self.folder / LATEST).unlink(missing_ok=True)

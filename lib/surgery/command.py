@@ -28,13 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib import checkpoint
 from lib.checkpoint import state as ckpt_state
-from lib.checkpoint.manager import Manager, Policy
+from lib.checkpoint.folder import RunCheckpoints
 from lib.config import surgery_structure
 from lib.core import runlock
 from lib.core.errors import HarnessError, number
-from lib.core.files import write_json_atomic, write_text_atomic
+from lib.core.files import write_json_atomic
 from lib.core.spec import RunSpec, run_spec
 from lib.core.structures import Structure
 from lib.core.task import Task, get_task
@@ -87,7 +86,7 @@ def operate(run_dir: Path, fraction: str | None = None, structure: str | None = 
 
 def _operate(run_dir: Path, spec: RunSpec, fraction: str | None, structure: str | None,
              say: Any) -> dict[str, Any]:
-    path, payload = _checkpoint(run_dir)
+    path, payload = RunCheckpoints(run_dir).newest_to_cut()
     _same_run(payload, spec, path)
     task = get_task(spec.model)
     old = Trained.build(task, spec, payload.get("architecture")).load(payload)
@@ -220,19 +219,6 @@ def _fraction(text: str | None) -> float | None:
     return value
 
 
-def _checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The newest training checkpoint, else the newest milestone."""
-    folder = run_dir / "checkpoints"
-    found = Manager(folder, Policy()).latest()
-    if found:
-        return found
-    milestones = sorted((folder / "milestones").glob("step_*.ckpt")) if (folder / "milestones").is_dir() else []
-    if not milestones:
-        raise HarnessError(f"surgery: {run_dir} has no training checkpoint (a finished run keeps only best.pt, "
-                           f"which has no optimizer state); set CONFIG_CKPT_MILESTONE=N to keep one for good")
-    return milestones[-1], checkpoint.load(milestones[-1])
-
-
 def _same_run(payload: dict[str, Any], spec: RunSpec, path: Path) -> None:
     saved = payload.get("spec") or {}
     if saved.get("model") != spec.model:
@@ -259,20 +245,11 @@ def _append_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def _write(run_dir: Path, source: Path, step: int, payload: dict[str, Any]) -> Path:
-    """The smaller checkpoint as the run's newest training checkpoint; the original kept aside."""
-    folder = run_dir / "checkpoints"
-    target = folder / f"step_{step:08d}.ckpt"
-    aside = folder / "before_surgery"
-    aside.mkdir(exist_ok=True)
-    kept = aside / f"step_{step:08d}.ckpt"
-    kept.unlink(missing_ok=True)
-    os.link(source, kept)  # the same bytes; replacing `target` below leaves them whole
-    checkpoint.save(target, payload)  # atomic: a kill leaves the original or the new file, never half
-    write_text_atomic(folder / "latest", target.name + "\n")
-    if (folder / "best.pt").exists():  # the uncut model's: never loaded into the cut one, kept aside
-        os.replace(folder / "best.pt", aside / "best.pt")
+    """The smaller checkpoint as the run's newest training checkpoint (the originals kept aside); a finished
+    run's summary moves aside too: now it has steps to train again, from the smaller checkpoint."""
+    target = RunCheckpoints(run_dir).replace_after_surgery(step, source, payload)
     summary = run_dir / "summary.json"
-    if summary.exists():  # finished: now it has steps to train again, from the smaller checkpoint
+    if summary.exists():
         os.replace(summary, run_dir / "summary.before_surgery.json")
     return target
 

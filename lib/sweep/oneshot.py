@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lib import checkpoint
+from lib.checkpoint.folder import RunCheckpoints
 from lib.config import sweep as sweep_settings
 from lib.core.errors import ConfigError, HarnessError, first_line
 from lib.core.spec import PruneSettings, RunSpec, SweepSettings, run_spec
@@ -67,10 +68,8 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
     spec = run_spec(run_dir)
     task = get_task(spec.model)
     settings = sweep_settings.overridden(spec.sweep, given or {}, task.metric.higher_is_better)
-    best = run_dir / "checkpoints" / "best.pt"
-    if not best.is_file():
-        raise HarnessError(f"{run_dir} has no best checkpoint ({best} is missing: the run did not reach an eligible "
-                           f"evaluation, is unfinished, or ran with CONFIG_KEEP_CHECKPOINTS off); nothing to sweep")
+    checkpoints = RunCheckpoints(run_dir)
+    best = checkpoints.require_best("sweep")
     digest = _sha256(best)
     payload = checkpoint.load(best)
     task.prepare(spec)
@@ -88,7 +87,7 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
     picks = recommend(rows, value, task.metric, settings)
     chosen = overall(rows, picks, task.metric, dense)
     test = _test(subject, rows[chosen]) if chosen is not None else None
-    record = {"run": spec.name, "model": spec.model, "checkpoint": {"path": "checkpoints/best.pt", "sha256": digest,
+    record = {"run": spec.name, "model": spec.model, "checkpoint": {"path": checkpoints.best_in_run, "sha256": digest,
                                                                     "step": int(payload["step"])},
               "metric": dataclasses.asdict(task.metric), "device": str(subject.device),
               "settings": dataclasses.asdict(settings), "reference": reference,
@@ -99,7 +98,7 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
               "overall": None if chosen is None else {"row": chosen, "test": test, "buys": buys(rows[chosen], dense)},
               "note": sweep_measure.CPU_NOTE if subject.device.type == "cpu" else ""}
     if _sha256(best) != digest:
-        record["note"] += "; best.pt was replaced while the sweep read it (is the run still training?)"
+        record["note"] += "; the best checkpoint was replaced while the sweep read it (is the run still training?)"
     out = sweep_report.write(run_dir / "sweep", record)
     say(sweep_report.recommendation_lines(record))
     say(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'} and {out / 'sweep.png'}")

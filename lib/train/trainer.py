@@ -2,8 +2,8 @@
 
 It knows a model only through its task plug-in (lib/core/task.py) and takes every
 setting from the RunSpec; it never reads .config. Outputs in the run folder:
-metrics.jsonl (one line per evaluation), checkpoints/best.pt (the best
-checkpoint by validation metric among evaluations at the target sparsity) and
+metrics.jsonl (one line per evaluation), the best checkpoint (by validation
+metric among evaluations at the target sparsity; lib/checkpoint/folder.py) and
 the summary dict that lib/train/run.py writes as summary.json.
 
 With several ranks (torchrun, lib/train/distributed.py) the model runs under
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib import checkpoint
 from lib.checkpoint import state as ckpt_state
-from lib.checkpoint.manager import Manager, Policy
+from lib.checkpoint.folder import RunCheckpoints
+from lib.checkpoint.manager import Policy
 from lib.core.spec import HardwarePlan, RunSpec, TrainSettings
 from lib.core.task import Task, get_task
 from lib.hardware import actckpt, gpus, memory, plan_actckpt
@@ -94,9 +94,9 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
     with distributed.main_first(shard):  # rank 0 alone writes data files a task prepares on first use
         task.prepare(spec)
 
-    ckpt_dir = run_dir / "checkpoints"
-    manager = Manager(ckpt_dir, Policy(cfg.ckpt_interval, cfg.ckpt_time_s, cfg.ckpt_keep_last, cfg.ckpt_milestone),
-                      say=lambda line: _log(line, shard))
+    checkpoints = RunCheckpoints(run_dir)
+    manager = checkpoints.training(Policy(cfg.ckpt_interval, cfg.ckpt_time_s, cfg.ckpt_keep_last, cfg.ckpt_milestone),
+                                   say=lambda line: _log(line, shard))
     found = manager.latest()  # a killed or stopped run goes on from its newest valid checkpoint
     architecture = found[1].get("architecture") if found else None  # as surgery left it (lib/surgery/cut.py)
     model = task.build_model(spec, architecture).to(device)
@@ -136,7 +136,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
 
     tracker = open_tracker(spec, run_dir) if shard.main else NullTracker()  # a tracker failure never stops the run
     if shard.main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.folder.mkdir(parents=True, exist_ok=True)
     offsets = done.log_offsets if found else {}
     metrics_file = _output(run_dir / "metrics.jsonl", shard, offsets.get("metrics"))
     curve_file = _output(run_dir / "train.jsonl", shard, offsets.get("train"))  # loss, lr, sparsity, memory
@@ -215,7 +215,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
             if _eligible(record, spec) and _improves(task, record, best):
                 best = Best(step, record["val"])  # the same on every rank: the metrics are reduced
                 if shard.main:
-                    _save_checkpoint(ckpt_dir / "best.pt", model, pruner, step)
+                    checkpoints.save_best({"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step,
+                                           "architecture": ckpt_state.architecture_of(model)})
         stop = _stop_agreed(shard)
         cut_now = cfg.surgery_every > 0 and step % cfg.surgery_every == 0
         if step < provisional and (stop or cut_now or manager.due(step)):  # the end of a step: a clean point to resume
@@ -240,13 +241,13 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
     tracker.finish()
     wall = done.wall_before + time.perf_counter() - start
     if status == "ok" and shard.main:
-        manager.remove_training()  # only a resume needs them; best.pt and milestones stay
+        manager.remove_training()  # only a resume needs them; the best and the milestones stay
 
     reached = pruner.sparsity()  # of the final weights, before the best checkpoint is loaded back
     with autocast():
-        test = _test_at_best(task, model, spec, ckpt_dir / "best.pt", best, shard) if status == "ok" else None
+        test = _test_at_best(task, model, spec, checkpoints, best, shard) if status == "ok" else None
     if not cfg.keep_checkpoints and shard.main:
-        (ckpt_dir / "best.pt").unlink(missing_ok=True)
+        checkpoints.drop_best()
     flags = []
     if spec.pruning != "none" and abs(reached - spec.sparsity) > SPARSITY_TOLERANCE:
         flags.append("sparsity_missed")
@@ -358,20 +359,14 @@ def _improves(task: Task, record: dict[str, Any], best: Best) -> bool:
     return not best.step or task.metric.better(value, best.metrics[task.metric.name])
 
 
-def _save_checkpoint(path: Path, model: torch.nn.Module, pruner: Any, step: int) -> None:
-    # verified like every checkpoint (lib/checkpoint); a full disk leaves the previous best.pt intact
-    checkpoint.save(path, {"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step,
-                           "architecture": ckpt_state.architecture_of(model)})
-
-
-def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, path: Path, best: Best,
+def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, checkpoints: RunCheckpoints, best: Best,
                   shard: Shard) -> dict | None:
     """Evaluate the test split once, on the best checkpoint as saved on disk (read by rank 0, sent to all)."""
     if not best.step:
         return None
     step = best.step
     if shard.main:
-        state = checkpoint.load(path)
+        state = checkpoints.load_best()
         model.load_state_dict(state["model"])
         step = state["step"]
     distributed.broadcast_module(model)

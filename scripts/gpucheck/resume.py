@@ -2,7 +2,7 @@
 pruning to 50 %) runs once uninterrupted and once killed (SIGKILL, two steps after a checkpoint) and
 resumed; with CONFIG_DETERMINISTIC (strict deterministic algorithms, CUBLAS_WORKSPACE_CONFIG set by
 lib/train/run.py before CUDA starts) the two must be the same run to the bit: every milestone's weights,
-optimizer state, masks and RNG states (CUDA's included), best.pt, the logs and the summary.
+optimizer state, masks and RNG states (CUDA's included), the best checkpoint, the logs and the summary.
 The model runs uncompiled (three processes compiling it would not fit the budget; part 2 proves
 compile); the fused masked step is still compiled, with autotuning off in all three processes, so no
 kernel choice depends on timing.

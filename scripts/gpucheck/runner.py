@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from gpucheck import PARTS, ROOT, TOTAL_BUDGET_S, Context, Part, result
+from lib.checkpoint.folder import BULKY_PATTERNS
 from lib.matrix.records import failure_line
 
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-BULKY = ("*.pt", "*.ckpt")
 
 
 def run_all(out: Path, dry: bool, only: list[str], header: dict[str, Any], parts: tuple[Part, ...] = PARTS,
@@ -85,7 +85,7 @@ def _kill_group(child: subprocess.Popen) -> None:
 
 
 def _drop_bulky(work: Path) -> None:
-    for pattern in BULKY:
+    for pattern in BULKY_PATTERNS:
         for path in work.rglob(pattern):
             path.unlink(missing_ok=True)
 

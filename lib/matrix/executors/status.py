@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lib.checkpoint.folder import RunCheckpoints
 from lib.core import runlock
 from lib.matrix.executors.slurm import ENDED, job_id, job_states
 from lib.matrix.records import failure_line
@@ -50,7 +51,7 @@ def _state(run_dir: Path, job: str | None, slurm: dict[str, str]) -> tuple[str, 
         return "cut", "made smaller by `make surgery`; `make continue` trains the smaller model on"
     if job and job in slurm:
         state = slurm[job]
-        resumable = (run_dir / "checkpoints" / "latest").exists()
+        resumable = RunCheckpoints(run_dir).resumable()
         if state in ENDED:
             if resumable:
                 return "stopped", f"{where} ended {state} after a checkpoint; `make continue` resumes it"
@@ -60,7 +61,7 @@ def _state(run_dir: Path, job: str | None, slurm: dict[str, str]) -> tuple[str, 
         return SLURM.get(state, state.lower()), f"{where} {state}"
     if _busy(run_dir):
         return "running", f"{where}, trainer pid {runlock.holder(run_dir)}"
-    if (run_dir / "checkpoints" / "latest").exists():
+    if RunCheckpoints(run_dir).resumable():
         return "stopped", f"{where}: stopped after a checkpoint; `make continue` resumes it"
     if (run_dir / "log.txt").is_file() and (run_dir / "log.txt").stat().st_size:
         return "failed", f"{where}: ended without a record or a checkpoint: {failure_line(run_dir / 'log.txt')}"
