@@ -163,7 +163,7 @@ test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes
 	@$(LINT)
 	@$(PY) -m pytest -q tests
 	@echo "again with AdamWPrune's fused masked step forced on (the pass above runs it as each test built it):"
-	@$(PY) -m pytest -q --fused-step=on tests/test_adamwprune.py tests/test_pruning.py tests/test_trainer.py
+	@$(PY) -m pytest -q --fused-step=on tests/optim/test_adamwprune.py tests/pruning/test_pruning.py tests/train/test_trainer.py
 	@echo "make gpu-check DRY=1 (every GPU check part's set-up, on the CPU):"
 	@mkdir -p '$(RESULTS_TREE)'
 	@$(PY) scripts/gpu_check.py --dry --results '$(RESULTS_TREE)' > '$(RESULTS_TREE)/gpu_check_dry.log' 2>&1 || \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,14 +79,21 @@ def edit_config(text: str, extra: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def trained_run(folder: Path, spec) -> Path:  # noqa: ANN001 (a RunSpec; lib is imported lazily here)
-    """Train ``spec`` in-process into ``folder``/<its name> and return that run folder (it must end ok)."""
+def trained_run(folder: Path, spec, *, in_subprocess: bool = False) -> Path:  # noqa: ANN001 (a RunSpec)
+    """Train ``spec`` into ``folder``/<its name> and return that run folder (it must end ok): in-process, or
+    with ``in_subprocess`` as make runs it (`python -m lib.train.run`), its stdout kept in folder/stdout.txt."""
     from lib.train import run as run_mod
 
     run_dir = folder / spec.name
     run_dir.mkdir()
     spec.write(run_dir / "spec.json")
-    assert run_mod.run(run_dir) == 0
+    if not in_subprocess:
+        assert run_mod.run(run_dir) == 0
+        return run_dir
+    done = subprocess.run([sys.executable, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (folder / "stdout.txt").write_text(done.stdout)
     return run_dir
 
 
@@ -106,6 +114,45 @@ def tiny_spec(name: str = "t", *, optimizer: str = "adamw", lr: float = 3e-3, pr
         model_options={"dataset": "mnist5k"},
         data_dir=str(ROOT / "data"),
     )
+
+
+VOCAB = 64  # synthetic tests: a tiny vocabulary keeps the output head cheap
+
+
+def markov_tokens(n: int, seed: int):  # noqa: ANN201 (an int64 numpy array)
+    import numpy as np
+
+    """A learnable stream: mostly next = 5 * prev + 3 (mod VOCAB), sometimes a random token."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=np.int64)
+    out[0] = 0
+    noise = rng.random(n) < 0.1
+    random_ids = rng.integers(0, VOCAB, n)
+    for i in range(1, n):
+        out[i] = random_ids[i] if noise[i] else (5 * out[i - 1] + 3) % VOCAB
+    return out
+
+
+def synthetic_spec(tmp_path: Path, name: str = "gpt2_tiny", max_iters: int = 30, **train: object):  # noqa: ANN201
+    """A tiny-GPT RunSpec over synthetic shards written into tmp_path (dataset "text", never prepared from files)."""
+    from gpt2.prepare import shard_dir, write_shards
+    from gpt2.sources import source_of
+    from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
+
+    text_dir = tmp_path / "synthetic"
+    options = {"size": "tiny", "dataset": "text", "block_size": 16, "vocab_size": VOCAB, "token_budget": 10**6,
+               "text_dir": str(text_dir)}
+    out = shard_dir(tmp_path / "data", "text")
+    if not (out / "meta.json").exists():
+        write_shards(out, {"train": markov_tokens(20_000, 1), "val": markov_tokens(2_000, 2),
+                           "test": markov_tokens(2_000, 3)},
+                     dataset="text", source=source_of("text", text_dir), token_budget=10**6)
+    settings = {"batch_size": 16, "max_iters": max_iters, "eval_interval": 10, "log_interval": 10,
+                "eval_batches": 16, **train}
+    return RunSpec(name=name, model="gpt2", seed=1, optim=OptimSettings("adamw", 3e-3, 0.0), prune=PruneSettings(),
+                   train=TrainSettings(**settings),
+                   hardware=HardwarePlan(device="cpu", micro_batch=8, grad_accum=2, threads=1),
+                   model_options=options, data_dir=str(tmp_path / "data"))
 
 
 class SmallConvNet(torch.nn.Module):

@@ -2,7 +2,7 @@
 
 Compared: every milestone checkpoint's model, optimizer, pruner, scaler, RNG states and step, the
 progress counters (timings aside), best.pt, every logged metric and the summary's results. Used by
-the resume tests (tests/test_checkpoint.py) and by `make gpu-check`'s exact-resume part on a GPU.
+the resume tests (tests/checkpoint/test_resume.py) and by `make gpu-check`'s exact-resume part on a GPU.
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ class RunSpec:
 
 
 # Every change to the RunSpec's fields bumps SCHEMA_VERSION and adds a migration from the version before, so
-# that every spec.json ever published loads (tests/test_spec_versions.py guards the field list).
+# that every spec.json ever published loads (tests/core/test_spec_versions.py guards the field list).
 SCHEMA_VERSION = 1
 
 

@@ -1,7 +1,7 @@
 """``adamwspam``: AdamW with SPAM's spike-aware mechanics (Huang et al., arXiv 2501.06842).
 
 Two forms. ``released`` (the default) is the authors' released optimizer, rule for
-rule (checked step by step against pytorch-optimizer's port in tests/test_spam_oracle.py):
+rule (checked step by step against pytorch-optimizer's port in tests/optim/test_spam_oracle.py):
 
 - ``t`` counts steps from 1; every ``interval`` steps (``t % interval == 0``) both
   moments are zeroed, but the bias-correction step count keeps counting;

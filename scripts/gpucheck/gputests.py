@@ -1,4 +1,4 @@
-"""Part 7: the tests marked gpu (tests/test_gpu.py), the GPU branches the CPU suite cannot reach: the
+"""Part 7: the tests marked gpu (tests/hardware/test_gpu.py), the GPU branches the CPU suite cannot reach: the
 compiled masked step against the eager reference, bf16 autocast training steps, the plan's memory
 estimate against the measured peak, per-run CUDA_VISIBLE_DEVICES slots. Without CUDA they skip, saying why."""
 
@@ -13,7 +13,7 @@ from gpucheck import ROOT, Context, result
 
 def run(ctx: Context) -> dict:
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
-                           "tests/test_gpu.py"], cwd=ROOT, capture_output=True, text=True,
+                           "tests/hardware/test_gpu.py"], cwd=ROOT, capture_output=True, text=True,
                           timeout=max(5.0, ctx.budget_s - 5))
     (ctx.work / "pytest.txt").write_text(done.stdout + done.stderr)
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", done.stdout)}

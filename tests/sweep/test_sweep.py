@@ -20,8 +20,7 @@ from lib.core.task import Metric
 from lib.pruning.threshold import prune_count
 from lib.sweep.oneshot import buys, overall, recommend, sweep_results, sweep_run
 from lib.sweep.report import recommendation_lines
-from tests.conftest import ROOT, tiny_spec, trained_run
-from tests.test_gpt2 import synthetic_spec
+from tests.conftest import ROOT, synthetic_spec, tiny_spec, trained_run
 
 LENET_PRUNABLE = 6 * 25 + 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from lib.core import pyenv
-from tests.test_make import LEAKY_ENV, QUICK_RUNS, TRAIN_TIMEOUT, read_json
+from tests.conftest import ROOT
+from tests.make_driver import LEAKY_ENV, QUICK_RUNS, TRAIN_TIMEOUT, read_json
 
-ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 KCONFIGLIB_FILES = ("kconfiglib", "menuconfig", "olddefconfig", "savedefconfig", "listnewconfig", "allyesconfig",
                     "allnoconfig", "alldefconfig", "defconfig", "genconfig", "setconfig", "oldconfig", "guiconfig")

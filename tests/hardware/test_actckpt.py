@@ -181,7 +181,7 @@ def test_bad_input_is_one_line(kwargs: dict, words: str) -> None:
 def test_the_plan_carries_the_policy_and_checks_it_against_the_model(make_config) -> None:
     from lib import config, hardware
     from lib.hardware import Devices, HardwareSettings
-    from tests.test_hardware import gpt2, lenet
+    from tests.hardware.test_hardware import gpt2, lenet
 
     cpu = Devices("cpu", cpu_cores=2)
     plan = hardware.plan(gpt2(), HardwareSettings(act_ckpt="sqrt"), cpu)
@@ -255,7 +255,7 @@ def test_auto_checkpoints_only_when_the_target_micro_batch_does_not_fit() -> Non
     8 GiB free it does not, and the plan picks the cheapest policy that fits it, giving both estimates."""
     from lib import hardware
     from lib.hardware import HardwareSettings
-    from tests.test_hardware import gpt2, lenet
+    from tests.hardware.test_hardware import gpt2, lenet
 
     auto = HardwareSettings(act_ckpt="auto")
     idle = hardware.plan(gpt2(), auto, hardware.made_up("1x NVIDIA A10G:24"))
@@ -277,7 +277,7 @@ def test_the_budget_policy_plans_within_its_budget() -> None:
     from lib import hardware
     from lib.core.errors import HarnessError
     from lib.hardware import HardwareSettings
-    from tests.test_hardware import gpt2
+    from tests.hardware.test_hardware import gpt2
 
     spec = gpt2(batch=64)
     plan = hardware.plan(spec, HardwareSettings(act_ckpt="budget", act_budget_mb=3000),

@@ -2,7 +2,7 @@
 resolution, log perplexity, memory above the process baseline and why the peak stands above the timeline,
 every run in its own colour, shade and line style (or panel), and legends that look like the lines they name.
 
-Hand-written results folders (tests/synthetic_results.py); nothing is trained.
+Hand-written results folders (tests/results/synthetic_results.py); nothing is trained.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lib.results.plots.curves import training_curves
 from lib.results.plots.marks import dodges, infer_count, resolution_of, runs_text
 from lib.results.plots.memory import cell_rows, memory_timeline, memory_vs_metric, pareto_front
 from lib.results.report import render
-from tests.synthetic_results import ACCURACY, PERPLEXITY, build, set_run
+from tests.results.synthetic_results import ACCURACY, PERPLEXITY, build, set_run
 
 MiB = 2**20
 

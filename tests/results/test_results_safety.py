@@ -4,7 +4,7 @@ Each test here failed before the change it guards:
 - a damaged per-run summary.json made `make report` overwrite the only intact copy of a finished result;
 - RESULTS_DIR was ignored by report/graphs/compare/publish, and "newest" followed modification times;
 - a second `make continue` started a second trainer on a run folder, and killing the driver left its runs.
-Disk-full behaviour is in tests/test_disk_full.py.
+Disk-full behaviour is in tests/checkpoint/test_disk_full.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lib import cli, matrix
 from lib.core import runlock
 from lib.core.errors import HarnessError
 from tests.conftest import PY, ROOT, resolve_defconfig, tiny_spec
-from tests.synthetic_results import build
+from tests.results.synthetic_results import build
 
 FIRST, SECOND = "lenet5_adamw_none_0_s1", "lenet5_adamw_none_0_s2"
 

@@ -13,7 +13,8 @@ from lib.results.compare import compare
 from lib.results.publish import publish
 from lib.results.report import render
 from lib.results.stats import compare_seeds, t95
-from tests.synthetic_results import ACCURACY, PERPLEXITY, build, set_run
+from tests.results.synthetic_results import ACCURACY, PERPLEXITY, build, set_run
+from tests.conftest import ROOT
 
 
 def _section(text: str, model: str) -> str:
@@ -173,7 +174,7 @@ def test_published_records_hold_no_absolute_project_path(tmp_path):
 
 
 def test_key_results_readme_lists_the_seed_tables():
-    text = (Path(__file__).resolve().parent.parent / "key_results" / "README.md").read_text()
+    text = (ROOT / "key_results" / "README.md").read_text()
     for number in ("37.28", "40.94", "44.15", "74.56", "90.30", "1307.6", "42.82", "51.51"):
         assert number in text, number
     for name in ("gpt2-finewebedu-bitter7", "gpt2-finewebedu-bitter8", "gpt2-finewebedu-spam-vs-bitter7"):

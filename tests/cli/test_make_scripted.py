@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from lib import cli
-from tests.test_make import (
+from tests.conftest import ROOT
+from tests.make_driver import (
     TRAIN_TIMEOUT,
     config_lines,
     make,
@@ -20,9 +21,6 @@ from tests.test_make import (
     one_error_line,
     output,
 )
-from tests.test_make import quick_config as quick_config  # noqa: F401 (a fixture)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def kconfig_tool():

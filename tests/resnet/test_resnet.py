@@ -19,7 +19,7 @@ from resnet.data import normalize
 from resnet.model import resnet18, resnet50
 from resnet.task import RESNET18, RESNET50, ResNetTask
 from tests.conftest import ROOT, resolve_defconfig
-from tests.test_resnet_data import write_tiny_cifar
+from tests.resnet.test_resnet_data import write_tiny_cifar
 
 
 def make_spec(data_dir: Path, model: str = "resnet18", micro_batch: int = 8, val_images: int = 20,

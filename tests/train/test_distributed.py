@@ -22,8 +22,7 @@ from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec
 from lib.train import distributed
 from lib.train import run as run_mod
 from lib.train.distributed import SINGLE, Shard
-from tests.conftest import ROOT
-from tests.test_gpt2 import synthetic_spec
+from tests.conftest import ROOT, synthetic_spec
 
 TWO = (Shard(0, 2, 0), Shard(1, 2, 1))
 

@@ -86,7 +86,7 @@ def test_a_published_folder_made_before_provenance_says_so() -> None:
 
 def test_token_files_are_fingerprinted_by_their_sha256(tmp_path: Path) -> None:
     from gpt2.task import GPT2Task
-    from tests.test_gpt2 import synthetic_spec
+    from tests.conftest import synthetic_spec
 
     spec = synthetic_spec(tmp_path)
     found = GPT2Task().data_fingerprint(spec)

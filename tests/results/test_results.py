@@ -17,7 +17,7 @@ from lib.results import load, metric_of, plots, read_jsonl
 from lib.results.plots import Context, graph_functions, method_colors, write_graphs
 from lib.results.plots.memory import pareto_front
 from lib.results.report import write_report
-from tests.synthetic_results import ACCURACY, PERPLEXITY, build, set_run
+from tests.results.synthetic_results import ACCURACY, PERPLEXITY, build, set_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 GRAPH_SLUGS = ("metric_vs_sparsity", "peak_memory", "memory_timeline", "memory_vs_metric", "training_curves")

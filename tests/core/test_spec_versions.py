@@ -19,9 +19,9 @@ from lib.core.task import get_task
 from lib.matrix.rerun import compare
 from lib.optim import build_optimizer
 from lib.pruning import build_pruner
-from tests.test_make import TRAIN_TIMEOUT, make
+from tests.conftest import ROOT
+from tests.make_driver import TRAIN_TIMEOUT, make
 
-ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = sorted(ROOT.glob("key_results/*/*/spec.json"))
 ADAMW_RUN = ROOT / "key_results" / "2026-12-02_lenet5-all-methods-released-spam" / "lenet5_adamw_none_0_s1"
 # The RunSpec's fields at each schema version: a change without a new version and a migration fails here.

@@ -15,21 +15,18 @@ import torch
 
 from gpt2 import tokenizer
 from gpt2.model import GPT, PADDED_VOCAB, SIZES, config_for, parameter_count
-from gpt2.prepare import shard_dir, write_shards
-from gpt2.sources import source_of
 from gpt2.task import TASK, Options
 from lib import config, matrix
 from lib.core.errors import ConfigError
 from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
 from lib.pruning import prunable_parameters
 from lib.train import run as run_mod
-from tests.conftest import ROOT, resolve_defconfig
+from tests.conftest import ROOT, VOCAB, resolve_defconfig, synthetic_spec
 
 # Published GPT-2 sizes: 50,257-token vocabulary, 1,024 positions, tied embedding/head counted once.
 PUBLISHED = {"124m": 124_439_808, "350m": 354_823_168, "774m": 774_030_080, "1558m": 1_557_611_200}
 # The same models with the vocabulary padded to 50,304 rows (what the harness trains by default).
 PADDED = {"124m": 124_475_904, "350m": 354_871_296, "774m": 774_090_240, "1558m": 1_557_686_400}
-VOCAB = 64  # synthetic tests: a tiny vocabulary keeps the output head cheap
 
 
 @pytest.mark.parametrize("size", list(PUBLISHED))
@@ -117,36 +114,6 @@ def test_tiktoken_cache_is_used_only_when_complete_and_intact(offline: Path) -> 
     victim = offline / hashlib.sha1(tokenizer._FILES["vocab.bpe"][0].encode()).hexdigest()
     victim.write_bytes(victim.read_bytes()[:-10])  # tiktoken would delete it and download again
     assert not tokenizer.official_cache_complete()
-
-
-def markov_tokens(n: int, seed: int) -> np.ndarray:
-    """A learnable stream: mostly next = 5 * prev + 3 (mod VOCAB), sometimes a random token."""
-    rng = np.random.default_rng(seed)
-    out = np.empty(n, dtype=np.int64)
-    out[0] = 0
-    noise = rng.random(n) < 0.1
-    random_ids = rng.integers(0, VOCAB, n)
-    for i in range(1, n):
-        out[i] = random_ids[i] if noise[i] else (5 * out[i - 1] + 3) % VOCAB
-    return out
-
-
-def synthetic_spec(tmp_path: Path, name: str = "gpt2_tiny", max_iters: int = 30, **train: object) -> RunSpec:
-    """A tiny-GPT RunSpec over synthetic shards written into tmp_path (dataset "text", never prepared from files)."""
-    text_dir = tmp_path / "synthetic"
-    options = {"size": "tiny", "dataset": "text", "block_size": 16, "vocab_size": VOCAB, "token_budget": 10**6,
-               "text_dir": str(text_dir)}
-    out = shard_dir(tmp_path / "data", "text")
-    if not (out / "meta.json").exists():
-        write_shards(out, {"train": markov_tokens(20_000, 1), "val": markov_tokens(2_000, 2),
-                           "test": markov_tokens(2_000, 3)},
-                     dataset="text", source=source_of("text", text_dir), token_budget=10**6)
-    settings = {"batch_size": 16, "max_iters": max_iters, "eval_interval": 10, "log_interval": 10,
-                "eval_batches": 16, **train}
-    return RunSpec(name=name, model="gpt2", seed=1, optim=OptimSettings("adamw", 3e-3, 0.0), prune=PruneSettings(),
-                   train=TrainSettings(**settings),
-                   hardware=HardwarePlan(device="cpu", micro_batch=8, grad_accum=2, threads=1),
-                   model_options=options, data_dir=str(tmp_path / "data"))
 
 
 def test_tiny_training_run_lowers_validation_perplexity(tmp_path: Path) -> None:

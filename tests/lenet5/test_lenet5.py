@@ -30,8 +30,9 @@ from lenet5.model import LeNet5
 from lenet5.task import TASK, LeNet5Task
 from lib.core.errors import ConfigError, DataMissingError, HarnessError
 from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings, RunSpec, TrainSettings
+from tests.conftest import ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 PAD_VALUE = (0.0 - MNIST_MEAN) / MNIST_STD
 
 

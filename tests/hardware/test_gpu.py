@@ -19,8 +19,7 @@ import torch
 from lib.core.spec import HardwarePlan, OptimSettings, PruneSettings
 from lib.hardware import memory
 from lib.optim.kernels import torch_kernels
-from tests.conftest import tiny_spec, trained_run
-from tests.test_gpt2 import synthetic_spec
+from tests.conftest import synthetic_spec, tiny_spec, trained_run
 
 pytestmark = pytest.mark.gpu
 PEAK_OVER_ESTIMATE = (0.3, 1.0)  # the plan sizes eager fp32 attention: it may over-estimate 3x, never under
