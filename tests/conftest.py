@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -51,17 +50,16 @@ def make_config(tmp_path: Path):
     return _make
 
 
-_SETTING = re.compile(r"^(?:CONFIG_(\w+)=(.*)|# CONFIG_(\w+) is not set)$")
-
-
 def edit_config(text: str, extra: str) -> str:
     """``text`` with the setting lines of ``extra`` in place of the lines they change (others appended)."""
+    from lib.config.kconf import SETTING_LINE
+
     os.environ["srctree"] = str(ROOT)
     kconf = kconfiglib.Kconfig(str(ROOT / "Kconfig"), warn_to_stderr=False)
     siblings = {sym.name: [s.name for s in choice.syms] for choice in kconf.unique_choices for sym in choice.syms}
     lines = text.splitlines()
     for line in extra.splitlines():
-        match = _SETTING.match(line.strip())
+        match = SETTING_LINE.match(line.strip())
         if not match:
             lines.append(line)
             continue
@@ -69,7 +67,7 @@ def edit_config(text: str, extra: str) -> str:
         unset = set(siblings.get(name, [])) - {name} if match[2] == "y" else set()
         kept = []
         for old in lines:
-            found = _SETTING.match(old.strip())
+            found = SETTING_LINE.match(old.strip())
             if found and (found[1] or found[3]) == name:
                 continue
             if found and found[1] in unset:

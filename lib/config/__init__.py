@@ -29,6 +29,7 @@ from lib.config.kconf import (
 )
 from lib.core.errors import ConfigError
 from lib.core.spec import OptimSettings, PruneSettings, SurgerySettings, SweepSettings, TrainSettings
+from lib.core.structures import KINDS as STRUCTURE_KINDS
 from lib.core.task import model_folder
 from lib.hardware import HardwareSettings
 
@@ -345,7 +346,7 @@ def _train(r: Reader) -> TrainSettings:
     return settings
 
 
-SURGERY_KINDS = ("all", "heads", "neurons", "channels", "units", "blocks")
+SURGERY_KINDS = ("all", *STRUCTURE_KINDS, "blocks")
 
 
 def _surgery(r: Reader) -> SurgerySettings:

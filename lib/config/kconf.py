@@ -43,7 +43,7 @@ def raise_on_load_warnings(kconf: kconfiglib.Kconfig, path: Path | str) -> None:
             raise ConfigError(f"{path}: {text}; fix it with `make menuconfig` or a defconfig target")
 
 
-_SETTING = re.compile(r"^(?:CONFIG_(\w+)=(.*)|# CONFIG_(\w+) is not set)$")
+SETTING_LINE = re.compile(r"^(?:CONFIG_(\w+)=(.*)|# CONFIG_(\w+) is not set)$")
 
 
 def refuse_conflicting_lines(kconf: kconfiglib.Kconfig, text: str, path: Path | str) -> None:
@@ -54,7 +54,7 @@ def refuse_conflicting_lines(kconf: kconfiglib.Kconfig, text: str, path: Path | 
     seen: dict[str, int] = {}
     chosen: dict[int, tuple[str, int]] = {}
     for number, line in enumerate(text.splitlines(), 1):
-        match = _SETTING.match(line.strip())
+        match = SETTING_LINE.match(line.strip())
         if not match:
             continue
         name, value = (match[1], match[2]) if match[1] else (match[3], "n")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.core.errors import HarnessError
+from lib.core.units import kib_or_mib
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -75,7 +76,7 @@ def free_space(path: Path) -> str:
         free = shutil.disk_usage(probe).free
     except OSError:
         return "unknown space"
-    return f"{free / 2**20:.1f} MiB" if free >= 2**20 else f"{free / 2**10:.0f} KiB"
+    return kib_or_mib(free, kib_digits=0)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:

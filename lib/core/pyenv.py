@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from lib.core import ROOT
+from lib.core.units import mib
 
 # import name -> distribution name, for what every target needs at run time
 REQUIRED = {
@@ -154,11 +155,11 @@ def download(wheel_dir: Path, python_version: str) -> int:
         if normalise(name) in ours and version != versions[normalise(name)]:
             wheel.unlink()
     size = sum(w.stat().st_size for w in wheels_in(wheel_dir).values())
-    print(f"{wheel_dir}/: {len(wheels_in(wheel_dir))} wheels, {size / 2**20:.1f} MiB for Python {python_version} "
+    print(f"{wheel_dir}/: {len(wheels_in(wheel_dir))} wheels, {mib(size)} for Python {python_version} "
           f"({', '.join(wanted)}); copy the folder along and `make gpu-check PYTHON=/path/python3` installs "
           f"what that interpreter lacks")
     if size > WHEEL_LIMIT_BYTES:
-        print(f"error: {wheel_dir}/ holds {size / 2**20:.1f} MiB, over the {WHEEL_LIMIT_BYTES >> 20} MiB meant to "
+        print(f"error: {wheel_dir}/ holds {mib(size)}, over the {mib(WHEEL_LIMIT_BYTES, 0)} meant to "
               f"travel; remove wheels that are not in lib/core/pyenv.py's list", file=sys.stderr)
         return 2
     return 0

@@ -31,9 +31,12 @@ class Part:
     index: tuple[int, ...]
 
 
+KINDS = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit"}  # plural (settings) -> kind
+
+
 @dataclass(frozen=True)
 class Structure:
-    kind: str  # "head", "neuron", "channel" or "unit"
+    kind: str  # one of KINDS' values
     group: str  # the layer it belongs to, e.g. "h.3.mlp"; one structure per group always stays
     parts: tuple[Part, ...]
 

@@ -4,9 +4,8 @@
 with made-up devices. ``plan()`` turns a run and the hardware settings into a
 HardwarePlan whose micro-batch x grad-accum x world size is the effective batch
 (exactly, or the plan says by how much it is not), with a one-line rationale.
-The rules (docs/algorithms.md, "Hardware plan"), in order: manual settings; on a GPU
-the task's table by GPU model, checked against free memory; else the
-free-memory rule; on a CPU the task's CPU cap.
+The micro-batch rules (docs/algorithms.md, "Hardware plan") are in batch.py; every
+other choice (ranks, compile, fused step, precision, TF32) is made once here.
 """
 
 from __future__ import annotations
@@ -19,16 +18,16 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 from lib.core import ROOT
-from lib.core.errors import ConfigError, HarnessError
+from lib.core.errors import HarnessError
 from lib.core.pyenv import pythonpath_with
 from lib.core.spec import HardwarePlan, RunSpec
 from lib.core.task import get_task
-from lib.hardware.gpus import gib, identify
-from lib.hardware.memory import Footprint
-from lib.hardware.plan_actckpt import ActCkptPlanner, Decision
+from lib.core.units import gib
+from lib.hardware.batch import Room, batch_and_recompute, share_per_rank, shortfall
+from lib.hardware.gpus import identify
+from lib.hardware.plan_actckpt import ActCkptPlanner
 
 
 @dataclass(frozen=True)
@@ -173,43 +172,24 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
     ranks = _ranks_per_node(settings.ranks_per_node, devices, on_gpu)
     world = ranks * settings.nnodes
     target = spec.train.batch_size
-    per_rank = _per_rank(target, world)
+    per_rank = share_per_rank(target, world)
     use_compile, compile_why = _compile_choice(settings.compile, on_gpu, devices)
     fused, fused_why = _fused_choice(settings.fused_step, on_gpu, devices)
     precision, dtype_why = _dtype_choice(settings.dtype, on_gpu, devices.bf16)
     tf32, tf32_why = _tf32_choice(settings.tf32, on_gpu, devices)
     task = get_task(spec.model)
     ckpt = ActCkptPlanner(settings, task, spec, precision)
-    policy, every, auto_why = settings.act_ckpt, settings.act_ckpt_every, ""
-    room = _Room.of(devices, settings.memory_margin, jobs * ranks) if on_gpu else None
-    if settings.batch_plan == "manual":
-        micro, accum, sizing = _manual(settings, world, target)
-        if room:
-            if policy == "auto":
-                decision = ckpt.for_gpu(room.usable, micro)
-                policy, every, auto_why = decision.policy, decision.every, decision.why
-            sizing += _manual_memory_note(ckpt.footprint(policy, every), room, micro)
-    elif room:
-        known, table = _gpu_table(task, spec, devices)
-        decision = ckpt.for_gpu(room.usable, min(per_rank, table or per_rank))
-        policy, every = decision.policy, decision.every
-        auto_why = decision.why if settings.act_ckpt == "auto" else ""
-        micro, accum, sizing = _gpu_rule(spec, room, per_rank, decision, known, table, not devices.homogeneous)
-    else:
-        micro, accum = _closest(per_rank, task.cpu_micro_batch(spec))
-        sizing = f"CPU rule: micro-batch at most {task.cpu_micro_batch(spec)} for {spec.model}"
-    if policy == "auto":
-        policy, auto_why = "none", "activation checkpointing auto -> none: on the CPU the micro-batch is sized " \
-                                   "for speed, not memory"
+    room = Room.of(devices, settings.memory_margin, jobs * ranks) if on_gpu else None
+    micro, accum, sizing, recompute = batch_and_recompute(spec, settings, task, ckpt, devices, room, world, per_rank)
+    policy, every = recompute.policy, recompute.every
     segments, ckpt_why = ckpt.segments(policy, every, micro, auto=settings.act_ckpt == "auto")
     threads = 0 if on_gpu else settings.cpu_threads or max(1, devices.cpu_cores // max(1, jobs * ranks))
     where = (f"{ranks}x {devices.gpus[0].name if devices.homogeneous else 'mixed GPUs'}" if on_gpu
-             else f"CPU, {threads} thread(s) per rank x {ranks} rank(s) x {jobs} run(s) side by side")
-    if settings.nnodes > 1:
-        where += f" per node x {settings.nnodes} nodes"
-    batch = f"{micro} x {accum} accum x {world} rank(s) = {micro * accum * world}" + _shortfall(micro * accum * world,
+             else f"CPU, {threads} thread(s) per rank x {ranks} rank(s) x {jobs} run(s) side by side") + \
+        (f" per node x {settings.nnodes} nodes" if settings.nnodes > 1 else "")
+    batch = f"{micro} x {accum} accum x {world} rank(s) = {micro * accum * world}" + shortfall(micro * accum * world,
                                                                                             target)
-    parts = [where, sizing, batch, compile_why, fused_why, dtype_why, tf32_why] + [w for w in (auto_why, ckpt_why)
+    parts = [where, sizing, batch, compile_why, fused_why, dtype_why, tf32_why] + [w for w in (recompute.why, ckpt_why)
                                                                                    if w]
     if settings.probe:
         parts.append("probe on: halve the micro-batch on out-of-memory before training")
@@ -236,109 +216,6 @@ def _ranks_per_node(asked: int, devices: Devices, on_gpu: bool) -> int:
         raise HarnessError(f"CONFIG_RANKS_PER_NODE={asked} asks for more CPU ranks than the {devices.cpu_cores} "
                            f"core(s) here; set it to at most {devices.cpu_cores} (0 = one rank)")
     return asked or 1
-
-
-def _per_rank(target: int, world: int) -> int:
-    """Examples per rank per step. Ranks take equal shares, so a target not divisible by the
-    world size is rounded down in auto mode (the rationale says by how much)."""
-    if target < world:
-        raise HarnessError(f"effective batch CONFIG_BATCH_SIZE={target} is smaller than the {world} ranks; "
-                           f"every rank needs at least one example: raise it to a multiple of {world}")
-    return target // world
-
-
-def _manual(settings: HardwareSettings, world: int, target: int) -> tuple[int, int, str]:
-    micro, accum = settings.micro_batch, settings.grad_accum
-    for symbol, value in (("MICRO_BATCH", micro), ("GRAD_ACCUM", accum)):
-        if value < 1:
-            raise ConfigError(f"CONFIG_{symbol}={value}: a manual {symbol.lower().replace('_', ' ')} must be "
-                              f"at least 1; set it, or choose CONFIG_BATCH_PLAN_AUTO")
-    if micro * accum * world != target:
-        fix = (f"set CONFIG_GRAD_ACCUM={target // (micro * world)}" if target % (micro * world) == 0
-               else f"choose a micro-batch that divides {target // world}" if target % world == 0
-               else f"make CONFIG_BATCH_SIZE a multiple of the {world} ranks")
-        raise ConfigError(f"CONFIG_MICRO_BATCH={micro} x CONFIG_GRAD_ACCUM={accum} x {world} rank(s) = "
-                          f"{micro * accum * world}, not the effective batch CONFIG_BATCH_SIZE={target}; {fix}")
-    return micro, accum, "manual (CONFIG_BATCH_PLAN_MANUAL)"
-
-
-@dataclass(frozen=True)
-class _Room:
-    """The memory one run's rank may use on the tightest GPU: free memory less the margin, shared
-    with the other runs' ranks that MATRIX_JOBS puts on the same GPU."""
-
-    gpu: Gpu
-    usable: int
-    text: str
-
-    @classmethod
-    def of(cls, devices: Devices, margin: float, processes: int) -> _Room:
-        gpu = min(devices.gpus, key=lambda g: g.free_bytes)  # mixed or busy GPUs: size for the tightest
-        share = max(1, -(-processes // devices.count))  # processes per GPU, rounded up
-        usable = int(gpu.free_bytes * (1 - margin) / share)
-        shared = f", shared by {share} runs side by side" if share > 1 else ""
-        return cls(gpu, usable, f"{gib(usable)} usable of {gib(gpu.free_bytes)} free{shared}")
-
-
-def _gpu_table(task: Any, spec: RunSpec, devices: Devices) -> tuple[Any, int | None]:
-    """The GPU model (lib/hardware/gpus.py) when every GPU is the same one, and the task's micro-batch for it."""
-    gpu = min(devices.gpus, key=lambda g: g.free_bytes)
-    known = identify(gpu.name, gpu.total_bytes) if devices.homogeneous else None
-    return known, task.gpu_micro_batch(spec, known.key) if known else None
-
-
-def _gpu_rule(spec: RunSpec, room: _Room, per_rank: int, decision: Decision, known: Any,
-              table: int | None, mixed: bool) -> tuple[int, int, str]:
-    """The task's table for this GPU model if it fits in free memory, else the free-memory rule; the
-    footprint is the one under the activation checkpointing decision."""
-    footprint = decision.footprint
-    fits = footprint.fits(room.usable)
-    if decision.cap:
-        fits = min(fits, decision.cap)
-    estimate = f"estimated {gib(footprint.fixed)} + {gib(footprint.per_sample)}/sample"
-    if decision.policy != "none":
-        estimate += f" with activation checkpointing {decision.policy}"
-    if table and footprint.at(table) <= room.usable and not (decision.cap and table > decision.cap):
-        cap, why = table, f"GPU table: {known.key} -> micro-batch {table} ({estimate} fits {room.text})"
-    else:
-        if fits < 1:
-            raise HarnessError(f"{spec.model} does not fit on {room.gpu.name}: about {gib(footprint.at(1))} at "
-                               f"micro-batch 1 but {room.text}; free GPU memory, lower CONFIG_GPU_MEMORY_MARGIN "
-                               f"or CONFIG_MATRIX_JOBS, choose ACTIVATION_CKPT_AUTO, or choose a smaller model")
-        cap = fits
-        why = (f"GPU table says {table} for {known.key} but {room.text}: " if table else
-               "mixed GPUs: " if mixed else "")
-        why += f"memory rule ({estimate}, {room.text}) -> at most {fits}"
-        if decision.why and decision.cap:
-            why += f" ({decision.why})"
-    micro, accum = _closest(per_rank, cap)
-    return micro, accum, why
-
-
-def _manual_memory_note(footprint: Footprint, room: _Room, micro: int) -> str:
-    need = footprint.at(micro)
-    if need <= room.usable:
-        return ""
-    return (f"; WARNING: micro-batch {micro} is estimated at {gib(need)} > {room.text}: "
-            f"expect out-of-memory unless CONFIG_PROBE_BATCH is on")
-
-
-def _closest(per_rank: int, cap: int) -> tuple[int, int]:
-    """(micro, accum) with micro <= cap and micro x accum == per_rank exactly when a divisor of
-    per_rank lies in (cap/2, cap]; otherwise micro = cap and accum rounded, so a prime batch does
-    not force micro-batch 1 (the rationale reports the difference)."""
-    cap = max(1, min(cap, per_rank))
-    exact = largest_divisor_at_most(per_rank, cap)
-    if 2 * exact > cap:
-        return exact, per_rank // exact
-    return cap, max(1, round(per_rank / cap))
-
-
-def _shortfall(effective: int, target: int) -> str:
-    if effective == target:
-        return " = target"
-    return (f", NOT the target {target} ({effective - target:+d}, {100 * (effective - target) / target:+.1f} %): "
-            f"no exact split across ranks and micro-batches")
 
 
 def _fused_choice(choice: str, on_gpu: bool, devices: Devices) -> tuple[bool, str]:
@@ -399,11 +276,3 @@ def _tf32_choice(allowed: bool, on_gpu: bool, devices: Devices) -> tuple[bool, s
     if not capable:
         return False, "TF32 off (needs NVIDIA Ampere or newer)"
     return (True, "TF32 on (Ampere or newer)") if allowed else (False, "TF32 off (CONFIG_TF32=n)")
-
-
-def largest_divisor_at_most(n: int, cap: int) -> int:
-    """The largest divisor of n that is <= cap (so micro x accum == n exactly)."""
-    for d in range(min(n, cap), 0, -1):
-        if n % d == 0:
-            return d
-    return 1

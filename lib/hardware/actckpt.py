@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lib.core.errors import ConfigError
+from lib.core.units import mib
 
 if TYPE_CHECKING:
     from lib.hardware.memory import BlockProfile
@@ -125,7 +126,7 @@ def within_budget(budget: float, profile: BlockProfile) -> list[Segment]:
     n = len(profile.blocks)
     floor = peak_saved([Segment(i, i) for i in range(n)], profile)
     if budget < floor:
-        raise ConfigError(f"CONFIG_ACTIVATION_BUDGET_MB={budget / 2**20:.0f}: below the {floor / 2**20:.1f} MiB "
+        raise ConfigError(f"CONFIG_ACTIVATION_BUDGET_MB={budget / 2**20:.0f}: below the {mib(floor)} "
                           f"that checkpointing every block still needs at this micro-batch (block inputs, the "
                           f"layers outside blocks, one block recomputed); raise it, or lower the micro-batch")
     chosen: list[int] = []

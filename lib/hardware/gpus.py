@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-GIB = 1 << 30
+from lib.core.units import GIB
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,6 @@ def identify(name: str, total_bytes: int) -> GpuModel | None:
             return model
     return None
 
-
-def gib(n: float) -> str:
-    """Bytes as GiB for rationale lines."""
-    return f"{n / GIB:.1f} GiB"
 
 
 def mfu(flops_per_sample: float | None, samples_per_s: float, name: str, total_bytes: int, dtype: str,

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lib.core.errors import ConfigError
+from lib.core.units import gib
 from lib.hardware import actckpt, memory
 from lib.hardware.actckpt import Segment
-from lib.hardware.gpus import gib
 from lib.hardware.memory import Footprint
 
 # auto's candidates, least recomputation first

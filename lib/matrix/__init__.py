@@ -25,7 +25,8 @@ from lib.core.files import is_disk_full, write_error, write_json_atomic
 from lib.core.spec import HardwarePlan, PruneSettings, RunSpec
 from lib.core.task import get_task
 from lib.matrix.executors.status import run_state
-from lib.results import read_json, record_problem, results_folders, unreadable_record
+from lib.pruning import WHOLE_STRUCTURES
+from lib.results import read_json, results_folders, run_record, unreadable_record
 
 FINISHED = ("ok", "diverged")
 
@@ -100,8 +101,7 @@ def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunS
 
 
 UNPLANNED = HardwarePlan(device="cpu", micro_batch=1, grad_accum=1)
-WHOLE_UNITS = ("structured", "layer-dropout")  # methods whose reach depends on the model's structures
-BY_MODEL = (*WHOLE_UNITS, "nm")  # ... and N:M, which needs a layer whose input dimension M divides
+BY_MODEL = (*WHOLE_STRUCTURES, "nm")  # reach set by the model: its structures; for N:M, layers whose input M divides
 
 
 def _check_units(spec: RunSpec) -> None:
@@ -117,7 +117,7 @@ def _check_units(spec: RunSpec) -> None:
         with torch.device("meta"):
             model = get_task(spec.model).build_model(spec)
         _UNIT_PRUNERS[key] = build_pruner(model, None, dataclasses.replace(spec.prune, target=0.0))
-    if spec.prune.method in WHOLE_UNITS:
+    if spec.prune.method in WHOLE_STRUCTURES:
         _UNIT_PRUNERS[key].check_target(spec.prune.target)
 
 
@@ -280,16 +280,15 @@ def _last_records(folder: Path) -> dict[str, dict[str, Any]]:
 
 def _record_for_summary(run_dir: Path, last: dict[str, Any] | None) -> dict[str, Any]:
     """A run's record for the folder's summary; a damaged summary.json never downgrades an earlier good one."""
-    data, why = read_json(run_dir / "summary.json")
-    problem = why if data is None else record_problem(data)
-    if problem is None:
-        return data
-    if why == "missing":
+    found = run_record(run_dir)
+    if found.record is not None:
+        return found.record
+    if found.missing:
         state, detail = run_state(run_dir)  # the word `make status` uses: stopped, cut, running, ...
         had_result = bool(last) and last.get("status") in (*FINISHED, "unreadable")
         if state in ("cut", "running", "stopped") or not had_result:
             return {"name": run_dir.name, "status": state, "error": detail, "flags": []}
-    return unreadable_record(run_dir.name, "is missing" if why == "missing" else problem, last)
+    return unreadable_record(run_dir.name, "is missing" if found.missing else found.problem or "", last)
 
 
 def newest_unfinished(results_dir: str) -> Path:
@@ -308,8 +307,8 @@ def run_names(folder: Path) -> list[str]:
 
 
 def _finished(run_dir: Path) -> bool:
-    data, _ = read_json(run_dir / "summary.json")
-    return record_problem(data) is None and data.get("status") in FINISHED
+    record = run_record(run_dir).record
+    return record is not None and record["status"] in FINISHED
 
 
 def _read_matrix(folder: Path) -> dict[str, Any]:

@@ -8,21 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from lib.core.files import free_space, write_json_atomic
-from lib.results import read_json, record_problem
+from lib.results import run_record
 from lib.train.run import RANK_FAILED, failed_summary
 
 
 def read_summary(run_dir: Path, exit_code: int | None = None) -> dict[str, Any]:
     """A run's summary.json; a crashed run that left none gets a failed record with its log's tail
     (written to its folder when ``exit_code`` says the process has ended)."""
-    path = run_dir / "summary.json"
-    data, _ = read_json(path)
-    if record_problem(data) is None:
-        return data
+    found = run_record(run_dir)
+    if found.record is not None:
+        return found.record
     reason = f"exited with status {exit_code}" if exit_code is not None else "did not finish"
     summary = failed_summary(run_dir.name, f"{reason}: {failure_line(run_dir / 'log.txt')}")
     if exit_code is not None:
-        write_json_atomic(path, summary)  # DiskFullError on a full disk: the matrix stops
+        write_json_atomic(run_dir / "summary.json", summary)  # DiskFullError on a full disk: the matrix stops
     return summary
 
 

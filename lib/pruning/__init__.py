@@ -22,7 +22,7 @@ from lib.pruning.schedule import SparsitySchedule
 from lib.pruning.state import StatePruner
 from lib.pruning.structured import LayerDropoutPruner, StructuredPruner
 
-__all__ = ["PRUNERS", "Pruner", "SparsitySchedule", "build_pruner", "prunable_parameters"]
+__all__ = ["PRUNERS", "WHOLE_STRUCTURES", "Pruner", "SparsitySchedule", "build_pruner", "prunable_parameters"]
 
 PRUNERS: dict[str, type[Pruner]] = {
     "none": NonePruner,
@@ -33,6 +33,8 @@ PRUNERS: dict[str, type[Pruner]] = {
     "layer-dropout": LayerDropoutPruner,
     "nm": NMPruner,
 }
+
+WHOLE_STRUCTURES = tuple(name for name, cls in PRUNERS.items() if cls.whole_structures)  # structured, layer-dropout
 
 
 def build_pruner(

@@ -36,6 +36,9 @@ class Pruner:
     name: ClassVar[str] = "base"
     # Store keep-masks bit-packed (lib/optim/bitmask.py, 1 bit per weight) instead of bool (1 byte).
     pack_masks: ClassVar[bool] = False
+    # Masks whole structures (heads, neurons, channels, units, blocks): its reach depends on the model's
+    # structures, and surgery cuts exactly what its masks removed.
+    whole_structures: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, settings: PruneSettings):
         self.model = model

@@ -39,6 +39,7 @@ class StructuredPruner(MagnitudePruner):
 
     name = "structured"
     pack_masks = True
+    whole_structures = True
     limits = "one unit of every layer stays, and weights in no unit are never removed"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, settings: PruneSettings):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.core.errors import HarnessError
+from lib.core.units import kib_or_mib
 from lib.results.schema import schema_problem
 
 
@@ -194,6 +195,28 @@ def record_problem(record: Any) -> str | None:
     return problem
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """A run folder's summary.json as its readers need it: the record when it is valid, else why not."""
+
+    record: dict[str, Any] | None  # the valid record, or None
+    problem: str | None  # why there is none: "missing", "truncated or not JSON", a broken field, ...
+    parsed: bool  # the file held JSON (a problem, if any, is in its content)
+
+    @property
+    def missing(self) -> bool:
+        return self.problem == "missing"
+
+
+def run_record(run_dir: Path) -> RunRecord:
+    """The one check of "does this run have a valid summary?" (the schema and a known status)."""
+    data, why = read_json(run_dir / "summary.json")
+    if why is not None:
+        return RunRecord(None, why, False)
+    problem = record_problem(data)
+    return RunRecord(None if problem else data, problem, True)
+
+
 def unreadable_record(name: str, why: str, last_good: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record of a run whose summary.json cannot be used; ``last_good`` (an earlier record) is kept whole."""
     if last_good and record_problem(last_good) is None:
@@ -279,16 +302,17 @@ def _run_dirs(folder: Path, matrix: Any) -> list[Path]:
 
 
 def _from_run_dir(run_dir: Path, notes: list[str]) -> Run:
-    summary, why = read_json(run_dir / "summary.json")
-    if not isinstance(summary, dict):
+    found = run_record(run_dir)
+    summary = found.record
+    if not found.parsed:
         evals = read_jsonl(run_dir / "metrics.jsonl")
         so_far = f"; metrics.jsonl has {len(evals)} evaluation(s), the last at step {evals[-1].get('step')}" \
             if evals else ""
-        notes.append(f"{run_dir.name}: summary.json {why} (interrupted run?); shown as incomplete{so_far}")
-        summary = {"name": run_dir.name, "status": "incomplete", "error": f"summary.json {why}", "flags": []}
-    elif problem := record_problem(summary):
-        notes.append(f"{run_dir.name}: summary.json {problem}; shown as unreadable")
-        summary = unreadable_record(run_dir.name, problem)
+        notes.append(f"{run_dir.name}: summary.json {found.problem} (interrupted run?); shown as incomplete{so_far}")
+        summary = {"name": run_dir.name, "status": "incomplete", "error": f"summary.json {found.problem}", "flags": []}
+    elif summary is None:
+        notes.append(f"{run_dir.name}: summary.json {found.problem}; shown as unreadable")
+        summary = unreadable_record(run_dir.name, found.problem or "")
     run = Run(summary, run_dir if run_dir.is_dir() else None)
     if "spec" not in summary and run.directory:
         spec, _ = read_json(run_dir / "spec.json")
@@ -359,13 +383,18 @@ def groups(runs: list[Run]) -> dict[tuple[str, str, float], list[Run]]:
     return result
 
 
+def tested_values(runs: list[Run]) -> list[float]:
+    """The test metric at best of every run that finished ok (one per seed): what every statistic is of."""
+    return [v for r in runs if r.status == "ok" and (v := r.test_value()) is not None]
+
+
 def test_stat(runs: list[Run]) -> Stat | None:
     """Mean ± std over seeds of the test metric at best, over runs that finished ok."""
-    return stat([v for r in runs if r.status == "ok" and (v := r.test_value()) is not None])
+    return stat(tested_values(runs))
 
 
 def mib(n: float | None) -> str:
     """Bytes as text in MiB (KiB below 1 MiB); "-" when unknown."""
     if n is None:
         return "-"
-    return f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
+    return kib_or_mib(n)

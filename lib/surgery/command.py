@@ -35,18 +35,15 @@ from lib.core import runlock
 from lib.core.errors import HarnessError, number
 from lib.core.files import write_json_atomic
 from lib.core.spec import RunSpec, run_spec
-from lib.core.structures import Structure
+from lib.core.structures import KINDS, Structure
 from lib.core.task import Task, get_task
 from lib.optim import build_optimizer
-from lib.pruning import build_pruner
+from lib.pruning import WHOLE_STRUCTURES, build_pruner
 from lib.results import read_json
 from lib.surgery import cut as surgery
 from lib.surgery import dependency
 from lib.surgery import measure as surgery_measure
 from lib.surgery.stats import StructureStats
-
-KINDS = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit"}
-FROM_MASKS = ("structured", "layer-dropout")  # methods whose masks already removed whole structures
 
 
 @dataclasses.dataclass
@@ -150,7 +147,7 @@ def choose(old: Trained, payload: dict[str, Any], spec: RunSpec, fraction: float
            structure: str | None) -> tuple[list[Structure], list[str], str]:
     """(structures, blocks, where the choice came from): a structured run's own masks, else the
     lowest-scoring share of each layer under the structure statistics."""
-    if spec.prune.method in FROM_MASKS:
+    if spec.prune.method in WHOLE_STRUCTURES:  # its masks already removed whole structures
         if fraction is not None or structure is not None:
             raise HarnessError(f"surgery: the masks of this {spec.prune.method} run decide what goes; "
                                f"drop FRACTION= and STRUCTURE=")

@@ -22,6 +22,7 @@ import torch
 from lib.core import timing
 from lib.core.spec import RunSpec
 from lib.core.task import Task
+from lib.core.units import mib
 from lib.hardware import memory
 
 REPEATS = 5
@@ -107,7 +108,7 @@ def table(record: dict[str, Any]) -> str:
 
 def _fmt(key: str, value: float) -> str:
     if key.endswith("_bytes"):
-        return f"{value / 2**20:.2f} MiB"
+        return mib(value, 2)
     if key.startswith("latency"):
         return f"{value:.2f} ms"
     return f"{int(value):,}"

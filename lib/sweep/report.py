@@ -13,6 +13,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from lib.core.files import write_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from lib.core.task import Metric  # noqa: E402
+from lib.core.units import mib  # noqa: E402
 
 COLORS = {"unstructured": "tab:blue", "structured": "tab:red"}  # N:M patterns: tab:green
 STYLES = {"magnitude": "-", "gradient-sensitivity": "--", "activation": ":"}
@@ -37,7 +38,7 @@ def row_line(metric: Metric, row: dict[str, Any]) -> str:
     speed = row.get("speed", {})
     up = speed.get("speedup_batch_1")
     return (f"val {metric.name} {row['val'][metric.name]:.2f}, reached {100 * row['reached_all']:.1f} % of all "
-            f"prunable weights, stored {_mib(row['size']['stored_bytes'])}"
+            f"prunable weights, stored {mib(row['size']['stored_bytes'])}"
             + (f", speed-up {up:.2f}x at batch 1{_trust(speed)}" if up else ""))
 
 
@@ -81,7 +82,7 @@ def markdown(record: dict[str, Any]) -> str:
             f"{record['device']}. Calibration: {record['calibration']['batches']} training batches of "
             f"{record['calibration']['micro_batch']}.\n\n"
             f"{_reference(record).capitalize()}: val {metric.name} {dense['val'][metric.name]:.2f}{unit}, "
-            f"{dense['size']['parameters']:,} parameters, {_mib(dense['size']['dense_bytes'])}.\n\n")
+            f"{dense['size']['parameters']:,} parameters, {mib(dense['size']['dense_bytes'])}.\n\n")
     table = [f"| pattern | metric | target | reached | val {metric.name} | vs {_short(record)} | parameters "
              f"| stored (/dense) | latency b1 (speed-up) | throughput (speed-up) |", "|---|---|" + "---:|" * 8]
     for row in record["rows"]:
@@ -106,7 +107,7 @@ def _table_row(metric: Metric, dense: dict[str, Any], row: dict[str, Any]) -> st
     delta = f"{value - base:+.2f}" if metric.higher_is_better else f"{100 * (value / base - 1):+.1f} %"
     size, speed = row["size"], row["speed"]
     return (start + f" {100 * row['reached_all']:.1f} % | {value:.2f} | {delta} | {size['parameters']:,} | "
-            f"{_mib(size['stored_bytes'])} ({size['stored_bytes'] / dense['size']['dense_bytes']:.3f}) | "
+            f"{mib(size['stored_bytes'])} ({size['stored_bytes'] / dense['size']['dense_bytes']:.3f}) | "
             f"{speed['latency_ms_batch_1']:.2f} ms ({speed['speedup_batch_1']:.2f}x) | "
             f"{speed['throughput']:,.0f} ({speed[_large(speed)]:.2f}x){_trust(speed)}{_sparse_kernels(row)} |")
 
@@ -202,6 +203,3 @@ def _reference(record: dict[str, Any]) -> str:
 def _short(record: dict[str, Any]) -> str:
     return "dense" if _reference(record) == "dense" else "checkpoint"
 
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.2f} MiB"

@@ -49,17 +49,33 @@ def from_env() -> Shard:
 # -- launching and joining ----------------------------------------------------------------------
 
 
+def single_process_command(run_dir: Path | str) -> list[str]:
+    """``python -m lib.train.run RUN_DIR``: one run in one process."""
+    return [sys.executable, "-m", "lib.train.run", str(run_dir)]
+
+
+def run_command(run_dir: Path | str) -> list[str]:
+    """The command for the run in ``run_dir`` as its spec.json plans it; a single process when the spec
+    cannot be read (lib.train.run then says what is wrong with it, in the run's log and record)."""
+    from lib.core.spec import RunSpec
+
+    try:
+        return launch_command(RunSpec.read(Path(run_dir) / "spec.json").hardware, run_dir)
+    except HarnessError:
+        return single_process_command(run_dir)
+
+
 def launch_command(hw: HardwarePlan, run_dir: Path | str) -> list[str]:
     """The command that runs ``run_dir``: lib.train.run itself for one process, else under torchrun."""
     if hw.world_size <= 1:
-        return [sys.executable, "-m", "lib.train.run", str(run_dir)]
+        return single_process_command(run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if hw.nnodes > 1:
         cmd += [f"--nnodes={hw.nnodes}", f"--node_rank={hw.node_rank}", "--rdzv_backend=c10d",
                 f"--rdzv_endpoint={hw.rdzv_endpoint}", f"--rdzv_id={hw.rdzv_id}"]
     else:
         cmd += ["--standalone"]  # a private rendezvous on a free local port: parallel runs never collide
-    return cmd + [f"--nproc_per_node={hw.nproc_per_node}", "-m", "lib.train.run", str(run_dir)]
+    return cmd + [f"--nproc_per_node={hw.nproc_per_node}", *single_process_command(run_dir)[1:]]
 
 
 def setup(hw: HardwarePlan) -> Shard:

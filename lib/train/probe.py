@@ -21,7 +21,7 @@ from torch import nn
 from lib.core.errors import HarnessError
 from lib.core.spec import HardwarePlan, RunSpec
 from lib.core.task import Task
-from lib.hardware import largest_divisor_at_most
+from lib.hardware.batch import largest_divisor_at_most
 from lib.hardware.memory import OPTIMIZER_STATE_BYTES_PER_WEIGHT
 from lib.train import distributed
 

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,28 +31,20 @@ from tqdm import tqdm
 
 from lib.checkpoint import state as ckpt_state
 from lib.checkpoint.folder import RunCheckpoints
-from lib.checkpoint.manager import Policy
+from lib.checkpoint.manager import Manager, Policy
 from lib.core.spec import HardwarePlan, RunSpec, TrainSettings
 from lib.core.task import Task, get_task
-from lib.hardware import actckpt, gpus, memory, plan_actckpt
+from lib.hardware import actckpt, memory
 from lib.optim import build_optimizer, masked_step
 from lib.optim.adamwprune import AdamWPrune
 from lib.pruning import build_pruner
 from lib.surgery.stats import StructureStats
 from lib.train import distributed, probe
 from lib.train.distributed import SINGLE, Shard
+from lib.train.record import SPARSITY_TOLERANCE, Best, Ended, Trained, summary
 from lib.train.tracking import NullTracker, open_tracker
 
-SPARSITY_TOLERANCE = 0.005  # reached sparsity must be within 0.5 points of target
 TIME_PROBE_STEPS = 5  # steps measured before a time budget fixes the step count
-
-
-@dataclass
-class Best:
-    """The best evaluation so far among those eligible (at target sparsity)."""
-
-    step: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -99,34 +90,24 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
                                    say=lambda line: _log(line, shard))
     found = manager.latest()  # a killed or stopped run goes on from its newest valid checkpoint
     architecture = found[1].get("architecture") if found else None  # as surgery left it (lib/surgery/cut.py)
-    model = task.build_model(spec, architecture).to(device)
+    model = _build_model(task, spec, architecture, device)
     stats = StructureStats(model, cfg.structure_stats_every) if cfg.structure_stats_every else None
-    if hw.act_ckpt_segments:  # recompute activations in backward (lib/hardware/actckpt.py); chosen by the plan
-        actckpt.apply(task.blocks(model), [actckpt.Segment(*s) for s in hw.act_ckpt_segments])
-    optimizer = build_optimizer(model, spec.optim)
-    if isinstance(optimizer, AdamWPrune):  # the plan's fused masked step; clipping reads grads before the step
-        optimizer.fused = hw.fused_step and masked_step.fusable(optimizer)
-        optimizer.grads_read_before_step = cfg.grad_clip > 0
+    optimizer = _build_optimizer(model, spec)
     pruner = build_pruner(model, optimizer, spec.prune)  # the raw model: names match checkpoints
     ddp = distributed.wrap(model, shard, device)  # DistributedDataParallel with several ranks, else the model
     forward_model = torch.compile(ddp) if hw.compile else ddp  # compiled forward; same parameters
     autocast, scaler = _precision(device, hw.dtype)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = hw.tf32  # the plan: Ampere+ only
-    probe_tries: list[dict[str, Any]] = []
     total, per_epoch = planned_steps(cfg, task.examples_per_epoch(spec), cfg.batch_size)
     if found:  # every tensor, counter and RNG as they were; the same micro-batch, not a new probe
         done = ckpt_state.restore(found[1], found[0], spec.to_dict(), model, optimizer, pruner, scaler, stats)
-        hw = dataclasses.replace(hw, micro_batch=done.micro_batch, grad_accum=done.grad_accum)
         _log(f"resuming {spec.name} from {found[0].name} (step {done.step})", shard)
-        if not after_surgery:
-            done.resumed_from.append(done.step)
-    else:
-        if hw.probe:  # CONFIG_PROBE_BATCH: halve the micro-batch on out-of-memory, before any real step
-            hw, probe_tries = probe.fit_micro_batch(task, model, spec, device, autocast)
-        provisional = total or 10**9  # with only a time budget the step count is fixed after probing
-        eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
-        done = ckpt_state.Progress(provisional=provisional, eval_every=eval_every, micro_batch=hw.micro_batch,
-                                   grad_accum=hw.grad_accum)
+        done.resumed_from += [] if after_surgery else [done.step]
+        hw, probe_tries = dataclasses.replace(hw, micro_batch=done.micro_batch, grad_accum=done.grad_accum), []
+    else:  # CONFIG_PROBE_BATCH: halve the micro-batch on out-of-memory, before any real step
+        hw, probe_tries = probe.fit_micro_batch(task, model, spec, device, autocast) if hw.probe else (hw, [])
+        done = _fresh_progress(cfg, total, per_epoch, hw)
+    trained = Trained(model, optimizer, pruner, stats, device, hw)
     provisional, eval_every, step, evals = done.provisional, done.eval_every, done.step, done.evals
     samples, train_time, best = done.samples, done.train_time, Best(done.best_step, dict(done.best_metrics))
     pruner.set_total_steps(provisional)
@@ -183,12 +164,11 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
         train_time += time.perf_counter() - t0
         bar.update(1)
 
-        if cfg.time_budget_s and step == TIME_PROBE_STEPS:
-            # the slowest rank's time, so that every rank fixes the same step count
-            provisional = _steps_within_budget(step, distributed.reduce_max(train_time), cfg.time_budget_s, total)
+        if cfg.time_budget_s and step == TIME_PROBE_STEPS:  # the slowest rank's time: every rank fixes the same
+            provisional = bar.total = _steps_within_budget(step, distributed.reduce_max(train_time),
+                                                           cfg.time_budget_s, total)
             pruner.set_total_steps(provisional)
-            bar.total = provisional
-            eval_every = cfg.eval_interval or (per_epoch if cfg.epochs else max(1, provisional // 10))
+            eval_every = _eval_interval(cfg, per_epoch, provisional)
         log_now = step % cfg.log_interval == 0 or step == provisional
         if log_now or step % eval_every == 0:  # the mean over ranks: every rank takes the same decisions
             train_loss = distributed.reduce_sum(float(loss_sum))[0] / shard.world_size
@@ -196,12 +176,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
             if not math.isfinite(train_loss):
                 status, error = "diverged", f"training loss became {train_loss} at step {step}"
                 break
-            sparsity = pruner.sparsity()
-            curve_file.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "sparsity": sparsity,
-                                         "elapsed_s": time.perf_counter() - start, **memory.current(device)}) + "\n")
-            curve_file.flush()  # `tail -f train.jsonl` (and a watcher) sees each step as it happens
-            bar.set_postfix(loss=f"{train_loss:.4f}", sparsity=f"{sparsity:.3f}")
-            _log(f"step {step}/{provisional} loss {train_loss:.4f} lr {lr:.2e} sparsity {sparsity:.4f}", shard)
+            _log_step(curve_file, bar, trained, shard, step=step, of=provisional, loss=train_loss, lr=lr,
+                      elapsed=time.perf_counter() - start)
         if step % eval_every == 0 or step == provisional:
             with autocast():  # evaluate in the training precision, as the model is trained in it
                 record = _evaluate(task, model, spec, step, per_epoch, lr, pruner, train_loss, start, shard)
@@ -215,26 +191,19 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
             if _eligible(record, spec) and _improves(task, record, best):
                 best = Best(step, record["val"])  # the same on every rank: the metrics are reduced
                 if shard.main:
-                    checkpoints.save_best({"model": model.state_dict(), "pruner": pruner.state_dict(), "step": step,
-                                           "architecture": ckpt_state.architecture_of(model)})
+                    checkpoints.save_best({"model": model.state_dict(), "pruner": pruner.state_dict(),
+                                           "step": step, "architecture": ckpt_state.architecture_of(model)})
         stop = _stop_agreed(shard)
         cut_now = cfg.surgery_every > 0 and step % cfg.surgery_every == 0
         if step < provisional and (stop or cut_now or manager.due(step)):  # the end of a step: a clean point to resume
             if shard.main:
-                metrics_file.flush()
-                curve_file.flush()
-                now = dataclasses.replace(
+                _save_training(manager, spec, trained, scaler, (metrics_file, curve_file), dataclasses.replace(
                     done, step=step, provisional=provisional, eval_every=eval_every, evals=evals, samples=samples,
                     train_time=train_time, wall_before=done.wall_before + time.perf_counter() - start,
-                    best_step=best.step, best_metrics=dict(best.metrics),
-                    log_offsets={"metrics": metrics_file.tell(), "train": curve_file.tell()})
-                manager.save(step, ckpt_state.payload(now, spec.to_dict(), model, optimizer, pruner, scaler, stats))
-            if stop:
+                    best_step=best.step, best_metrics=dict(best.metrics)))
+            if stop or cut_now:
                 bar.close()
-                raise ckpt_state.Stopped(step, stop)
-            if cut_now:
-                bar.close()
-                raise ckpt_state.SurgeryDue(step)
+                raise ckpt_state.Stopped(step, stop) if stop else ckpt_state.SurgeryDue(step)
     bar.close()
     metrics_file.close()
     curve_file.close()
@@ -248,49 +217,60 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
         test = _test_at_best(task, model, spec, checkpoints, best, shard) if status == "ok" else None
     if not cfg.keep_checkpoints and shard.main:
         checkpoints.drop_best()
-    flags = []
-    if spec.pruning != "none" and abs(reached - spec.sparsity) > SPARSITY_TOLERANCE:
-        flags.append("sparsity_missed")
-    if status == "ok" and best.step == 0:
-        flags.append("no_eligible_checkpoint")
-    ranks = _ranks_record(pruner, flags) if shard.world_size > 1 else {}
-    samples, train_time = distributed.reduce_sum(samples)[0], distributed.reduce_max(train_time)  # all ranks
-    throughput = samples / train_time if train_time else 0.0
-    return {
-        "name": spec.name,
-        "status": status,
-        "error": error,
-        "flags": flags,
-        "metric": {"name": task.metric.name, "higher_is_better": task.metric.higher_is_better,
-                   "unit": task.metric.unit},
-        "best": {"step": best.step, "val": best.metrics} if best.step else None,
-        "test_at_best": test,
-        "sparsity": {"target": spec.sparsity, "reached": reached, "prunable_params": pruner.prunable_count(),
-                     "cut_by_surgery": pruner.removed / max(1, pruner.prunable_count() + pruner.removed),
-                     "total_params": sum(p.numel() for p in model.parameters()), **pruner.report()},
-        "steps": {"planned": provisional, "done": step, "evaluations": evals},
-        "memory": {**memory.peak(device), "state_bytes": memory.state_bytes(model, optimizer, pruner.buffer_bytes())},
-        "throughput": {"unit": f"{task.sample_unit}/s", "value": throughput},
-        "mfu": _mfu(task, spec, hw, device, throughput),
-        "activations": plan_actckpt.record(task, spec, hw, activations),
-        "hardware": {"micro_batch": hw.micro_batch, "grad_accum": hw.grad_accum, "world_size": hw.world_size,
-                     "planned_micro_batch": spec.hardware.micro_batch, "probe": probe_tries},
-        "wall_time_s": wall,
-        **({"resumed": {"count": len(done.resumed_from), "from_steps": done.resumed_from}}
-           if done.resumed_from else {}),
-        **({"surgery": done.surgeries} if done.surgeries else {}),
-        **({"structure_stats": {"every": stats.every, "count": stats.count}} if stats else {}),
-        **ranks,
-    }
+    ended = Ended(status, error, best, test, reached, provisional, step, evals, samples, train_time, wall)
+    return summary(spec, task, trained, ended, done, probe_tries, activations, shard)
 
 
-def _mfu(task: Task, spec: RunSpec, hw: HardwarePlan, device: torch.device, throughput: float) -> dict | None:
-    """Model FLOPs utilisation on a known GPU in 16-bit (lib/hardware/gpus.py); None on the CPU."""
-    if device.type != "cuda":
-        return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    return gpus.mfu(task.flops_per_sample(spec), throughput, torch.cuda.get_device_name(device), total, hw.dtype,
-                    hw.world_size)
+def _build_model(task: Task, spec: RunSpec, architecture: dict | None, device: torch.device) -> torch.nn.Module:
+    """The task's model (as surgery left it, if it did), with the plan's activation checkpointing applied."""
+    model = task.build_model(spec, architecture).to(device)
+    if spec.hardware.act_ckpt_segments:  # recompute activations in backward (lib/hardware/actckpt.py)
+        actckpt.apply(task.blocks(model), [actckpt.Segment(*s) for s in spec.hardware.act_ckpt_segments])
+    return model
+
+
+def _build_optimizer(model: torch.nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
+    """The configured optimizer; AdamWPrune takes the plan's fused masked step (clipping reads the gradients
+    before the step, so they are masked first)."""
+    optimizer = build_optimizer(model, spec.optim)
+    if isinstance(optimizer, AdamWPrune):
+        optimizer.fused = spec.hardware.fused_step and masked_step.fusable(optimizer)
+        optimizer.grads_read_before_step = spec.train.grad_clip > 0
+    return optimizer
+
+
+def _eval_interval(cfg: TrainSettings, per_epoch: int, planned: int) -> int:
+    return cfg.eval_interval or (per_epoch if cfg.epochs else max(1, planned // 10))
+
+
+def _fresh_progress(cfg: TrainSettings, total: int, per_epoch: int, hw: HardwarePlan) -> ckpt_state.Progress:
+    """The counters of a run that starts at step 0 (with only a time budget the step count is fixed after
+    TIME_PROBE_STEPS)."""
+    provisional = total or 10**9
+    return ckpt_state.Progress(provisional=provisional, eval_every=_eval_interval(cfg, per_epoch, provisional),
+                               micro_batch=hw.micro_batch, grad_accum=hw.grad_accum)
+
+
+def _log_step(curve_file: Any, bar: tqdm, trained: Trained, shard: Shard, *, step: int, of: int,
+              loss: float, lr: float, elapsed: float) -> None:
+    """One line of train.jsonl (flushed: `tail -f` and a watcher see each step), the bar and the log."""
+    sparsity = trained.pruner.sparsity()
+    curve_file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "sparsity": sparsity, "elapsed_s": elapsed,
+                                 **memory.current(trained.device)}) + "\n")
+    curve_file.flush()
+    bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sparsity:.3f}")
+    _log(f"step {step}/{of} loss {loss:.4f} lr {lr:.2e} sparsity {sparsity:.4f}", shard)
+
+
+def _save_training(manager: Manager, spec: RunSpec, trained: Trained, scaler: Any, logs: tuple[Any, Any],
+                   now: ckpt_state.Progress) -> None:
+    """A training checkpoint at the end of ``now.step``, with the logs' sizes there (a resume cuts them back)."""
+    metrics_file, curve_file = logs
+    metrics_file.flush()
+    curve_file.flush()
+    now = dataclasses.replace(now, log_offsets={"metrics": metrics_file.tell(), "train": curve_file.tell()})
+    manager.save(now.step, ckpt_state.payload(now, spec.to_dict(), trained.model, trained.optimizer,
+                                              trained.pruner, scaler, trained.stats))
 
 
 def _output(path: Path, shard: Shard, resume_at: int | None = None) -> Any:
@@ -374,13 +354,3 @@ def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, checkpoints
     with torch.no_grad():
         result = task.evaluate(model, spec, "test", shard=shard)
     return {"step": step, **result}
-
-
-def _ranks_record(pruner: Any, flags: list[str]) -> dict[str, Any]:
-    """Every rank's mask digest, and whether they agree (flag "masks_differ" if not); a collective call."""
-    digests = distributed.gather(distributed.mask_digest(pruner))
-    identical = len(set(digests)) == 1
-    if not identical:
-        flags.append("masks_differ")
-    return {"distributed": {"world_size": len(digests), "backend": distributed.backend(), "mask_digests": digests,
-                            "masks_identical": identical}}

@@ -5,6 +5,7 @@ estimate of them (lib/hardware/actckpt.py), with the step's CUDA peak (scripts/b
 from __future__ import annotations
 
 from gpucheck import Context, result
+from lib.core.units import mib
 
 GPU_WORKLOADS = ("GPT-2 124M (4x128 tokens)", "ResNet-18 (32x 32x32)")
 DRY_WORKLOADS = ("tiny GPT (8x64 tokens)",)
@@ -36,7 +37,7 @@ def run(ctx: Context) -> dict:
 
 
 def _mib(x: float | None) -> str:
-    return f"{x / 2**20:.1f} MiB" if x else "n/a"
+    return mib(x) if x else "n/a"
 
 
 def _x(x: float | None) -> str:

@@ -13,13 +13,14 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from gpucheck import ROOT, Context, result
 from gpucheck.plan import DEFCONFIG, temp_config
+from lib.core.units import gib
+from lib.train import distributed
 
 STEPS, DRY_STEPS = 150, 6
 COMMON = {"CONFIG_GPT2_DATASET_PYDOC": "y", "CONFIG_TIME_BUDGET": '"0"', "CONFIG_LOG_INTERVAL": "5",
@@ -91,7 +92,7 @@ def train_one(spec: Any, work: Path, timeout: float, dry: bool = False) -> tuple
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 run_mod.run(run_dir)
         else:
-            subprocess.run([sys.executable, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, stdout=log,
+            subprocess.run(distributed.single_process_command(run_dir), cwd=ROOT, stdout=log,
                            stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
     return run_dir, json.loads((run_dir / "summary.json").read_text())
 
@@ -153,7 +154,7 @@ def _pct(x: float | None) -> str:
 
 
 def _gib(x: float | None) -> str:
-    return f"{x / 2**30:.2f} GiB" if x is not None else "n/a"
+    return gib(x, 2) if x is not None else "n/a"
 
 
 def _ratio(x: float | None) -> str:

@@ -8,8 +8,9 @@ import pytest
 
 from lib import config, hardware, matrix
 from lib.core.errors import ConfigError, HarnessError
+from lib.core.units import GIB
 from lib.hardware import Devices, Gpu, HardwareSettings
-from lib.hardware.gpus import GIB, identify
+from lib.hardware.gpus import identify
 from tests.conftest import ROOT, resolve_defconfig, tiny_spec
 
 AUTO = HardwareSettings()

@@ -141,3 +141,19 @@ def test_only_lib_checkpoint_spells_checkpoint_file_names(tmp_path: Path) -> Non
     assert checkpoint_names_outside(LIB / "checkpoint", [LIB, ROOT / "scripts"]) == []
     (tmp_path / "elsewhere.py").write_text('best = run_dir / "checkpoints" / "best.pt"\n')
     assert len(checkpoint_names_outside(LIB / "checkpoint", [tmp_path])) == 1  # the finder finds one
+
+
+TESTS = ROOT / "tests"
+OWN_FOLDERS = {"cli": "the Makefile and lib/cli.py", "repo": "house rules", "scripts": "scripts/"}
+
+
+def test_files_mirror_packages_and_stay_small() -> None:
+    """tests/<package>/ for each package of lib/ and each model family; every Python file under ~400 lines."""
+    packages = {p.name for p in LIB.iterdir() if (p / "__init__.py").is_file()}
+    families = {p.parent.name for p in ROOT.glob("*/task.py")}
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders - packages - families - set(OWN_FOLDERS) == set()
+    assert not list(TESTS.glob("test_*.py")), "a test file at the top of tests/: move it into its package's folder"
+    long = [f"{p.relative_to(ROOT)}: {n}" for p in [*LIB.rglob("*.py"), *TESTS.rglob("*.py")]
+            if (n := len(p.read_text().splitlines())) > 420]
+    assert long == []

@@ -199,10 +199,7 @@ def test_lenet5_is_cut_through_the_dependency_graph_and_trains_on(tmp_path: Path
 
     spec = tiny_spec("lenet", max_iters=12, structure_stats_every=2, ckpt_interval=6, ckpt_milestone=6)
     spec = dataclasses.replace(spec, surgery=dataclasses.replace(spec.surgery, max_loss_increase=10.0))
-    run_dir = tmp_path / spec.name
-    run_dir.mkdir()
-    spec.write(run_dir / "spec.json")
-    assert subprocess.run([sys.executable, "-m", "lib.train.run", str(run_dir)], cwd=ROOT, timeout=300).returncode == 0
+    run_dir = trained_run(tmp_path, spec, in_subprocess=True)
     with pytest.raises(HarnessError, match="LeNet5 has no heads; it has channels, units"):
         operate(run_dir, "0.3", "heads")
     with pytest.raises(HarnessError, match="LeNet5 has no residual blocks to remove"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,15 +37,10 @@ class RunJob:
         self.run_dir, self._proc = state["run_dir"], None
 
     def __call__(self) -> int:
-        from lib.core.errors import HarnessError
-        from lib.core.spec import RunSpec
         from lib.train import distributed
 
         run_dir = Path(self.run_dir)
-        try:
-            command = distributed.launch_command(RunSpec.read(run_dir / "spec.json").hardware, run_dir)
-        except HarnessError:  # lib.train.run says what is wrong with the spec, in the run's log and record
-            command = [sys.executable, "-m", "lib.train.run", str(run_dir)]
+        command = distributed.run_command(run_dir)
         env = {**os.environ, "PYTHONPATH": pythonpath_with(ROOT, os.environ), "PYTHONUNBUFFERED": "1"}
         (run_dir / "summary.json").unlink(missing_ok=True)
         with (run_dir / "log.txt").open("a") as log:

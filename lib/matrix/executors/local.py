@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -117,10 +116,7 @@ def _launch(run_dir: Path, devices: list[str]) -> subprocess.Popen:
     The run folder's lock is taken here and handed to the child, which holds it until it exits; the child
     gets SIGTERM if this driver dies, so no trainer outlives the matrix that started it.
     """
-    try:
-        command = distributed.launch_command(RunSpec.read(run_dir / "spec.json").hardware, run_dir)
-    except HarnessError:  # an unreadable spec.json: lib.train.run says so in the run's log and record
-        command = [sys.executable, "-m", "lib.train.run", str(run_dir)]
+    command = distributed.run_command(run_dir)
     lock = runlock.lock(run_dir)
     try:
         env = {**os.environ, "PYTHONPATH": pythonpath_with(ROOT, os.environ), "PYTHONUNBUFFERED": "1",

@@ -28,7 +28,7 @@ from lib.core.errors import HarnessError, first_line
 from lib.core.files import write_json_atomic
 from lib.core.spec import RunSpec
 from lib.matrix.records import one_line, read_summary
-from lib.results import read_json, record_problem
+from lib.results import read_json, run_record
 
 os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")  # before submitit reads it; jobs inherit it
 POLL_S = 2.0
@@ -233,8 +233,7 @@ def _said(exc: BaseException) -> str:
 
 
 def _has_record(run_dir: Path) -> bool:
-    data, _ = read_json(run_dir / "summary.json")
-    return record_problem(data) is None
+    return run_record(run_dir).record is not None
 
 
 def live_jobs(folder: Path, names: list[str]) -> dict[str, str]:

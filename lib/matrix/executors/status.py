@@ -17,7 +17,7 @@ from lib.checkpoint.folder import RunCheckpoints
 from lib.core import runlock
 from lib.matrix.executors.slurm import ENDED, job_id, job_states
 from lib.matrix.records import failure_line
-from lib.results import read_json, record_problem
+from lib.results import run_record
 
 SLURM = {"PENDING": "queued", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
          "REQUEUED": "stopped", "REQUEUE_HOLD": "stopped", "REQUEUE_FED": "stopped",
@@ -38,12 +38,11 @@ def run_state(run_dir: Path) -> tuple[str, str]:
 
 
 def _state(run_dir: Path, job: str | None, slurm: dict[str, str]) -> tuple[str, str]:
-    data, why = read_json(run_dir / "summary.json")
-    problem = why if data is None else record_problem(data)
-    if problem is None:
-        return str(data["status"]), (data.get("error") or "")[:100]
-    if why != "missing":  # a record that cannot be used is never taken for a run that did not finish
-        return "unreadable", f"summary.json {problem}"[:100]
+    found = run_record(run_dir)
+    if found.record is not None:
+        return str(found.record["status"]), (found.record.get("error") or "")[:100]
+    if not found.missing:  # a record that cannot be used is never taken for a run that did not finish
+        return "unreadable", f"summary.json {found.problem}"[:100]
     where = f"Slurm job {job}" if job else "local"
     if (run_dir / "summary.before_surgery.json").exists() and not (job and job in slurm):
         if _busy(run_dir):

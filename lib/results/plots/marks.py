@@ -17,7 +17,7 @@ from typing import Any
 
 from matplotlib.colors import to_rgb
 
-from lib.results import Metric, Run
+from lib.results import Metric, Run, tested_values
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
 SPARSITY_MARKERS = ("*", "o", "s", "^", "D", "v", "P", "X", "h", "p")  # dense first
@@ -164,7 +164,7 @@ def resolution_of(runs: Sequence[Run], metric: Metric | None) -> Resolution | No
                 and n > 0}
     if len(recorded) == 1:
         return Resolution(recorded.pop(), inferred=False)
-    count = infer_count([v for r in runs if r.status == "ok" and (v := r.test_value()) is not None])
+    count = infer_count(tested_values(runs))
     return Resolution(count, inferred=True) if count else None
 
 

@@ -22,11 +22,11 @@ from matplotlib.lines import Line2D
 from lib.results.plots.marks import sparsity_text
 from lib.results.plots.pareto import memory_vs_metric, pareto_front
 from lib.results.plots.style import Context, draw_notes, legend_outside, seed_style
+from lib.core.units import MIB
 from lib.results import Run, groups
 
 __all__ = ["cell_rows", "memory_timeline", "memory_vs_metric", "pareto_front", "peak_memory"]
 
-MiB = 2**20
 MAX_BARS = 40  # more runs than this: one bar per group (mean over seeds) instead of per run
 STATE_PARTS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer_state", "optimizer state"),
                ("pruning_buffers", "pruning buffers"))
@@ -94,7 +94,7 @@ def peak_memory(ctx: Context) -> Figure | str:
     height = 0.8 / max(1, len(kinds))
     for i, (key, label, color) in enumerate(kinds):
         offset = (i - (len(kinds) - 1) / 2) * height
-        values = [m.get(key, 0.0) / MiB for _, m, _ in rows]
+        values = [m.get(key, 0.0) / MIB for _, m, _ in rows]
         bars = left.barh([y + offset for y in ys], values, height=height, color=color, label=label)
         left.bar_label(bars, labels=[f"{v:.0f}" if v else "" for v in values], fontsize=7, padding=2)
     for y, (_, m, s) in zip(ys, rows, strict=True):
@@ -103,7 +103,7 @@ def peak_memory(ctx: Context) -> Figure | str:
                 ax.text(0, y, " not recorded", va="center", fontsize=7, color="gray")
     base = [0.0] * len(rows)
     for (key, label), color in zip(STATE_PARTS, STATE_COLORS, strict=True):
-        values = [s.get(key, 0.0) / MiB for _, _, s in rows]
+        values = [s.get(key, 0.0) / MIB for _, _, s in rows]
         if any(values):
             right.barh(ys, values, left=base, height=0.7, color=color, label=label)
             base = [b + v for b, v in zip(base, values, strict=True)]
@@ -214,9 +214,9 @@ def _timeline_run(ax: Any, ctx: Context, run: Run, curve: list[dict], panel: tup
     peak = run.memory().get(peak_key)
     last = max((s for s, _ in now + running), default=None)
     if _number(peak) and last is not None:
-        ax.plot([last], [peak / MiB - base], color=SO_FAR[1], marker="D", markersize=5, linestyle="none",
+        ax.plot([last], [peak / MIB - base], color=SO_FAR[1], marker="D", markersize=5, linestyle="none",
                 label=SUMMARY_PEAK, gid=run.name)
-    return (max((v for _, v in now), default=None), peak / MiB if _number(peak) else None)
+    return (max((v for _, v in now), default=None), peak / MIB if _number(peak) else None)
 
 
 def _seeds(runs: list[Run]) -> list[str | None]:
@@ -244,7 +244,7 @@ def _timeline_handles(fig: Figure, seeds: list[str | None]) -> list[Line2D]:
 
 
 def _series(curve: list[dict], key: str) -> list[tuple[float, float]]:
-    return [(rec["step"], rec[key] / MiB) for rec in curve if _number(rec.get(key)) and _number(rec.get("step"))]
+    return [(rec["step"], rec[key] / MIB) for rec in curve if _number(rec.get(key)) and _number(rec.get("step"))]
 
 
 def _number(value: Any) -> bool:

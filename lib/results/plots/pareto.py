@@ -17,9 +17,9 @@ from matplotlib.transforms import ScaledTranslation
 
 from lib.results.plots.marks import coincident, sparsity_markers, spread_note
 from lib.results.plots.style import Context, draw_notes, legend_outside, metric_axis, metric_label
+from lib.core.units import MIB
 from lib.results import Run, Stat, groups, test_stat
 
-MiB = 2**20
 SIDE_BY_SIDE_PT = 10.0  # coincident points are drawn this many typographic points apart
 STATE_AXIS = "state bytes: weights + gradients + optimizer state + pruning buffers (MiB)"
 PEAK_AXIS = "measured peak memory (MiB; GPU allocated, or CPU peak RSS)"
@@ -97,7 +97,7 @@ def _points(runs: list[Run]) -> tuple[list[Point], str]:
         if s is not None:
             rows.append((method, target, s, state, peak))
     use_state = any(row[3] for row in rows)
-    points = [Point(m, t, s, statistics.fmean(st if use_state else pk) / MiB) for m, t, s, st, pk in rows
+    points = [Point(m, t, s, statistics.fmean(st if use_state else pk) / MIB) for m, t, s, st, pk in rows
               if (st if use_state else pk)]
     return points, STATE_AXIS if use_state else PEAK_AXIS
 
