@@ -46,7 +46,7 @@ LINT = $(if $(EXTERNAL),if '$(PY)' -c 'import ruff' 2>/dev/null; then '$(PY)' -m
 	else echo "ruff is not installed for $(PY): lint skipped"; fi,$(VENV)/bin/ruff check .)
 RESULTS_TREE := $(or $(RESULTS_DIR),results)
 
-.PHONY: help all run dry-run hwinfo continue report graphs compare publish export surgery sweep status rerun prepare-data test bench lint quickstart venv \
+.PHONY: help all run dry-run hwinfo continue report graphs compare publish export import eval eval-deps surgery sweep status rerun prepare-data test bench lint quickstart venv \
 	list-defconfigs menuconfig olddefconfig savedefconfig listnewconfig allyesconfig \
 	allnoconfig randconfig set clean mrproper python-ready gpu-wheels gpu-check slurm-up slurm-down
 
@@ -76,6 +76,19 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 
 venv: $(STAMP) ## Create or refresh the virtual environment
 
+# lm-evaluation-harness is an extra: it pulls in scipy, scikit-learn and nltk, which nothing else needs.
+# `make eval` installs it into .venv once; the constraints keep torch and transformers at their pins.
+$(VENV)/.eval-installed: requirements-eval.txt $(VENV)/.installed
+	@echo "Installing lm-evaluation-harness into $(VENV) (requirements-eval.txt; once)"
+	@$(PY) -m pip install -q -r requirements-eval.txt -c requirements.txt || { echo "error: could not install \
+	lm-evaluation-harness from requirements-eval.txt (is the package index reachable?); run \`make eval-deps\` \
+	where it is" >&2; exit 2; }
+	@touch $@
+
+EVAL_STAMP := $(if $(EXTERNAL),python-ready,$(VENV)/.eval-installed)
+
+eval-deps: $(EVAL_STAMP) ## Install lm-evaluation-harness into .venv for `make eval` (requirements-eval.txt; make eval does it on first use)
+
 all: run ## Train the matrix described by .config (same as `make run`)
 
 run: $(STAMP) ## Train every run of .config's matrix into a new results folder
@@ -102,8 +115,14 @@ compare: $(STAMP) ## Rank methods per sparsity in RESULTS=dir; AGAINST=dir2 sets
 publish: $(STAMP) ## Copy RESULTS=dir (default: newest) into key_results/<date>_<NAME>/ (NAME=... required)
 	@$(CLI) publish --name '$(NAME)' $(if $(RESULTS),--results $(RESULTS))
 
-export: $(STAMP) ## Export RUN=<run dir>'s best checkpoint as safetensors + a JSON model card (RUN/export/)
-	@$(CLI) export --run '$(RUN)'
+export: $(STAMP) ## Export RUN=<run dir>'s best checkpoint as safetensors + a JSON model card (RUN/export/); FORMAT=hf adds a transformers folder (RUN/export/hf/, GPT-2)
+	@$(CLI) export --run '$(RUN)' $(if $(FORMAT),--format '$(FORMAT)')
+
+eval: $(EVAL_STAMP) ## lm-evaluation-harness on RUN=<run dir>'s transformers export: TASKS=<task names or YAML files> [LIMIT=n] (RUN/eval/)
+	@$(CLI) eval --run '$(RUN)' --tasks '$(TASKS)' $(if $(LIMIT),--limit '$(LIMIT)')
+
+import: $(STAMP) ## Start GPT-2 runs from a transformers folder: make import HF=<dir> checks it against .config, then sets CONFIG_GPT2_INIT_HF
+	@$(CLI) import --hf '$(HF)' && $(PY) scripts/kconfig_tool.py set "GPT2_INIT_HF='$(abspath $(HF))'"
 
 status: $(STAMP) ## Each run's state in the newest results folder (or RESULTS=dir): queued, running, ok, failed, diverged, preempted
 	@$(CLI) status $(if $(RESULTS),--results '$(RESULTS)')
@@ -159,7 +178,7 @@ randconfig: $(STAMP) ## Random .config; KCONFIG_SEED=N repeats one
 test: export XDG_CACHE_HOME := $(CURDIR)/.cache/test
 test: export XDG_CONFIG_HOME := $(CURDIR)/.cache/test/config
 test: export MPLCONFIGDIR := $(CURDIR)/.cache/test/matplotlib
-test: $(STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes)
+test: $(STAMP) $(EVAL_STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes; installs the lm-eval extra first)
 	@$(LINT)
 	@$(PY) -m pytest -q tests
 	@echo "again with AdamWPrune's fused masked step forced on (the pass above runs it as each test built it):"

@@ -1,7 +1,7 @@
 """The GPT-2 task plug-in: what lib/ needs to train and evaluate GPT-2 on token shards.
 
 model_options (from gpt2/Kconfig): size, dataset, block_size, vocab_size,
-token_budget, text_dir. Shards are prepared by `make prepare-data` (fetch_data)
+token_budget, text_dir, init_hf. Shards are prepared by `make prepare-data` (fetch_data)
 and only read here; a run whose data is missing, stale or corrupt stops with one
 line naming the fix.
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2 import prepare, tokenizer
+from gpt2 import hf, prepare, tokenizer
 from gpt2.data import Shards, eval_windows, load_shards, train_batches
 from gpt2.model import GPT, PADDED_VOCAB, config_for, flops_per_token
 from gpt2.sources import DATASETS, SPLITS, source_of
@@ -54,6 +54,7 @@ class Options:
     vocab_size: int
     token_budget: int
     text_dir: Path | None
+    init_hf: Path | None = None  # CONFIG_GPT2_INIT_HF: a transformers GPT-2 folder to start from
 
     @classmethod
     def of(cls, spec: RunSpec) -> Options:
@@ -66,8 +67,10 @@ class Options:
             if not o.get("text_dir"):
                 raise ConfigError("CONFIG_GPT2_TEXT_DIR is empty; name the folder of .txt files to train on")
             text_dir = Path(o["text_dir"]) if os.path.isabs(o["text_dir"]) else ROOT / o["text_dir"]
+        init = o.get("init_hf") or None
         opts = cls(o.get("size", "124m"), dataset, int(o.get("block_size", 1024)),
-                   int(o.get("vocab_size", PADDED_VOCAB)), int(o.get("token_budget", 100_000_000)), text_dir)
+                   int(o.get("vocab_size", PADDED_VOCAB)), int(o.get("token_budget", 100_000_000)), text_dir,
+                   (Path(init) if os.path.isabs(init) else ROOT / init) if init else None)
         config_for(opts.size)  # an unknown size fails here, before any data is read
         return opts
 
@@ -149,6 +152,17 @@ class GPT2Task:
     def build_model(self, spec: RunSpec, architecture: dict | None = None) -> nn.Module:
         o = Options.of(spec)
         return GPT(config_for(o.size, o.vocab_size, o.block_size, architecture))
+
+    def initial_state(self, spec: RunSpec) -> dict[str, torch.Tensor] | None:
+        """CONFIG_GPT2_INIT_HF: the pretrained weights a fresh run starts from (gpt2/hf.py), else None."""
+        o = Options.of(spec)
+        if not o.init_hf:
+            return None
+        return hf.from_hf(o.init_hf, config_for(o.size, o.vocab_size, o.block_size))
+
+    def to_hf(self, model: nn.Module, spec: RunSpec) -> hf.HfModel:
+        """`make export FORMAT=hf`: the model as transformers' GPT2LMHeadModel loads it (gpt2/hf.py)."""
+        return hf.to_hf(model)
 
     def cpu_micro_batch(self, spec: RunSpec) -> int:
         return CPU_MICRO_BATCH

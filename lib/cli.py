@@ -6,7 +6,9 @@ Commands: check (validate .config), dry-run (print the matrix and plans), hwinfo
 report (rewrite summary.json, graphs/ and report.md of a results folder), graphs
 (redraw graphs/ only), compare (Markdown ranking of methods, or two folders side
 by side), publish (copy a results folder into key_results/), prepare-data,
-export (a run's best checkpoint as safetensors), surgery (cut a run's checkpoint
+export (a run's best checkpoint as safetensors; --format hf: a transformers folder),
+import (check a transformers GPT-2 folder to start runs from), eval (lm-evaluation-harness on a
+run's transformers export, lib/results/lmeval.py), surgery (cut a run's checkpoint
 smaller, lib/surgery/command.py), sweep (one-shot sparsity sweep on a run's best
 checkpoint, or on every ok run of a results folder, lib/sweep/oneshot.py), rerun (train one
 run again from its spec.json and compare, lib/matrix/rerun.py).
@@ -29,8 +31,8 @@ from lib.core.errors import HarnessError
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lib.cli", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["check", "dry-run", "hwinfo", "run", "continue", "report", "graphs",
-                                            "compare", "publish", "prepare-data", "export", "surgery",
-                                            "sweep", "status", "rerun"])
+                                            "compare", "publish", "prepare-data", "export", "import",
+                                            "eval", "surgery", "sweep", "status", "rerun"])
     parser.add_argument("--config", default=".config", help="the .config to read (default: .config)")
     parser.add_argument("--set", action="append", default=[], metavar="SYMBOL=VALUE",
                         help="override a symbol for this invocation only (make MAX_ITERS=... etc.)")
@@ -39,6 +41,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--name", help="publish: the name of the key_results/<date>_<name>/ folder")
     parser.add_argument("--run", help="export, surgery, sweep: the run folder whose checkpoint to use; rerun: the "
                                       "run to train again from its spec.json")
+    parser.add_argument("--format", default="harness", help="export: harness (default) or hf (transformers)")
+    parser.add_argument("--tasks", help="eval: lm-eval task names or task YAML files, comma-separated")
+    parser.add_argument("--limit", type=int, help="eval: at most this many examples per task (a quick look)")
+    parser.add_argument("--hf", help="import: a transformers GPT-2 folder (config.json, model.safetensors)")
     parser.add_argument("--strict", action="store_true", help="rerun: exit 1 when the rerun differs")
     parser.add_argument("--fraction", help="surgery: share of each layer's structures to remove (0 < f < 1)")
     parser.add_argument("--structure", help="surgery: all, heads, neurons, channels, units or blocks")
@@ -94,10 +100,14 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
                            f"drop it to {args.command}")
     if args.command in ("report", "graphs", "compare", "publish", "status"):
         return _results_command(args)
-    if args.command in ("export", "surgery", "sweep") and args.run:  # each writes into the run folder
+    if args.command in ("export", "eval", "surgery", "sweep") and args.run:  # each writes into the run folder
         _writable(Path(args.run))
     if args.command == "export":
-        return _export(args.run)
+        return _export(args.run, args.format)
+    if args.command == "import":
+        return _import(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "surgery":
         return _surgery(args)
     if args.command == "sweep":
@@ -175,15 +185,52 @@ def _finish(folder: Path, runs: list[dict]) -> int:
     return 1 if counts["failed"] or counts["unreadable"] else 0
 
 
-def _export(run: str | None) -> int:
+def _export(run: str | None, fmt: str) -> int:
     from lib.checkpoint.export import export
     from lib.core.spec import run_spec
 
     if not run:
         raise HarnessError("export needs a run folder: `make export RUN=results/<folder>/<run>`")
     run_spec(Path(run))  # one line when it is not a run folder
-    out = export(Path(run))
-    print(f"exported {run} to {out / 'model.safetensors'} and {out / 'model_card.json'}")
+    out = export(Path(run), fmt)
+    also = f" and {out / 'hf'}/ (transformers)" if fmt == "hf" else ""
+    print(f"exported {run} to {out / 'model.safetensors'}, {out / 'model_card.json'}{also}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lib.core.spec import run_spec
+    from lib.results import lmeval
+
+    if not args.run:
+        raise HarnessError("eval needs a run folder: `make eval RUN=results/<folder>/<run> TASKS=<tasks>`")
+    run_spec(Path(args.run))  # one line when it is not a run folder
+    lmeval.evaluate(Path(args.run), args.tasks or "", args.limit)
+    print(f"wrote {Path(args.run) / 'eval' / 'lm_eval.json'} and lm_eval.md")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """`make import HF=<dir>`: load the folder as the first GPT-2 run of .config would start from it (every
+    check of gpt2/hf.py); the Makefile then sets CONFIG_GPT2_INIT_HF."""
+    from lib import config as config_mod
+    from lib import matrix
+    from lib.core.task import get_task
+
+    if not args.hf:
+        raise HarnessError("import needs a folder: `make import HF=<transformers GPT-2 folder>`")
+    folder = Path(args.hf).resolve()
+    if not folder.is_dir():
+        raise HarnessError(f"HF={args.hf}: no such folder")
+    specs = [s for s in matrix.expand(config_mod.load(args.config, _overrides(args.set))) if s.model == "gpt2"]
+    if not specs:
+        raise HarnessError(f"{args.config} trains no GPT-2 model, the only family transformers weights can start; "
+                           f"write a GPT-2 config first (`make defconfig-gpt2-tiny-cpu`)")
+    spec = dataclasses.replace(specs[0], model_options={**specs[0].model_options, "init_hf": str(folder)})
+    state = get_task("gpt2").initial_state(spec)
+    size = spec.model_options.get("size")
+    print(f"{folder}: a GPT-2 {size} of {sum(t.numel() for k, t in state.items() if k != 'lm_head.weight'):,} "
+          f"parameters that fits .config")
     return 0
 
 

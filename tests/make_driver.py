@@ -30,7 +30,8 @@ TRAIN_TIMEOUT = 300  # seconds for a make call that trains a matrix
 # Variables a calling make (e.g. `make test MAX_ITERS=3`) or the user's shell could leak into ours.
 LEAKY_ENV = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "KCONFIG_CONFIG", "KCONFIG_SEED", "MAX_ITERS",
              "EPOCHS", "SEEDS", "TIME", "RESULTS_DIR", "RESULTS", "YES", "VENV", "DEFCONFIG_OUT", "HARNESS_COMMAND",
-             "MENUCONFIG_STYLE", "NAME", "AGAINST", "RUN", "ONLY", "CONFIG", "PYTHON", "WHEELS", "PARTS", "DRY")
+             "MENUCONFIG_STYLE", "NAME", "AGAINST", "RUN", "ONLY", "CONFIG", "PYTHON", "WHEELS", "PARTS", "DRY",
+             "FORMAT", "HF", "TASKS", "LIMIT")
 
 NO_MAKE = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 

@@ -1,8 +1,10 @@
-"""`make export RUN=<run dir>`: the best checkpoint's weights as safetensors, with a JSON model card.
+"""`make export RUN=<run dir> [FORMAT=hf]`: the best checkpoint's weights as safetensors, with a JSON model card.
 
     <run dir>/export/model.safetensors   the weights (pruned ones exactly zero), no pickle
     <run dir>/export/model_card.json     model, shapes, sparsity per layer and overall, the metric at that
                                          checkpoint (val and test), dataset, command, .config, commit
+    <run dir>/export/hf/                 FORMAT=hf: a folder transformers loads (config.json, model.safetensors,
+                                         the tokenizer), written by the family's ``to_hf`` (gpt2/hf.py)
 
 safetensors holds tensors only, so loading an export can never run code. Tied weights
 (GPT-2's head and embedding) are stored once (safetensors.torch.save_model) and tied
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from lib.checkpoint.folder import RunCheckpoints
 from lib.checkpoint.format import CheckpointError, load
@@ -27,11 +29,19 @@ from lib.core.spec import RunSpec
 from lib.core.task import get_task
 from lib.optim.bitmask import unpack
 
+FORMATS = ("harness", "hf")  # the harness's own (loaded back by load_export); transformers' (GPT-2)
 
-def export(run_dir: Path) -> Path:
-    """Write ``run_dir``/export/ from its best checkpoint; return that folder."""
+
+def export(run_dir: Path, fmt: str = "harness") -> Path:
+    """Write ``run_dir``/export/ from its best checkpoint (and export/hf/ for FORMAT=hf); return export/."""
+    if fmt not in FORMATS:
+        raise HarnessError(f"FORMAT={fmt!r} is not an export format; choose one of {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
     spec = RunSpec.read(run_dir / "spec.json")
+    task = get_task(spec.model)
+    if fmt == "hf" and not hasattr(task, "to_hf"):
+        raise HarnessError(f"FORMAT=hf: transformers has no model class for {spec.model}; `make export "
+                           f"RUN={run_dir}` (FORMAT=harness) writes safetensors that load_export reads")
     summary = _summary(run_dir)
     best = RunCheckpoints(run_dir).require_best("export")
     state = _load_best(best)
@@ -41,8 +51,22 @@ def export(run_dir: Path) -> Path:
     out = run_dir / "export"
     out.mkdir(exist_ok=True)
     write_atomic(out / "model.safetensors", lambda tmp: save_model(model, str(tmp), {"run": spec.name}))
-    write_json_atomic(out / "model_card.json", _card(run_dir, spec, summary, state["step"], model, layers))
+    card = _card(run_dir, spec, summary, state["step"], model, layers)
+    if fmt == "hf":
+        card["hf"] = write_hf(task.to_hf(model, spec), out / "hf")
+    write_json_atomic(out / "model_card.json", card)
     return out
+
+
+def write_hf(hf: Any, folder: Path) -> dict[str, Any]:
+    """A transformers folder from a family's ``to_hf`` result (config, tensors by transformers' names, extra
+    files, notes); returns the notes for the model card."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "model.safetensors", lambda tmp: save_file(hf.tensors, str(tmp), {"format": "pt"}))
+    write_json_atomic(folder / "config.json", hf.config)
+    for name, data in hf.files.items():
+        write_atomic(folder / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    return {"folder": "hf", **hf.notes, "files": sorted(["config.json", "model.safetensors", *hf.files])}
 
 
 def load_export(folder: Path) -> tuple[torch.nn.Module, RunSpec]:

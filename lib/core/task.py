@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lib.core.registry import lookup
 
@@ -119,6 +119,16 @@ class Task(Protocol):
     def usage(self, spec: RunSpec) -> dict[str, str]:
         """Optional: what running an exported model outside the harness needs (input preprocessing, the
         forward's activations and pooling, the tokenizer), for the model card (lib/checkpoint/export.py)."""
+        ...
+
+    def initial_state(self, spec: RunSpec) -> dict[str, torch.Tensor] | None:
+        """Optional: weights a run that starts from step 0 loads instead of its random initialisation (GPT-2:
+        CONFIG_GPT2_INIT_HF, a transformers folder), or None; the trainer calls it before anything else."""
+        ...
+
+    def to_hf(self, model: nn.Module, spec: RunSpec) -> Any:
+        """Optional: ``model`` in Hugging Face transformers' format, with ``config``, ``tensors``, ``files`` and
+        ``notes`` (gpt2/hf.py's HfModel), for `make export FORMAT=hf` (lib/checkpoint/export.py)."""
         ...
 
     def fetch_data(self, spec: RunSpec) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from lib.results.compare import by_validation, method_groups, tied
 from lib.results.plots import read_manifest
-from lib.results import Folder, Metric, Run, Stat, groups, load, metric_of, mib, stat, test_stat
+from lib.results import Folder, Metric, Run, Stat, groups, load, lmeval, metric_of, mib, read_json, stat, test_stat
 
 FLAGGED = ("failed", "diverged", "incomplete", "unknown", "unreadable", "stopped", "cut", "running", "queued")
 WALL = "wall time (training loop)"
@@ -117,7 +117,8 @@ def _model_section(model: str, runs: list[Run], metric: Metric | None) -> list[s
     lines += [""]
     lines += ["Mean ± sample std (n-1) over the seeds that finished ok; a single seed shows no ±. "
               "Failed and diverged runs are excluded from the means and listed under Flags.", ""]
-    return lines + _best_per_sparsity(runs, metric) + _structures(runs) + _patterns(runs) + _surgeries(runs)
+    return (lines + _best_per_sparsity(runs, metric) + _structures(runs) + _patterns(runs) + _surgeries(runs)
+            + _lm_eval(runs))
 
 
 def _structures(runs: list[Run]) -> list[str]:
@@ -176,6 +177,21 @@ def _surgeries(runs: list[Run]) -> list[str]:
         ["run", "at step", "chosen from", "removed", "val loss before -> after the cut"], rows) + [
         "", "Structures physically removed at a checkpoint, training then resumed on the smaller model; "
         "each run's surgery.json holds the before/after measurements.", ""]
+
+
+def _lm_eval(runs: list[Run]) -> list[str]:
+    """lm-evaluation-harness results of the runs that `make eval` evaluated (<run>/eval/lm_eval.json)."""
+    table, stamps = [], []
+    for r in runs:
+        record, _ = read_json(r.directory / "eval" / "lm_eval.json") if r.directory else (None, None)
+        if isinstance(record, dict):
+            table += [[r.name, *row] for row in lmeval.rows(record)]
+            stamps.append(f"{r.name}: lm-eval {record.get('lm_eval_version')}, {record.get('device')}, "
+                          f"{record.get('date')}")
+    if not table:
+        return []
+    return ["### lm-evaluation-harness (`make eval`)", ""] + _table(
+        ["run", "task", "metric", "value", "stderr", "samples"], table) + ["", "; ".join(stamps), ""]
 
 
 def _best_per_sparsity(runs: list[Run], metric: Metric | None) -> list[str]:

@@ -91,6 +91,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
     found = manager.latest()  # a killed or stopped run goes on from its newest valid checkpoint
     architecture = found[1].get("architecture") if found else None  # as surgery left it (lib/surgery/cut.py)
     model = _build_model(task, spec, architecture, device)
+    if not found and hasattr(task, "initial_state") and (start := task.initial_state(spec)) is not None:
+        model.load_state_dict(start)  # pretrained weights to start from (CONFIG_GPT2_INIT_HF, gpt2/hf.py)
     stats = StructureStats(model, cfg.structure_stats_every) if cfg.structure_stats_every else None
     optimizer = _build_optimizer(model, spec)
     pruner = build_pruner(model, optimizer, spec.prune)  # the raw model: names match checkpoints

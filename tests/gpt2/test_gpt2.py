@@ -138,15 +138,17 @@ def test_tiny_training_run_lowers_validation_perplexity(tmp_path: Path) -> None:
 
 
 def test_every_model_option_reaches_the_task(make_config) -> None:
-    cfg = config.load(make_config("CONFIG_MODEL_GPT2=y\nCONFIG_GPT2_DATASET_TEXT=y\nCONFIG_GPT2_SIZE_TINY=y\n"))
+    cfg = config.load(make_config("CONFIG_MODEL_GPT2=y\nCONFIG_GPT2_DATASET_TEXT=y\nCONFIG_GPT2_SIZE_TINY=y\n"
+                                  'CONFIG_GPT2_INIT_HF="hf/gpt2"\n'))
     options = cfg.model_options["gpt2"]
     assert options == {"size": "tiny", "dataset": "text", "text_dir": "data/text", "block_size": 1024,
-                       "vocab_size": PADDED_VOCAB, "token_budget": 100_000_000}
+                       "vocab_size": PADDED_VOCAB, "token_budget": 100_000_000, "init_hf": "hf/gpt2"}
     spec = RunSpec(name="x", model="gpt2", seed=1, optim=OptimSettings("adamw", 1e-3, 0.0), prune=PruneSettings(),
                    train=TrainSettings(batch_size=8), hardware=HardwarePlan("cpu", 8, 1), model_options=options)
     o = Options.of(spec)
     assert (o.size, o.dataset, o.block_size, o.vocab_size, o.token_budget) == ("tiny", "text", 1024, 50304, 10**8)
-    assert o.text_dir == ROOT / "data" / "text"
+    assert o.text_dir == ROOT / "data" / "text" and o.init_hf == ROOT / "hf" / "gpt2"
+    assert Options.of(dataclasses.replace(spec, model_options={**options, "init_hf": ""})).init_hf is None
 
 
 GPT2_DEFCONFIGS = sorted(p.name for p in (ROOT / "defconfigs").glob("gpt2-*"))

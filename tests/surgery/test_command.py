@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lib.core.errors import HarnessError
 from lib.core.spec import PruneSettings
@@ -87,7 +88,7 @@ def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path:
     assert summary["best"]["step"] > 10  # chosen among the cut model's evaluations
     from lib.checkpoint.export import export, load_export
 
-    exported, _ = load_export(export(run_dir))  # rebuilt from the recorded architecture
+    exported, _ = load_export(export(run_dir, "hf"))  # rebuilt from the recorded architecture
     assert sum(p.numel() for p in exported.parameters()) == measured["parameters"]["after"]
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
     structure = card["structure"]  # the cut is in the card beside the (near) zero fraction
@@ -95,6 +96,15 @@ def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path:
     assert structure["parameters_now"] == measured["parameters"]["after"] < structure["parameters_as_built"]
     assert structure["reduction"] == pytest.approx(1 - structure["parameters_now"] / structure["parameters_as_built"])
     assert "tokenizer" in card["usage"] and "GELU" in card["usage"]["forward"]
+    # FORMAT=hf: the cut model (3 of 4 heads, 384 of 512 neurons per layer) padded to GPT2Config's widths
+    import transformers
+
+    assert card["hf"]["padded_to_uniform_widths"] == {"heads": [3] * 4, "mlp": [384] * 4, "to_heads": 4,
+                                                      "to_mlp": 384}
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(run_dir / "export" / "hf"), local_files_only=True)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (theirs.eval()(tokens).logits - exported.eval()(tokens)).abs().max() <= 1e-5
 
 
 def test_rollback_leaves_every_file_byte_identical(trained: Path, tmp_path: Path) -> None:
