@@ -115,8 +115,8 @@ compare: $(STAMP) ## Rank methods per sparsity in RESULTS=dir; AGAINST=dir2 sets
 publish: $(STAMP) ## Copy RESULTS=dir (default: newest) into key_results/<date>_<NAME>/ (NAME=... required)
 	@$(CLI) publish --name '$(NAME)' $(if $(RESULTS),--results $(RESULTS))
 
-export: $(STAMP) ## Export RUN=<run dir>'s best checkpoint as safetensors + a JSON model card (RUN/export/); FORMAT=hf adds a transformers folder (RUN/export/hf/, GPT-2)
-	@$(CLI) export --run '$(RUN)' $(if $(FORMAT),--format '$(FORMAT)')
+export: $(STAMP) ## Export RUN=<run dir>'s best checkpoint as a new version RUN/export/vN/ (safetensors + a JSON model card); FORMAT=hf adds a transformers folder (GPT-2); SPARSE=compressed stores kept values + a bit mask
+	@$(CLI) export --run '$(RUN)' $(if $(FORMAT),--format '$(FORMAT)') $(if $(SPARSE),--sparse '$(SPARSE)')
 
 eval: $(EVAL_STAMP) ## lm-evaluation-harness on RUN=<run dir>'s transformers export: TASKS=<task names or YAML files> [LIMIT=n] (RUN/eval/)
 	@$(CLI) eval --run '$(RUN)' --tasks '$(TASKS)' $(if $(LIMIT),--limit '$(LIMIT)')

@@ -42,6 +42,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--run", help="export, surgery, sweep: the run folder whose checkpoint to use; rerun: the "
                                       "run to train again from its spec.json")
     parser.add_argument("--format", default="harness", help="export: harness (default) or hf (transformers)")
+    parser.add_argument("--sparse", default="dense", help="export: dense (default) or compressed (values + mask)")
     parser.add_argument("--tasks", help="eval: lm-eval task names or task YAML files, comma-separated")
     parser.add_argument("--limit", type=int, help="eval: at most this many examples per task (a quick look)")
     parser.add_argument("--hf", help="import: a transformers GPT-2 folder (config.json, model.safetensors)")
@@ -103,7 +104,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
     if args.command in ("export", "eval", "surgery", "sweep") and args.run:  # each writes into the run folder
         _writable(Path(args.run))
     if args.command == "export":
-        return _export(args.run, args.format)
+        return _export(args.run, args.format, args.sparse)
     if args.command == "import":
         return _import(args)
     if args.command == "eval":
@@ -185,16 +186,18 @@ def _finish(folder: Path, runs: list[dict]) -> int:
     return 1 if counts["failed"] or counts["unreadable"] else 0
 
 
-def _export(run: str | None, fmt: str) -> int:
+def _export(run: str | None, fmt: str, sparse: str) -> int:
     from lib.checkpoint.export import export
+    from lib.checkpoint.versions import LATEST
     from lib.core.spec import run_spec
 
     if not run:
         raise HarnessError("export needs a run folder: `make export RUN=results/<folder>/<run>`")
     run_spec(Path(run))  # one line when it is not a run folder
-    out = export(Path(run), fmt)
-    also = f" and {out / 'hf'}/ (transformers)" if fmt == "hf" else ""
-    print(f"exported {run} to {out / 'model.safetensors'}, {out / 'model_card.json'}{also}")
+    out = export(Path(run), fmt, sparse)
+    weights = "model.compressed.safetensors" if sparse == "compressed" else "model.safetensors"
+    also = ", hf/ (transformers)" if fmt == "hf" else ""
+    print(f"exported {run} as {out}/ ({weights}, model_card.json{also}); {out.parent / LATEST} names it")
     return 0
 
 

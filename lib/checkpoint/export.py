@@ -1,10 +1,14 @@
-"""`make export RUN=<run dir> [FORMAT=hf]`: the best checkpoint's weights as safetensors, with a JSON model card.
+"""`make export RUN=<run dir> [FORMAT=hf]`: the best checkpoint's weights as safetensors, with a JSON model card,
+as a new version of the run's exports (lib/checkpoint/versions.py: export/v<N>/, never overwritten, `latest`).
 
-    <run dir>/export/model.safetensors   the weights (pruned ones exactly zero), no pickle
-    <run dir>/export/model_card.json     model, shapes, sparsity per layer and overall, the metric at that
-                                         checkpoint (val and test), dataset, command, .config, commit
-    <run dir>/export/hf/                 FORMAT=hf: a folder transformers loads (config.json, model.safetensors,
-                                         the tokenizer), written by the family's ``to_hf`` (gpt2/hf.py)
+    <run dir>/export/v<N>/model.safetensors   the weights (pruned ones exactly zero), no pickle; with
+                                              SPARSE=compressed model.compressed.safetensors instead: the
+                                              kept values and a bit-packed mask (compressed.py)
+    <run dir>/export/v<N>/model_card.json     model, shapes, sparsity per layer and overall, the metric at that
+                                              checkpoint (val and test), dataset, command, .config, commit, the
+                                              version with the format and options it was made with
+    <run dir>/export/v<N>/hf/                 FORMAT=hf: a folder transformers loads (config.json,
+                                              model.safetensors, the tokenizer), from the family's ``to_hf``
 
 safetensors holds tensors only, so loading an export can never run code. Tied weights
 (GPT-2's head and embedding) are stored once (safetensors.torch.save_model) and tied
@@ -20,9 +24,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_file, save_model
 
+from lib.checkpoint import compressed
 from lib.checkpoint.folder import RunCheckpoints
 from lib.checkpoint.format import CheckpointError, load
 from lib.checkpoint.state import architecture_of, versions
+from lib.checkpoint.versions import ExportVersions, resolve
 from lib.core.errors import HarnessError
 from lib.core.files import write_atomic, write_json_atomic
 from lib.core.spec import RunSpec
@@ -30,12 +36,16 @@ from lib.core.task import get_task
 from lib.optim.bitmask import unpack
 
 FORMATS = ("harness", "hf")  # the harness's own (loaded back by load_export); transformers' (GPT-2)
+STORAGE = ("dense", "compressed")  # every entry stored; kept values + bit-packed mask (compressed.py)
+DENSE, COMPRESSED = "model.safetensors", "model.compressed.safetensors"
 
 
-def export(run_dir: Path, fmt: str = "harness") -> Path:
-    """Write ``run_dir``/export/ from its best checkpoint (and export/hf/ for FORMAT=hf); return export/."""
+def export(run_dir: Path, fmt: str = "harness", sparse: str = "dense") -> Path:
+    """Write a new export version of ``run_dir``'s best checkpoint (with hf/ for FORMAT=hf); return its folder."""
     if fmt not in FORMATS:
         raise HarnessError(f"FORMAT={fmt!r} is not an export format; choose one of {', '.join(FORMATS)}")
+    if sparse not in STORAGE:
+        raise HarnessError(f"SPARSE={sparse!r} is not a storage; choose one of {', '.join(STORAGE)}")
     run_dir = Path(run_dir)
     spec = RunSpec.read(run_dir / "spec.json")
     task = get_task(spec.model)
@@ -48,14 +58,19 @@ def export(run_dir: Path, fmt: str = "harness") -> Path:
     model = _build(spec, state.get("architecture"))
     model.load_state_dict(state["model"])
     layers = _check_zeros(model, state.get("pruner", {}).get("masks", {}), best)
-    out = run_dir / "export"
-    out.mkdir(exist_ok=True)
-    write_atomic(out / "model.safetensors", lambda tmp: save_model(model, str(tmp), {"run": spec.name}))
-    card = _card(run_dir, spec, summary, state["step"], model, layers)
-    if fmt == "hf":
-        card["hf"] = write_hf(task.to_hf(model, spec), out / "hf")
-    write_json_atomic(out / "model_card.json", card)
-    return out
+    exports = ExportVersions(run_dir)
+    with exports.new() as version:
+        out = version.folder
+        card = _card(run_dir, spec, summary, state["step"], model, layers)
+        card["version"] = {"name": version.name, "format": fmt, "options": {"format": fmt, "sparse": sparse}}
+        if sparse == "compressed":
+            card["storage"] = compressed.save(model.state_dict(), out / COMPRESSED, {"run": spec.name})
+        else:
+            write_atomic(out / DENSE, lambda tmp: save_model(model, str(tmp), {"run": spec.name}))
+        if fmt == "hf":
+            card["hf"] = write_hf(task.to_hf(model, spec), out / "hf")
+        write_json_atomic(out / "model_card.json", card)
+    return exports.folder / version.name
 
 
 def write_hf(hf: Any, folder: Path) -> dict[str, Any]:
@@ -70,11 +85,17 @@ def write_hf(hf: Any, folder: Path) -> dict[str, Any]:
 
 
 def load_export(folder: Path) -> tuple[torch.nn.Module, RunSpec]:
-    """The exported model, built from the card's spec and loaded from the safetensors file."""
+    """The exported model, built from the card's spec and loaded from the safetensors file; ``folder`` is a
+    version, or export/ (its latest version)."""
+    folder = resolve(folder)
     card = json.loads((Path(folder) / "model_card.json").read_text())
     spec = RunSpec.from_dict(card["spec"])
     model = _build(spec, card.get("architecture"))
-    missing, unexpected = load_model(model, str(Path(folder) / "model.safetensors"))
+    if (Path(folder) / COMPRESSED).is_file():
+        weights = compressed.load(Path(folder) / COMPRESSED)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    else:
+        missing, unexpected = load_model(model, str(Path(folder) / DENSE))
     if missing or unexpected:
         raise HarnessError(f"{folder}: the export does not fit {spec.model} (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")

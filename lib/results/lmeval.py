@@ -1,8 +1,9 @@
 """`make eval RUN=<run dir> TASKS=<names or YAML files>`: EleutherAI's lm-evaluation-harness on a run's
 transformers export (docs/huggingface.md, "Evaluation with lm-evaluation-harness").
 
-The run's best checkpoint is exported with FORMAT=hf when export/hf/ is missing, lm-eval's ``hf`` model
-loads that folder, and the results land beside the run:
+The run's newest export (export/latest) is used when it has a transformers folder, else the best
+checkpoint is exported with FORMAT=hf as a new version; lm-eval's ``hf`` model loads that folder, and
+the results land beside the run:
 
     <run dir>/eval/lm_eval.json   every task's metrics with their standard errors, sample counts, task
                                   versions, lm-eval and transformers versions, device, date
@@ -46,7 +47,7 @@ def evaluate(run_dir: Path, tasks: str, limit: int | None = None, say: Any = pri
         raise HarnessError(f"TASKS={tasks}: a task's dataset is not here and cannot be downloaded ({_first(exc)}); "
                            f"run standard tasks where the Hugging Face Hub is reachable, or give a task YAML over "
                            f"a local file (docs/huggingface.md)") from None
-    record = {"run": Path(run_dir).name, "model": "export/hf", "tasks": names, "limit": limit, "device": device,
+    record = {"run": Path(run_dir).name, "model": str(folder.relative_to(run_dir)), "tasks": names, "limit": limit, "device": device,
               "results": out["results"], "versions": out.get("versions"), "n_samples": out.get("n-samples"),
               "lm_eval_version": out.get("lm_eval_version"), "transformers_version": out.get("transformers_version"),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seconds": round(time.time() - started, 1)}
@@ -128,10 +129,12 @@ def _yaml_tasks(path: Path) -> list[str]:
 
 def _hf_export(run_dir: Path, say: Any) -> Path:
     from lib.checkpoint.export import export
+    from lib.checkpoint.versions import ExportVersions
 
-    folder = run_dir / "export" / "hf"
-    if not (folder / "config.json").is_file():
-        export(run_dir, "hf")
+    latest = ExportVersions(run_dir).latest()  # the newest export, if it has a transformers folder
+    folder = latest / "hf" if latest is not None else None
+    if folder is None or not (folder / "config.json").is_file():
+        folder = export(run_dir, "hf") / "hf"
         say(f"eval: exported {run_dir}'s best checkpoint to {folder}")
     if not (folder / "vocab.json").is_file():
         raise HarnessError(f"{folder} has no tokenizer: the model's vocabulary is not the GPT-2 BPE's, and lm-eval "

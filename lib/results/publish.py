@@ -2,7 +2,8 @@
 
 Copied: summary.json, report.md, config.txt, matrix.json, sweep.md, graphs/ and, for
 each run, its small records (spec.json, summary.json with its provenance,
-metrics.jsonl, train.jsonl, surgery.json, sweep/ and the export's model card).
+metrics.jsonl, train.jsonl, surgery.json, sweep/, eval/, and each export version's model card with
+export/latest).
 Never copied: checkpoints, weights, logs, tracker folders. key_results/README.md's
 index is then rewritten from every publication there (update_index). The destination is
 key_results/<YYYY-mm-dd>_<name>/ and is never overwritten. Paths inside the
@@ -18,13 +19,15 @@ import shutil
 import time
 from pathlib import Path
 
+from lib.checkpoint.versions import FOLDER, LATEST, ExportVersions
 from lib.core.errors import HarnessError
 from lib.core import ROOT
 
 
 TOP_FILES = ("summary.json", "report.md", "config.txt", "matrix.json", "sweep.md")
 RUN_FILES = ("spec.json", "summary.json", "metrics.jsonl", "train.jsonl", "surgery.json", "sweep/sweep.json",
-             "sweep/sweep.md", "sweep/sweep.png", "export/model_card.json")
+             "sweep/sweep.md", "sweep/sweep.png", "eval/lm_eval.json", "eval/lm_eval.md",
+             "export/model_card.json")  # the last: an export made before versions
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -52,7 +55,7 @@ def publish(folder: Path, name: str, dest_root: Path | None = None, date: str | 
             shutil.copytree(folder / "graphs", tmp / "graphs", ignore=shutil.ignore_patterns("*.tmp"),
                             copy_function=_copy)
         for run_dir in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "graphs"):
-            for name in (f for f in RUN_FILES if (run_dir / f).is_file()):
+            for name in _run_files(run_dir):
                 (tmp / run_dir.name / name).parent.mkdir(parents=True, exist_ok=True)
                 _copy(run_dir / name, tmp / run_dir.name / name)
         tmp.rename(dest)
@@ -61,6 +64,15 @@ def publish(folder: Path, name: str, dest_root: Path | None = None, date: str | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise HarnessError(f"cannot publish into {dest.parent}: {exc.strerror or exc}") from None
     return dest
+
+
+def _run_files(run_dir: Path) -> list[str]:
+    """What a publication carries of a run: RUN_FILES, each export version's model card and the `latest`
+    pointer; never weights."""
+    names = [f for f in RUN_FILES if (run_dir / f).is_file()]
+    exports = ExportVersions(run_dir)
+    names += [f"{FOLDER}/{v.name}/model_card.json" for v in exports.versions() if (v / "model_card.json").is_file()]
+    return names + ([f"{FOLDER}/{LATEST}"] if (exports.folder / LATEST).is_file() else [])
 
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt")

@@ -102,10 +102,14 @@ def test_publish_copies_provenance_and_records_and_indexes_itself(folder: Path, 
     work = tmp_path / "results" / folder.name
     shutil.copytree(folder, work)
     run = work / "lenet5_adamw_none_0"
-    for name in ("sweep/sweep.json", "sweep/sweep.md", "surgery.json", "export/model_card.json"):
+    records = ("sweep/sweep.json", "sweep/sweep.md", "surgery.json", "eval/lm_eval.json", "export/v1/model_card.json",
+               "export/v2/model_card.json", "export/latest")
+    for name in records:
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("{}\n")
-    (run / "export" / "model.safetensors").write_bytes(b"weights")
+    for name in ("export/v1/model.safetensors", "export/v2/model.compressed.safetensors", "export/v2/hf/x.bin"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(b"weights")
     matrix_json = json.loads((work / "matrix.json").read_text())
     summary = json.loads((work / "summary.json").read_text())
     summary["command"] = matrix_json["command"] = f"make ONLY=\"lenet5_*\" RESULTS_DIR={tmp_path}/results MAX_ITERS=4"
@@ -115,9 +119,11 @@ def test_publish_copies_provenance_and_records_and_indexes_itself(folder: Path, 
     (root / "README.md").write_text("# Key results\n\nIntro.\n\n## Status\n\nHand-written notes.\n")
     dest = publish(work, "prov-test", dest_root=root, date="2026-12-06")
     published = dest / "lenet5_adamw_none_0"
-    for name in ("sweep/sweep.json", "sweep/sweep.md", "surgery.json", "export/model_card.json"):
+    for name in records:
         assert (published / name).is_file(), name
-    assert not (published / "export" / "model.safetensors").exists() and not list(dest.rglob("*.pt"))
+    assert not [p for p in (published / "export").rglob("*") if p.is_file() and p.name not in ("model_card.json",
+                                                                                                 "latest")]
+    assert not list(dest.rglob("*.pt")) and not list(dest.rglob("*.safetensors"))
     assert json.loads((published / "summary.json").read_text())["provenance"] == run_provenance(folder)
     readme = (root / "README.md").read_text()
     assert readme.index("## Index") < readme.index(INDEX_START) < readme.index("## Status")

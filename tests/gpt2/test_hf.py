@@ -21,6 +21,7 @@ from lib import cli
 from lib.checkpoint import load
 from lib.checkpoint.export import export, load_export, write_hf
 from lib.checkpoint.folder import RunCheckpoints
+from lib.checkpoint.versions import ExportVersions
 from lib.core.errors import ConfigError
 from lib.core.spec import OptimSettings, PruneSettings
 from lib.optim.bitmask import unpack
@@ -57,7 +58,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", ["dense", "pruned"])
 def test_an_hf_export_loads_in_transformers_with_the_same_logits(runs: dict[str, Path], name: str) -> None:
-    out = runs[name] / "export"
+    out = ExportVersions(runs[name]).latest()
     model, _ = load_export(out)
     assert (hf_logits(out / "hf") - harness_logits(model)).abs().max() <= 1e-5
     auto = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf"), local_files_only=True)
@@ -71,7 +72,8 @@ def test_pruned_weights_stay_exactly_zero_in_the_hf_export(runs: dict[str, Path]
     run_dir = runs["pruned"]
     best = load(RunCheckpoints(run_dir).best)
     masks = best["pruner"]["masks"]
-    auto = transformers.GPT2LMHeadModel.from_pretrained(str(run_dir / "export" / "hf"), local_files_only=True)
+    folder = ExportVersions(run_dir).latest() / "hf"
+    auto = transformers.GPT2LMHeadModel.from_pretrained(str(folder), local_files_only=True)
     weights = dict(auto.named_parameters())
     pruned = total = 0
     for name, packed in masks.items():  # harness name h.0.attn.c_attn.weight -> transposed transformers weight
@@ -102,7 +104,7 @@ def test_a_cut_model_is_padded_to_uniform_widths_with_zeros_and_the_same_logits(
 
 
 def test_import_round_trip_is_exact_and_a_run_starts_from_it(runs: dict[str, Path], tmp_path: Path) -> None:
-    out = runs["dense"] / "export"
+    out = ExportVersions(runs["dense"]).latest()
     model, spec = load_export(out)
     cfg = config_for("tiny", VOCAB, 16)
     back = GPT(cfg)
@@ -117,7 +119,7 @@ def test_import_round_trip_is_exact_and_a_run_starts_from_it(runs: dict[str, Pat
 
 
 def test_import_refuses_a_folder_that_does_not_fit_in_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
-    good = runs["dense"] / "export" / "hf"
+    good = ExportVersions(runs["dense"]).latest() / "hf"
     cfg = config_for("tiny", VOCAB, 16)
     with pytest.raises(ConfigError, match="n_layer is 4 there but 12 in the configured GPT-2 size"):
         hf.from_hf(good, config_for("124m", 50304, 16))
@@ -153,12 +155,13 @@ def test_export_and_import_bad_input_is_one_line(runs: dict[str, Path], tmp_path
         (["export", "--run", str(lenet), "--format", "hf"], "FORMAT=hf: transformers has no model class for lenet5"),
         (["import", "--config", str(gpt2_config)], "import needs a folder: `make import HF="),
         (["import", "--config", str(gpt2_config), "--hf", str(tmp_path / "nowhere")], "no such folder"),
-        (["import", "--config", str(lenet_config), "--hf", str(runs["dense"] / "export" / "hf")],
+        (["import", "--config", str(lenet_config), "--hf", str(ExportVersions(runs["dense"]).latest() / "hf")],
          "trains no GPT-2 model"),
     ]
     for argv, message in cases:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
-    assert cli.main(["import", "--config", str(gpt2_config), "--hf", str(runs["dense"] / "export" / "hf")]) == 0
+    good = str(ExportVersions(runs["dense"]).latest() / "hf")
+    assert cli.main(["import", "--config", str(gpt2_config), "--hf", good]) == 0
     assert "parameters that fits .config" in capsys.readouterr().out

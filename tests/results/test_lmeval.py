@@ -79,7 +79,7 @@ def test_make_eval_runs_a_local_task_offline_and_the_report_shows_it(gpt2_run: P
     metrics = record["results"]["harness_local_mc"]
     assert 0.0 <= metrics["acc,none"] <= 1.0 and record["n_samples"]["harness_local_mc"]["effective"] == 4
     assert metrics["acc,none"] * 4 == round(metrics["acc,none"] * 4)  # a share of the 4 questions
-    assert (gpt2_run / "export" / "hf" / "vocab.json").is_file()  # exported on the way, tokenizer included
+    assert record["model"] == "export/v1/hf" and (gpt2_run / record["model"] / "vocab.json").is_file()  # exported
     table = (gpt2_run / "eval" / "lm_eval.md").read_text()
     assert f"| harness_local_mc | acc | {metrics['acc,none']:.4f} |" in table
     report = render(gpt2_run.parent)

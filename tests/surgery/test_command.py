@@ -88,9 +88,10 @@ def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path:
     assert summary["best"]["step"] > 10  # chosen among the cut model's evaluations
     from lib.checkpoint.export import export, load_export
 
-    exported, _ = load_export(export(run_dir, "hf"))  # rebuilt from the recorded architecture
+    out = export(run_dir, "hf")
+    exported, _ = load_export(out)  # rebuilt from the recorded architecture
     assert sum(p.numel() for p in exported.parameters()) == measured["parameters"]["after"]
-    card = json.loads((run_dir / "export" / "model_card.json").read_text())
+    card = json.loads((out / "model_card.json").read_text())
     structure = card["structure"]  # the cut is in the card beside the (near) zero fraction
     assert structure["parameters_as_built"] == measured["parameters"]["before"]
     assert structure["parameters_now"] == measured["parameters"]["after"] < structure["parameters_as_built"]
@@ -101,7 +102,7 @@ def test_surgery_then_continue_trains_the_smaller_model(trained: Path, tmp_path:
 
     assert card["hf"]["padded_to_uniform_widths"] == {"heads": [3] * 4, "mlp": [384] * 4, "to_heads": 4,
                                                       "to_mlp": 384}
-    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(run_dir / "export" / "hf"), local_files_only=True)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(out / "hf"), local_files_only=True)
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (theirs.eval()(tokens).logits - exported.eval()(tokens)).abs().max() <= 1e-5
