@@ -133,17 +133,22 @@ class StructuredPruner(MagnitudePruner):
         """The largest fraction of prunable weights this method can remove: every unit but the largest
         of each group. A unit's parts are whole rows or columns, so a weight survives exactly when each
         of its indices does, and the count is a product per tensor (no masks built)."""
-        keep = {}
+        keep: dict[str, tuple[int, Structure]] = {}
         for unit in self.units:
-            if unit.group not in keep or self._size(unit) > self._size(keep[unit.group]):
-                keep[unit.group] = unit
-        kept = set(map(id, keep.values()))
-        alive = {(p.param, p.dim): torch.ones(self.shapes[p.param][p.dim], dtype=torch.bool)
-                 for u in self.units for p in u.parts}
+            size = self._size(unit)
+            if unit.group not in keep or size > keep[unit.group][0]:
+                keep[unit.group] = (size, unit)
+        kept = {id(unit) for _, unit in keep.values()}
+        dropped: dict[tuple[str, int], list[int]] = {}
         for unit in self.units:
-            if id(unit) not in kept:
-                for part in unit.parts:
-                    alive[(part.param, part.dim)][list(part.index)] = False
+            for part in unit.parts:
+                positions = dropped.setdefault((part.param, part.dim), [])
+                if id(unit) not in kept:
+                    positions.extend(part.index)
+        alive = {}  # one indexed write per axis: ResNet-50 has thousands of channel units
+        for (name, dim), positions in dropped.items():
+            alive[(name, dim)] = torch.ones(self.shapes[name][dim], dtype=torch.bool)
+            alive[(name, dim)][positions] = False
         removed = 0
         for name, shape in self.shapes.items():
             survivors = shape.numel()
