@@ -115,8 +115,8 @@ compare: $(STAMP) ## Rank methods per sparsity in RESULTS=dir; AGAINST=dir2 sets
 publish: $(STAMP) ## Copy RESULTS=dir (default: newest) into key_results/<date>_<NAME>/ (NAME=... required)
 	@$(CLI) publish --name '$(NAME)' $(if $(RESULTS),--results $(RESULTS))
 
-export: $(STAMP) ## Export RUN=<run dir>'s best checkpoint as a new version RUN/export/vN/ (safetensors + a JSON model card); FORMAT=hf adds a transformers folder (GPT-2); SPARSE=compressed stores kept values + a bit mask
-	@$(CLI) export --run '$(RUN)' $(if $(FORMAT),--format '$(FORMAT)') $(if $(SPARSE),--sparse '$(SPARSE)')
+export: $(STAMP) ## Export RUN=<run dir>'s best checkpoint as a new version RUN/export/vN/ (safetensors + a JSON model card); FORMAT=hf adds a transformers folder (GPT-2); SPARSE=compressed stores kept values + a bit mask; QUANT=int8 int8 Linear weights (torchao)
+	@$(CLI) export --run '$(RUN)' $(if $(FORMAT),--format '$(FORMAT)') $(if $(SPARSE),--sparse '$(SPARSE)') $(if $(QUANT),--quant '$(QUANT)')
 
 eval: $(EVAL_STAMP) ## lm-evaluation-harness on RUN=<run dir>'s transformers export: TASKS=<task names or YAML files> [LIMIT=n] (RUN/eval/)
 	@$(CLI) eval --run '$(RUN)' --tasks '$(TASKS)' $(if $(LIMIT),--limit '$(LIMIT)')
@@ -127,11 +127,11 @@ import: $(STAMP) ## Start GPT-2 runs from a transformers folder: make import HF=
 status: $(STAMP) ## Each run's state in the newest results folder (or RESULTS=dir): queued, running, ok, failed, diverged, preempted
 	@$(CLI) status $(if $(RESULTS),--results '$(RESULTS)')
 
-sweep: $(STAMP) ## One-shot sweep of RUN=<run dir>'s best checkpoint (or every ok run of RESULTS=dir) [SPARSITIES=30,50,70,90] [METRICS=] [PATTERNS=unstructured,2:4,structured] [CALIBRATION=] [TOLERANCE=]
+sweep: $(STAMP) ## One-shot sweep of RUN=<run dir>'s best checkpoint (or every ok run of RESULTS=dir) [SPARSITIES=30,50,70,90] [METRICS=] [PATTERNS=unstructured,2:4,structured] [CALIBRATION=] [TOLERANCE=] [QUANT=int8]
 	@$(CLI) sweep $(if $(RUN),--run '$(RUN)') $(if $(RESULTS),--results '$(RESULTS)') \
 		$(if $(SPARSITIES),--sparsities '$(SPARSITIES)') $(if $(METRICS),--metrics '$(METRICS)') \
 		$(if $(PATTERNS),--patterns '$(PATTERNS)') $(if $(CALIBRATION),--calibration '$(CALIBRATION)') \
-		$(if $(TOLERANCE),--tolerance '$(TOLERANCE)')
+		$(if $(TOLERANCE),--tolerance '$(TOLERANCE)') $(if $(QUANT),--quant '$(QUANT)')
 
 rerun: $(STAMP) ## Train RUN=<run folder> again from its spec.json into a new results folder and say if it came out identical (STRICT=1: exit 1 if not)
 	@$(CLI) rerun --run '$(RUN)' $(if $(filter 1 y yes,$(STRICT)),--strict)

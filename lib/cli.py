@@ -43,6 +43,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                                       "run to train again from its spec.json")
     parser.add_argument("--format", default="harness", help="export: harness (default) or hf (transformers)")
     parser.add_argument("--sparse", default="dense", help="export: dense (default) or compressed (values + mask)")
+    parser.add_argument("--quant", help="export: none (default) or int8 (torchao, Linear weights); sweep: int8 adds "
+                                        "each row after int8")
     parser.add_argument("--tasks", help="eval: lm-eval task names or task YAML files, comma-separated")
     parser.add_argument("--limit", type=int, help="eval: at most this many examples per task (a quick look)")
     parser.add_argument("--hf", help="import: a transformers GPT-2 folder (config.json, model.safetensors)")
@@ -104,7 +106,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
     if args.command in ("export", "eval", "surgery", "sweep") and args.run:  # each writes into the run folder
         _writable(Path(args.run))
     if args.command == "export":
-        return _export(args.run, args.format, args.sparse)
+        return _export(args.run, args.format, args.sparse, args.quant or "none")
     if args.command == "import":
         return _import(args)
     if args.command == "eval":
@@ -186,7 +188,7 @@ def _finish(folder: Path, runs: list[dict]) -> int:
     return 1 if counts["failed"] or counts["unreadable"] else 0
 
 
-def _export(run: str | None, fmt: str, sparse: str) -> int:
+def _export(run: str | None, fmt: str, sparse: str, quant: str) -> int:
     from lib.checkpoint.export import export
     from lib.checkpoint.versions import LATEST
     from lib.core.spec import run_spec
@@ -194,9 +196,9 @@ def _export(run: str | None, fmt: str, sparse: str) -> int:
     if not run:
         raise HarnessError("export needs a run folder: `make export RUN=results/<folder>/<run>`")
     run_spec(Path(run))  # one line when it is not a run folder
-    out = export(Path(run), fmt, sparse)
+    out = export(Path(run), fmt, sparse, quant)
     weights = "model.compressed.safetensors" if sparse == "compressed" else "model.safetensors"
-    also = ", hf/ (transformers)" if fmt == "hf" else ""
+    also = (", hf/ (transformers)" if fmt == "hf" else "") + (", int8 Linear weights" if quant == "int8" else "")
     print(f"exported {run} as {out}/ ({weights}, model_card.json{also}); {out.parent / LATEST} names it")
     return 0
 
@@ -258,7 +260,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from lib.sweep.oneshot import sweep_results, sweep_run
 
     given = {"SPARSITIES": args.sparsities, "METRICS": args.metrics, "PATTERNS": args.patterns,
-             "CALIBRATION": args.calibration, "TOLERANCE": args.tolerance}
+             "CALIBRATION": args.calibration, "TOLERANCE": args.tolerance, "QUANT": args.quant}
     if args.run and args.results:
         raise HarnessError("sweep takes RUN=<run dir> or RESULTS=<results dir>, not both")
     if args.run:

@@ -31,7 +31,7 @@ TRAIN_TIMEOUT = 300  # seconds for a make call that trains a matrix
 LEAKY_ENV = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "KCONFIG_CONFIG", "KCONFIG_SEED", "MAX_ITERS",
              "EPOCHS", "SEEDS", "TIME", "RESULTS_DIR", "RESULTS", "YES", "VENV", "DEFCONFIG_OUT", "HARNESS_COMMAND",
              "MENUCONFIG_STYLE", "NAME", "AGAINST", "RUN", "ONLY", "CONFIG", "PYTHON", "WHEELS", "PARTS", "DRY",
-             "FORMAT", "HF", "TASKS", "LIMIT", "SPARSE")
+             "FORMAT", "HF", "TASKS", "LIMIT", "SPARSE", "QUANT")
 
 NO_MAKE = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 

@@ -27,7 +27,8 @@ LAYOUT = "lib.checkpoint.compressed/1"
 _INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # a float dtype's same-width integer view
 
 
-def save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+def save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None,
+         nm: tuple[int, int] | None = None) -> dict[str, Any]:
     """Write ``state`` compressed to ``path``; return the card's facts (bytes dense and as stored, per tensor)."""
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, Any] = {}
@@ -46,9 +47,15 @@ def save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | 
         if keep is None or bool(keep.all()):
             tensors[name] = tensor.clone()
             continue
+        shapes[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        positions = _nm_positions(keep, *nm) if nm else None
+        if positions is not None:
+            tensors[f"{name}.values"] = tensor.reshape(-1, nm[1]).gather(1, positions).reshape(-1).clone()
+            tensors[f"{name}.index"] = _pack_index(positions, nm[1])
+            shapes[name].update(layout="nm", n=nm[0], m=nm[1])
+            continue
         tensors[f"{name}.values"] = tensor.reshape(-1)[keep.reshape(-1)].clone()
         tensors[f"{name}.mask"] = bitmask.pack(keep)
-        shapes[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
     info = {**(metadata or {}), "layout": LAYOUT, "compressed": json.dumps(shapes), "tied": json.dumps(tied)}
     write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), info))
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -67,10 +74,13 @@ def load(path: Path) -> dict[str, torch.Tensor]:
     if info.get("layout") != LAYOUT:
         raise HarnessError(f"{path} is not a compressed export (layout {info.get('layout')!r}, not {LAYOUT!r})")
     shapes = json.loads(info.get("compressed", "{}"))
-    state = {name: t for name, t in stored.items() if not name.endswith((".values", ".mask"))}
+    state = {name: t for name, t in stored.items() if not name.endswith((".values", ".mask", ".index"))}
     for name, facts in shapes.items():
-        values, packed = stored.get(f"{name}.values"), stored.get(f"{name}.mask")
         shape = torch.Size(facts["shape"])
+        if facts.get("layout") == "nm":
+            state[name] = _load_nm(path, name, facts, stored.get(f"{name}.values"), stored.get(f"{name}.index"))
+            continue
+        values, packed = stored.get(f"{name}.values"), stored.get(f"{name}.mask")
         if values is None or packed is None or packed.numel() != bitmask.packed_size(shape.numel()):
             raise HarnessError(f"{path}: {name} lacks its values or its mask, or the mask is not {shape}'s size; "
                                f"nothing loaded")
@@ -88,6 +98,45 @@ def load(path: Path) -> dict[str, torch.Tensor]:
 
 def _nonzero_bits(tensor: torch.Tensor) -> torch.Tensor | None:
     """Entries whose bits are not all zero (so -0.0 counts as a value); None for tensors not compressed."""
+    if tensor.dtype == torch.int8:
+        return tensor != 0 if tensor.numel() else None
     if not tensor.is_floating_point() or tensor.element_size() not in _INT or tensor.numel() == 0:
         return None
     return tensor.view(_INT[tensor.element_size()]) != 0
+
+
+def _nm_positions(keep: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
+    """(groups, n) positions of each group's kept entries (padded with its first zeros), or None when the
+    tensor does not hold the pattern (not a matrix of rows that M divides, or a group with more than N)."""
+    if keep.dim() < 2 or keep[0].numel() % m:
+        return None
+    groups = keep.reshape(-1, m)
+    if bool((groups.sum(1) > n).any()):
+        return None
+    order = torch.argsort((~groups).to(torch.int8), dim=1, stable=True)  # kept first, then zeros, in order
+    return order[:, :n].sort(dim=1).values
+
+
+def _index_bits(m: int) -> int:
+    return max(1, (m - 1).bit_length())
+
+
+def _pack_index(positions: torch.Tensor, m: int) -> torch.Tensor:
+    bits = _index_bits(m)
+    flat = positions.reshape(-1, 1)
+    return bitmask.pack((flat >> torch.arange(bits)) & 1)
+
+
+def _load_nm(path: Path, name: str, facts: dict[str, Any], values: torch.Tensor | None,
+             packed: torch.Tensor | None) -> torch.Tensor:
+    shape, n, m = torch.Size(facts["shape"]), int(facts["n"]), int(facts["m"])
+    groups, bits = shape.numel() // m, _index_bits(m)
+    if values is None or packed is None or values.numel() != groups * n or \
+            packed.numel() != bitmask.packed_size(groups * n * bits):
+        raise HarnessError(f"{path}: {name} has {0 if values is None else values.numel()} values or an index "
+                           f"that is not {groups} groups x {n} of {shape}; the file is damaged, nothing loaded")
+    unpacked = bitmask.unpack(packed, (groups * n, bits)).to(torch.int64)
+    positions = (unpacked << torch.arange(bits)).sum(1).reshape(groups, n)
+    dense = torch.zeros(groups, m, dtype=getattr(torch, facts["dtype"]))
+    dense.scatter_(1, positions, values.reshape(groups, n))
+    return dense.reshape(shape)

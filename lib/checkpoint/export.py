@@ -17,12 +17,13 @@ again by load_export(), which builds the model from the run's spec.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lib.checkpoint import compressed
 from lib.checkpoint.folder import RunCheckpoints
@@ -34,14 +35,20 @@ from lib.core.files import write_atomic, write_json_atomic
 from lib.core.spec import RunSpec
 from lib.core.task import get_task
 from lib.optim.bitmask import unpack
+from lib.quant import check_quant, int8_state, load_int8_state, quantize_int8
 
 FORMATS = ("harness", "hf")  # the harness's own (loaded back by load_export); transformers' (GPT-2)
 STORAGE = ("dense", "compressed")  # every entry stored; kept values + bit-packed mask (compressed.py)
 DENSE, COMPRESSED = "model.safetensors", "model.compressed.safetensors"
 
 
-def export(run_dir: Path, fmt: str = "harness", sparse: str = "dense") -> Path:
-    """Write a new export version of ``run_dir``'s best checkpoint (with hf/ for FORMAT=hf); return its folder."""
+def export(run_dir: Path, fmt: str = "harness", sparse: str = "dense", quant: str = "none", say: Any = print) -> Path:
+    """Write a new export version of ``run_dir``'s best checkpoint (with hf/ for FORMAT=hf, int8 Linear weights
+    for QUANT=int8); return its folder."""
+    check_quant(quant)
+    if quant == "int8" and fmt == "hf":
+        raise HarnessError("QUANT=int8 with FORMAT=hf: the transformers folder holds float weights; export "
+                           "QUANT=int8 in the harness format (FORMAT=harness), which load_export reads")
     if fmt not in FORMATS:
         raise HarnessError(f"FORMAT={fmt!r} is not an export format; choose one of {', '.join(FORMATS)}")
     if sparse not in STORAGE:
@@ -58,13 +65,24 @@ def export(run_dir: Path, fmt: str = "harness", sparse: str = "dense") -> Path:
     model = _build(spec, state.get("architecture"))
     model.load_state_dict(state["model"])
     layers = _check_zeros(model, state.get("pruner", {}).get("masks", {}), best)
+    card = _card(run_dir, spec, summary, state["step"], model, layers)
+    tensors = None
+    if quant == "int8":  # the float model's quality beside the int8 one's, on the same splits
+        card["quant"], model = int8_quality(task, spec, model, say)
+        tensors = int8_state(model)
+    nm = (spec.prune.nm_n, spec.prune.nm_m) if spec.prune.method == "nm" else None
     exports = ExportVersions(run_dir)
     with exports.new() as version:
         out = version.folder
-        card = _card(run_dir, spec, summary, state["step"], model, layers)
-        card["version"] = {"name": version.name, "format": fmt, "options": {"format": fmt, "sparse": sparse}}
+        card["version"] = {"name": version.name, "format": fmt,
+                           "options": {"format": fmt, "sparse": sparse, "quant": quant}}
         if sparse == "compressed":
-            card["storage"] = compressed.save(model.state_dict(), out / COMPRESSED, {"run": spec.name})
+            card["storage"] = compressed.save(tensors or model.state_dict(), out / COMPRESSED, {"run": spec.name}, nm)
+            if quant == "int8":  # the ratio above is to int8 stored densely; this one to the float32 model
+                stored = card["storage"]["bytes_stored"]
+                card["storage"]["size_ratio_to_float32"] = stored / card["quant"]["bytes_float32"]
+        elif tensors is not None:
+            write_atomic(out / DENSE, lambda tmp: save_file(tensors, str(tmp), {"run": spec.name, "quant": quant}))
         else:
             write_atomic(out / DENSE, lambda tmp: save_model(model, str(tmp), {"run": spec.name}))
         if fmt == "hf":
@@ -91,15 +109,43 @@ def load_export(folder: Path) -> tuple[torch.nn.Module, RunSpec]:
     card = json.loads((Path(folder) / "model_card.json").read_text())
     spec = RunSpec.from_dict(card["spec"])
     model = _build(spec, card.get("architecture"))
+    quant = ((card.get("version") or {}).get("options") or {}).get("quant", "none")
     if (Path(folder) / COMPRESSED).is_file():
         weights = compressed.load(Path(folder) / COMPRESSED)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+    elif quant == "int8":
+        weights = load_file(str(Path(folder) / DENSE))
     else:
         missing, unexpected = load_model(model, str(Path(folder) / DENSE))
+        weights = None
+    if quant == "int8":
+        return load_int8_state(model, weights).eval(), spec
+    if weights is not None:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise HarnessError(f"{folder}: the export does not fit {spec.model} (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
     return model, spec
+
+
+def int8_quality(task: Any, spec: RunSpec, model: torch.nn.Module, say: Any = print) -> tuple[dict, torch.nn.Module]:
+    """Quantize a copy of ``model`` to int8 (lib/quant) and evaluate both on the val and test splits; return
+    the card's facts and the int8 model. Nothing is selected here, so reading the test split is fair."""
+    task.prepare(spec)
+    model.eval()
+    before = {split: task.evaluate(model, spec, split) for split in ("val", "test")}
+    int8 = copy.deepcopy(model)
+    facts = quantize_int8(int8, spec.model)
+    after = {split: task.evaluate(int8, spec, split) for split in ("val", "test")}
+    name = task.metric.name
+    facts["quality"] = {split: {"float32": before[split][name], "int8": after[split][name],
+                                "delta": after[split][name] - before[split][name]} for split in before}
+    facts["metric"] = name
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}.values()  # a tied tensor once
+    facts["bytes_float32"] = sum(t.numel() * t.element_size() for t in unique)
+    say(f"export: int8 {name} val {after['val'][name]:.4f} (float32 {before['val'][name]:.4f}), test "
+        f"{after['test'][name]:.4f} (float32 {before['test'][name]:.4f}); {facts['zeros_kept']:,} pruned weights "
+        f"of {len(facts['quantized'])} Linear layer(s) still zero")
+    return facts, int8
 
 
 def _summary(run_dir: Path) -> dict[str, Any]:

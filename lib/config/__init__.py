@@ -339,6 +339,7 @@ def _train(r: Reader) -> TrainSettings:
         ckpt_milestone=r.int("CKPT_MILESTONE"),
         structure_stats_every=r.int("STRUCTURE_STATS_EVERY"),
         surgery_every=r.int("SURGERY_EVERY") if r.int("STRUCTURE_STATS_EVERY") else 0,  # it cuts by them
+        quant_aware=r.bool("QUANT_AWARE"),
     )
     if not (settings.epochs or settings.max_iters or settings.time_budget_s):  # Kconfig misses "0s", "0m"
         raise ConfigError("no training budget: CONFIG_EPOCHS, CONFIG_MAX_ITERS and CONFIG_TIME_BUDGET are all 0; "
@@ -365,7 +366,8 @@ def _sweep(r: Reader) -> SweepSettings:
                          tolerance_accuracy=s.tolerance(r.str("SWEEP_TOLERANCE_ACCURACY"),
                                                         "CONFIG_SWEEP_TOLERANCE_ACCURACY"),
                          tolerance_perplexity=s.tolerance(r.str("SWEEP_TOLERANCE_PERPLEXITY"),
-                                                          "CONFIG_SWEEP_TOLERANCE_PERPLEXITY"))
+                                                          "CONFIG_SWEEP_TOLERANCE_PERPLEXITY"),
+                         int8=r.bool("SWEEP_INT8"))
 
 
 def surgery_structure(text: str) -> str:

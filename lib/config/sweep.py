@@ -67,12 +67,21 @@ def tolerance(text: str, where: str) -> float:
     return value
 
 
+def int8(text: str, where: str) -> bool:
+    """QUANT=int8 (rows also after int8) or QUANT=none."""
+    from lib.quant import QUANTS
+
+    if text not in QUANTS:
+        raise ConfigError(f"{where}={text!r} is not a quantization; choose one of {', '.join(QUANTS)}")
+    return text == "int8"
+
+
 def overridden(settings: SweepSettings, given: dict[str, str | None], higher_is_better: bool) -> SweepSettings:
     """``settings`` with the command line's SPARSITIES=, METRICS=, PATTERNS=, CALIBRATION= and TOLERANCE=;
     TOLERANCE is points of accuracy or percent of perplexity, whichever the task's metric is."""
     parsers: dict[str, tuple[str, Callable]] = {
         "sparsities": ("SPARSITIES", sparsities), "metrics": ("METRICS", metrics),
-        "patterns": ("PATTERNS", patterns), "calibration_batches": ("CALIBRATION", count),
+        "patterns": ("PATTERNS", patterns), "calibration_batches": ("CALIBRATION", count), "int8": ("QUANT", int8),
         ("tolerance_accuracy" if higher_is_better else "tolerance_perplexity"): ("TOLERANCE", tolerance)}
     changes = {field: parse(given[name], name) for field, (name, parse) in parsers.items() if given.get(name)}
     return dataclasses.replace(settings, **changes)

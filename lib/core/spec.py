@@ -80,6 +80,7 @@ class TrainSettings:
     ckpt_milestone: int = 0  # keep a copy every M steps for good (0 = none)
     structure_stats_every: int = 0  # structure statistics for surgery every N steps (0 = none)
     surgery_every: int = 0  # cut the run's checkpoint every N steps and train on (0 = never)
+    quant_aware: bool = False  # Linear weights fake-quantized to int8 in the forward (lib/quant)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class SweepSettings:
     calibration_batches: int = 8  # training micro-batches the gradient and activation metrics see
     tolerance_accuracy: float = 1.0  # points below dense still recommended
     tolerance_perplexity: float = 5.0  # percent above dense still recommended
+    int8: bool = False  # each row also after torchao int8 (lib/quant): metric, size as stored, CPU latency
 
     def __post_init__(self) -> None:  # spec.json gives lists back
         for name in ("sparsities", "metrics", "patterns"):

@@ -38,26 +38,53 @@ CPU_NOTE = ("measured on the CPU: unstructured and N:M zeros run on the dense ke
 
 def sizes(model: nn.Module, pattern: str, coverage: list[str] | None = None) -> dict[str, int]:
     """Parameters, nonzero parameters, dense bytes and bytes as ``pattern`` would store them.
-    ``coverage``: the weights an N:M pattern holds (the rest stays dense)."""
-    params = list(model.parameters())  # shared tensors once
-    dense = sum(p.numel() * p.element_size() for p in params)
+    ``coverage``: the weights an N:M pattern holds (the rest stays dense). An int8 weight (lib/quant) counts a
+    byte per entry plus its scales."""
+    params = dict(model.named_parameters())  # shared tensors once
+    dense = sum(_bytes(p, p.numel()) for p in params.values())
     stored = dense
-    prunable = dict(prunable_parameters(model))
+    prunable = {name: p for name, p in params.items() if name in dict(prunable_parameters(model))
+                or hasattr(p, "qdata")}
     if pattern == "unstructured":
-        stored = dense - sum(p.numel() * p.element_size() - _kept(p) * p.element_size() - math.ceil(p.numel() / 8)
+        stored = dense - sum(_bytes(p, p.numel()) - _bytes(p, _kept(p)) - math.ceil(p.numel() / 8)
                              for p in prunable.values())
     elif ":" in pattern:
         bits = math.ceil(math.log2(int(pattern.split(":")[1])))  # position of each kept value in its group
         for name in coverage or []:
             p = prunable[name]
             kept = _kept(p)
-            stored -= p.numel() * p.element_size() - kept * p.element_size() - math.ceil(kept * bits / 8)
-    return {"parameters": sum(p.numel() for p in params), "nonzero": sum(_kept(p) for p in params),
+            stored -= _bytes(p, p.numel()) - _bytes(p, kept) - math.ceil(kept * bits / 8)
+    return {"parameters": sum(p.numel() for p in params.values()), "nonzero": sum(_kept(p) for p in params.values()),
             "dense_bytes": dense, "stored_bytes": stored}
 
 
 def _kept(param: torch.Tensor) -> int:
-    return int(torch.count_nonzero(param))
+    return int(torch.count_nonzero(getattr(param, "qdata", param)))
+
+
+def _bytes(param: torch.Tensor, entries: int) -> int:
+    """Bytes of ``entries`` values of ``param``: 1 each for int8 (plus the scales once), else its dtype's."""
+    if hasattr(param, "qdata"):
+        return entries + param.scale.numel() * param.scale.element_size()
+    return entries * param.element_size()
+
+
+def int8_row(task: Task, spec: RunSpec, model: nn.Module, dense_cpu: nn.Module, pattern: str,
+             coverage: list[str] | None = None) -> dict[str, Any]:
+    """``model`` (a pruned row's, or dense) after torchao int8 on the CPU (lib/quant): val metric, size as
+    stored, and latency beside the dense float32 model, with spread; ``skipped`` when it has no Linear layer."""
+    from lib.core.errors import HarnessError
+    from lib.quant import quantize_int8
+
+    int8 = copy.deepcopy(model).cpu().eval()
+    try:
+        facts = quantize_int8(int8, spec.model)
+    except HarnessError as exc:
+        return {"skipped": str(exc)}
+    cpu = torch.device("cpu")
+    return {"val": task.evaluate(int8, spec, "val"), "size": sizes(int8, pattern, coverage),
+            "layers": len(facts["quantized"]), "zeros_kept": facts["zeros_kept"],
+            "speed": speed(task, spec, dense_cpu, int8, cpu)}
 
 
 def speed(task: Task, spec: RunSpec, dense: nn.Module, model: nn.Module, device: torch.device) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class Subject:
     architecture: dict | None
     device: torch.device
     calibrated: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    dense_cpu: nn.Module | None = None  # the int8 rows' timing reference (int8 runs on the CPU)
 
     def restore(self) -> None:
         self.model.load_state_dict(self.weights)
@@ -237,7 +238,7 @@ def _measure(subject: Subject, pattern: str, pruner: Any, target: float) -> dict
         smaller = _cut(subject, pruner).to(subject.device)
         row.update(size=sweep_measure.sizes(smaller, "dense"), speed=sweep_measure.speed(
             task, spec, subject.dense, smaller, subject.device), removed=pruner.report().get("structures"))
-        return row
+        return _with_int8(subject, row, smaller, "dense")
     row["size"] = sweep_measure.sizes(subject.model, pattern, coverage)
     if ":" in pattern:
         row["dense_layers"] = pruner.report()["dense_layers"]
@@ -249,6 +250,16 @@ def _measure(subject: Subject, pattern: str, pruner: Any, target: float) -> dict
                                            "kernels": f"semi-structured sparse, float16, {converted} Linear layer(s)"}
         except RuntimeError as exc:  # recorded, not hidden: the row keeps its dense-kernel timing
             row["speed_sparse_kernels"] = {"error": first_line(exc)}
+    return _with_int8(subject, row, subject.model, pattern, coverage)
+
+
+def _with_int8(subject: Subject, row: dict[str, Any], model: nn.Module, pattern: str,
+               coverage: list[str] | None = None) -> dict[str, Any]:
+    """``row`` with its int8 measurement (SWEEP_INT8 / QUANT=int8), timed on the CPU beside dense float32."""
+    if subject.settings.int8:
+        if subject.dense_cpu is None:
+            subject.dense_cpu = copy.deepcopy(subject.dense).cpu().eval()
+        row["int8"] = sweep_measure.int8_row(subject.task, subject.spec, model, subject.dense_cpu, pattern, coverage)
     return row
 
 
@@ -263,8 +274,9 @@ def _cut(subject: Subject, pruner: Any) -> nn.Module:
 
 
 def _dense_row(subject: Subject) -> dict[str, Any]:
-    return {"val": subject.task.evaluate(subject.model, subject.spec, "val"),
-            "size": sweep_measure.sizes(subject.model, "dense")}
+    row = {"val": subject.task.evaluate(subject.model, subject.spec, "val"),
+           "size": sweep_measure.sizes(subject.model, "dense")}
+    return _with_int8(subject, row, subject.model, "dense")
 
 
 def _test(subject: Subject, row: dict[str, Any]) -> dict[str, float]:

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from lib.core.files import write_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from lib.core.task import Metric  # noqa: E402
-from lib.core.units import mib  # noqa: E402
+from lib.core.units import kib_or_mib, mib  # noqa: E402
 
 COLORS = {"unstructured": "tab:blue", "structured": "tab:red"}  # N:M patterns: tab:green
 STYLES = {"magnitude": "-", "gradient-sensitivity": "--", "activation": ":"}
@@ -37,9 +37,12 @@ def row_line(metric: Metric, row: dict[str, Any]) -> str:
     """One row, short: its metric, reached sparsity and speed-up."""
     speed = row.get("speed", {})
     up = speed.get("speedup_batch_1")
+    int8 = row.get("int8") or {}
     return (f"val {metric.name} {row['val'][metric.name]:.2f}, reached {100 * row['reached_all']:.1f} % of all "
-            f"prunable weights, stored {mib(row['size']['stored_bytes'])}"
-            + (f", speed-up {up:.2f}x at batch 1{_trust(speed)}" if up else ""))
+            f"prunable weights, stored {kib_or_mib(row['size']['stored_bytes'])}"
+            + (f", speed-up {up:.2f}x at batch 1{_trust(speed)}" if up else "")
+            + (f"; int8 val {metric.name} {int8['val'][metric.name]:.2f}, stored "
+               f"{kib_or_mib(int8['size']['stored_bytes'])}" if "val" in int8 else ""))
 
 
 def _trust(speed: dict[str, Any]) -> str:
@@ -96,7 +99,36 @@ def markdown(record: dict[str, Any]) -> str:
              "values plus ceil(log2 M) bits of position each, structured as the smaller model cut out."]
     if record.get("note"):
         notes.append(f"Note: {record['note']}.")
-    return head + "\n".join(table) + "\n" + "\n\n".join(notes) + "\n"
+    return head + "\n".join(table) + "\n" + "\n\n".join(notes) + "\n" + int8_table(record)
+
+
+def int8_table(record: dict[str, Any]) -> str:
+    """The rows after torchao int8 (SWEEP_INT8), against dense float32; '' when the sweep had none."""
+    metric, dense = _metric(record), record["dense"]
+    if "int8" not in dense:
+        return ""
+    lines = ["\n## After int8 (torchao, Linear weights; convolutions stay float32)\n",
+             f"| pattern | metric | target | val {metric.name} float32 | val {metric.name} int8 | int8 - float32 | "
+             f"stored int8 (/dense float32) | CPU latency b1 int8, median (IQR) | dense float32 b1 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in [{"pattern": "dense", "metric": "", "target": 0.0, **dense}, *record["rows"]]:
+        int8 = row.get("int8") or {}
+        start = f"| {row['pattern']} | {row['metric']} | {100 * row['target']:g} % |"
+        if "val" not in int8:
+            lines.append(start + f" {int8.get('skipped') or row.get('skipped') or 'not measured'} | | | | | |")
+            continue
+        before, after = row["val"][metric.name], int8["val"][metric.name]
+        delta = f"{after - before:+.2f}" if metric.higher_is_better else f"{100 * (after / before - 1):+.1f} %"
+        ours, theirs = int8["speed"]["timing_batch_1"]["sides"]
+        lines.append(start + f" {before:.2f} | {after:.2f} | {delta} | {kib_or_mib(int8['size']['stored_bytes'])} "
+                     f"({int8['size']['stored_bytes'] / dense['size']['dense_bytes']:.3f}) | "
+                     f"{ours['median_ms']:.2f} ms ({ours['iqr_ms']:.2f}) | {theirs['median_ms']:.2f} ms "
+                     f"({theirs['iqr_ms']:.2f}){_trust(int8['speed'])} |")
+    lines.append("\nStored int8: a byte per Linear weight kept (unstructured: plus a 1-bit mask; N:M: plus "
+                 "ceil(log2 M) bits of position) and a float32 scale per output row; other tensors as float32. "
+                 "Latency: torchao's int8 weight-only forward on the CPU (it dequantizes to float32 for the "
+                 "matmul), interleaved with the dense float32 model's.")
+    return "\n".join(lines) + "\n"
 
 
 def _table_row(metric: Metric, dense: dict[str, Any], row: dict[str, Any]) -> str:

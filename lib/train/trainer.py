@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lib import quant
 from lib.checkpoint import state as ckpt_state
 from lib.checkpoint.folder import RunCheckpoints
 from lib.checkpoint.manager import Manager, Policy
@@ -224,8 +225,12 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
 
 
 def _build_model(task: Task, spec: RunSpec, architecture: dict | None, device: torch.device) -> torch.nn.Module:
-    """The task's model (as surgery left it, if it did), with the plan's activation checkpointing applied."""
+    """The task's model (as surgery left it, if it did), with CONFIG_QUANT_AWARE's fake-quantized Linear layers
+    (lib/quant) and the plan's activation checkpointing applied."""
     model = task.build_model(spec, architecture).to(device)
+    if spec.train.quant_aware:  # same parameters and state_dict names: masks, checkpoints and exports unchanged
+        quant.check_quant_aware(device, _precision(device, spec.hardware.dtype)[0])
+        quant.prepare_quant_aware(model)
     if spec.hardware.act_ckpt_segments:  # recompute activations in backward (lib/hardware/actckpt.py)
         actckpt.apply(task.blocks(model), [actckpt.Segment(*s) for s in spec.hardware.act_ckpt_segments])
     return model

@@ -38,7 +38,8 @@ def test_export_is_safetensors_with_exact_zeros_and_evaluates_the_same(tmp_path)
     for name in ("model.safetensors", "model_card.json"):  # the umask's mode, not safetensors' 0600
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
     card = json.loads((out / "model_card.json").read_text())
-    assert card["version"] == {"name": "v1", "format": "harness", "options": {"format": "harness", "sparse": "dense"}}
+    assert card["version"] == {"name": "v1", "format": "harness", "options": {"format": "harness", "sparse": "dense",
+                                                                              "quant": "none"}}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert card["structure"]["reduction"] == 0 and card["structure"]["parameters_now"] == 61706  # nothing cut
     assert card["provenance"]["data"] == summary["provenance"]["data"]  # the split's hash travels with the model

@@ -155,6 +155,27 @@ def test_a_2_of_4_rows_sparse_kernel_timing_is_shown_beside_its_dense_kernel_tim
     assert "2:4 kernels failed: shape too small for the 2:4 kernels" in markdown(record)
 
 
+def test_int8_rows_measure_quality_size_and_cpu_latency_after_pruning(lenet: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(lenet, run_dir)
+    options = {"SPARSITIES": "90", "METRICS": "magnitude", "PATTERNS": "unstructured,2:4,structured",
+               "CALIBRATION": "0", "QUANT": "int8"}
+    record = sweep_run(run_dir, options, say=lambda _: None)
+    assert record["settings"]["int8"] and "int8" in record["dense"]
+    for row in [record["dense"], *record["rows"]]:
+        int8 = row["int8"]
+        assert int8["layers"] == 3 and 0 <= int8["val"]["accuracy"] <= 100
+        assert int8["size"]["stored_bytes"] < row["size"]["stored_bytes"]  # a byte per Linear weight, not four
+        assert int8["size"]["parameters"] == row["size"]["parameters"]
+        assert int8["speed"]["timing_batch_1"]["sides"][0]["repeats"] >= 5 and int8["speed"]["latency_ms_batch_1"] > 0
+    unstructured = record["rows"][0]
+    assert unstructured["int8"]["zeros_kept"] >= 0.85 * (400 * 120 + 120 * 84 + 84 * 10)  # 90 % of the Linear weights
+    table = (run_dir / "sweep" / "sweep.md").read_text().split("## After int8")[1]
+    value = unstructured["int8"]["val"]["accuracy"]
+    assert f"| unstructured | magnitude | 90 % | {unstructured['val']['accuracy']:.2f} | {value:.2f} |" in table
+    assert table.count("\n| ") == 1 + 1 + 3  # the header, dense and the three rows
+
+
 ACC = Metric("accuracy", True, "%")
 PPL = Metric("perplexity", False)
 
@@ -250,9 +271,9 @@ def test_sweep_settings_reach_the_run_spec_and_bad_ones_are_one_line(make_config
 
     lines = ("CONFIG_MODEL_LENET5=y\nCONFIG_SWEEP_SPARSITIES=\"20, 40\"\n"
              "CONFIG_SWEEP_METRICS=\"gradient_sensitivity\"\nCONFIG_SWEEP_PATTERNS=\"1:4,structured\"\nCONFIG_SWEEP_CALIBRATION_BATCHES=3\n"
-             "CONFIG_SWEEP_TOLERANCE_ACCURACY=\"0.5\"\n")
+             "CONFIG_SWEEP_TOLERANCE_ACCURACY=\"0.5\"\nCONFIG_SWEEP_INT8=y\n")
     spec = matrix.expand(config.load(make_config(lines)), Devices("cpu", cpu_cores=2))[0]
-    assert spec.sweep == SweepSettings((0.2, 0.4), ("gradient-sensitivity",), ("1:4", "structured"), 3, 0.5, 5.0)
+    assert spec.sweep == SweepSettings((0.2, 0.4), ("gradient-sensitivity",), ("1:4", "structured"), 3, 0.5, 5.0, True)
     with pytest.raises(ConfigError, match=r"^CONFIG_SWEEP_PATTERNS: unknown pattern 'dense'"):
         config.load(make_config("CONFIG_MODEL_LENET5=y\nCONFIG_SWEEP_PATTERNS=\"dense\"\n"))
 
