@@ -213,7 +213,7 @@ class RunSpec:
 
 # Every change to the RunSpec's fields bumps SCHEMA_VERSION and adds a migration from the version before, so
 # that every spec.json ever published loads (tests/core/test_spec_versions.py guards the field list).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -247,7 +247,13 @@ def _from_unversioned(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     return {**data, "prune": prune, "optim": optim}
 
 
-_MIGRATIONS = [_from_unversioned]  # _MIGRATIONS[v] takes schema v to v + 1
+def _from_1(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Schema 1 -> 2 (issue 28, 2026-12-06): TrainSettings.quant_aware and SweepSettings.int8 were added; both
+    default to off, which is what every earlier run did, so nothing changes and nothing is noted."""
+    return data
+
+
+_MIGRATIONS = [_from_unversioned, _from_1]  # _MIGRATIONS[v] takes schema v to v + 1
 
 
 # A method's identity: every setting that changes what training does. Two runs are the same method (and may be
