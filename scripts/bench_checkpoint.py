@@ -4,9 +4,11 @@ Builds GPT-2 124M (gpt2/model.py) with AdamW and magnitude pruning at 50 % (so t
 optimizer moments and the bit-packed masks exist), takes one real training step on a
 short random batch, then, alternating in one process: that training step, writing one
 training checkpoint through lib/checkpoint's manager (tmp, fsync, rename, `latest`),
-and loading it back with its SHA-256 check. Reports medians, the checkpoint's size
-relative to the fp32 weights, and the write time relative to the training step
-(both measured here, side by side).
+and loading it back with its SHA-256 check; beside each, on the same disk, the same payload
+through bare torch.save + fsync and bare torch.load. Reports medians, the checkpoint's size
+relative to the fp32 weights, the write time relative to the training step, the harness's write
+and load (with verification) relative to the bare ones, and the peak memory of a fresh process
+that loads the checkpoint, relative to the file's size, beside one that loads the bare file.
 
 What to expect of the size: weights + two AdamW moments (3x the weights) plus 1 bit per
 prunable weight for the masks, plus the RNG states and counters (kilobytes).
@@ -18,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,29 +68,74 @@ def measure(size: str, repeats: int, where: Path, block: int = 64) -> dict:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     manager = Manager(where, Policy(interval=1, keep_last=1), say=lambda line: None)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    times: dict[str, list[float]] = {"train_step_s": [], "write_s": [], "load_verify_s": []}
-    size_bytes = 0
+    times: dict[str, list[float]] = {"train_step_s": [], "write_s": [], "bare_write_s": [], "load_verify_s": [],
+                                     "bare_load_s": []}
+    size_bytes, path, bare = 0, where, where / "bare.pt"
     for step in range(1, repeats + 1):
         t0 = time.perf_counter()
         _step(model, optimizer, pruner, batch)
         times["train_step_s"].append(time.perf_counter() - t0)
         progress = ckpt_state.Progress(step=step, provisional=10, micro_batch=1, grad_accum=1)
-        t0 = time.perf_counter()
-        path = manager.save(step, ckpt_state.payload(progress, {"model": "gpt2"}, model, optimizer, pruner, scaler))
-        times["write_s"].append(time.perf_counter() - t0)
+        payload = ckpt_state.payload(progress, {"model": "gpt2"}, model, optimizer, pruner, scaler)
+        for side in (("harness", "bare") if step % 2 else ("bare", "harness")):  # alternate who goes first
+            t0 = time.perf_counter()
+            if side == "harness":
+                path = manager.save(step, payload)
+                times["write_s"].append(time.perf_counter() - t0)
+            else:
+                _bare_save(payload, bare)
+                times["bare_write_s"].append(time.perf_counter() - t0)
         size_bytes = path.stat().st_size
-        t0 = time.perf_counter()
-        load(path)
-        times["load_verify_s"].append(time.perf_counter() - t0)
+        for side in (("harness", "bare") if step % 2 else ("bare", "harness")):
+            t0 = time.perf_counter()
+            if side == "harness":
+                load(path)
+                times["load_verify_s"].append(time.perf_counter() - t0)
+            else:
+                torch.load(bare, map_location="cpu", weights_only=True)
+                times["bare_load_s"].append(time.perf_counter() - t0)
     median = {k: statistics.median(v) for k, v in times.items()}
+    peak = {"harness": _peak_load_bytes(path, "harness"), "bare": _peak_load_bytes(bare, "bare")}
     return {
         "size": size, "block": block, "repeats": repeats, "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()), "weights_bytes": weights,
         "checkpoint_bytes": size_bytes, "size_over_weights": size_bytes / weights,
-        **median, "write_over_train_step": median["write_s"] / median["train_step_s"], "rounds": times,
+        **median, "write_over_train_step": median["write_s"] / median["train_step_s"],
+        "write_over_bare": median["write_s"] / median["bare_write_s"],
+        "load_over_bare": median["load_verify_s"] / median["bare_load_s"],
+        "peak_load_bytes": peak, "peak_rss_over_file": peak["harness"] / size_bytes,
+        "bare_peak_rss_over_file": peak["bare"] / bare.stat().st_size, "rounds": times,
         "timing": timing.summary(times),
         "where": str(where),
     }
+
+
+def _bare_save(payload: dict, path: Path) -> None:
+    """What the harness's write is compared with: torch.save to the path, then fsync."""
+    torch.save(payload, path)
+    with path.open("rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+PEAK = """
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+from lib.checkpoint import load
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+before = kib("VmRSS")
+state = load(sys.argv[1]) if sys.argv[2] == "harness" else torch.load(sys.argv[1], map_location="cpu",
+                                                                       weights_only=True)
+print((kib("VmHWM") - before) * 1024)
+"""
+
+
+def _peak_load_bytes(path: Path, side: str) -> int:
+    """The growth of a fresh process's peak resident memory while it loads ``path`` (the state it holds
+    afterwards included): one copy of the state is the floor."""
+    done = subprocess.run([sys.executable, "-c", PEAK, str(path), side, str(ROOT)], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout.split()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  write (tmp + fsync + rename + latest) {result['write_s']:.2f} s; load + SHA-256 check "
           f"{result['load_verify_s']:.2f} s; one training step (1 x {result['block']} tokens) "
           f"{result['train_step_s']:.2f} s; write / step = {result['write_over_train_step']:.2f}")
+    print(f"  beside bare torch.save + fsync ({result['bare_write_s']:.2f} s) and bare torch.load "
+          f"({result['bare_load_s']:.2f} s) on the same disk: write {result['write_over_bare']:.2f}x, load with "
+          f"verification {result['load_over_bare']:.2f}x; peak memory of a process loading it "
+          f"{result['peak_rss_over_file']:.2f}x the file (bare torch.load {result['bare_peak_rss_over_file']:.2f}x)")
     check = result["timing"]
     print(f"  medians of {result['repeats']} rounds on {result['threads']} threads, load average "
           f"{check['load_avg_1min']:.2f} on {check['cores']} core(s){timing.mark(check)}; raw rounds in {out}")

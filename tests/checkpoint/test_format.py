@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,8 +85,8 @@ def test_a_failing_writer_leaves_latest_unchanged(tmp_path, monkeypatch):
     manager = Manager(tmp_path, Policy(interval=1, keep_last=3))
     manager.save(1, {"step": 1, "w": torch.zeros(10)})
 
-    def full(obj, f, *args, **kwargs):
-        f.write(b"partial")
+    def full(obj, f, *args, **kwargs):  # torch.save writes the temporary file by its path
+        Path(f).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)

@@ -127,11 +127,11 @@ def test_adamwspam_resumes_exactly_across_a_moment_reset(tmp_path):
 SLOW_WRITE = """
 import time
 import lib.checkpoint.format as fmt
-_write = fmt._HashingWriter.write
-def slow(self, data):
-    time.sleep(0.02)
-    return _write(self, data)
-fmt._HashingWriter.write = slow
+_sha256 = fmt._sha256
+def slow(fd, size):
+    time.sleep(0.3)  # the payload is in the temporary file, its checksum not yet
+    return _sha256(fd, size)
+fmt._sha256 = slow
 """
 
 
