@@ -112,15 +112,18 @@ def _windows(path: Path, count: int, starts: np.ndarray, block_size: int) -> tup
 
 
 def train_batches(shards: Shards, block_size: int, micro_batch: int, seed: int,
-                  shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, ...]]:
+                  shard: Shard = SINGLE, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless (x, y) batches of ``micro_batch`` random windows from train.bin; the same ``seed``, the same stream.
 
     With several ranks the starts are drawn for the global batch (micro x world) and
-    this rank reads only its rows' windows.
+    this rank reads only its rows' windows. From batch ``start`` on: the starts of the batches
+    before it are drawn (a few microseconds each) and no window of them is read.
     """
     rng = np.random.default_rng(seed)
     count = shards.tokens["train"]
     rows = shard.rows(micro_batch)
+    for _ in range(start):
+        rng.integers(0, count - block_size, size=micro_batch * shard.world_size)
     while True:
         # the window's last token must exist
         starts = rng.integers(0, count - block_size, size=micro_batch * shard.world_size)

@@ -182,8 +182,9 @@ class GPT2Task:
     def examples_per_epoch(self, spec: RunSpec) -> int:
         return max(1, self._data(spec).tokens["train"] // Options.of(spec).block_size)
 
-    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[Batch]:
-        return train_batches(self._data(spec), Options.of(spec).block_size, micro_batch, seed, shard)
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE,
+                      start: int = 0) -> Iterator[Batch]:
+        return train_batches(self._data(spec), Options.of(spec).block_size, micro_batch, seed, shard, start)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch

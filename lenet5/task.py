@@ -94,11 +94,12 @@ class LeNet5Task(classification.ClassificationTask):
     def examples_per_epoch(self, spec: RunSpec) -> int:
         return len(self._data(spec).train)
 
-    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[Batch]:
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE,
+                      start: int = 0) -> Iterator[Batch]:
         """Endless equal-sized batches of this rank's rows (classification.global_batches: every
-        ``examples_per_epoch`` consecutive samples are exactly one pass over the data)."""
+        ``examples_per_epoch`` consecutive samples are exactly one pass over the data), from batch ``start``."""
         train = self._data(spec).train
-        for index in classification.global_batches(len(train), micro_batch, seed, shard):
+        for index in classification.global_batches(len(train), micro_batch, seed, shard, start):
             mine = index[shard.rows(micro_batch)]
             yield train.images[mine], train.labels[mine]
 

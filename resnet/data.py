@@ -201,6 +201,14 @@ def normalize(images: torch.Tensor, layout: CifarLayout) -> torch.Tensor:
     return (images.float().div_(255.0) - mean).div_(std)
 
 
+def augment_draws(n: int, generator: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, ...]:
+    """The random numbers ``augment`` takes for ``n`` images: row and column offsets, flips. A stream that
+    seeks (resnet/task.py) draws them for the batches it skips, and reads no image."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    return dy, dx, torch.rand(n, generator=generator) < 0.5
+
+
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Standard CIFAR augmentation, per image: a random 32x32 crop of the image zero-padded by
     ``pad`` pixels, then a horizontal flip with probability 1/2. Same dtype and shape out.
@@ -210,9 +218,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> t
     """
     n, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))  # zero = black, as torchvision's RandomCrop(padding=4)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
+    dy, dx, flip = augment_draws(n, generator, pad)
     rows = dy[:, None] + torch.arange(h)
     cols = dx[:, None] + torch.arange(w)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reads the crop's columns right to left

@@ -18,7 +18,7 @@ from lib.core.spec import RunSpec
 from lib.core.task import Batch
 from lib.train import classification
 from lib.train.distributed import SINGLE, Shard
-from resnet.data import VAL_IMAGES, CifarData, augment, layout_of, load_cifar, normalize
+from resnet.data import VAL_IMAGES, CifarData, augment, augment_draws, layout_of, load_cifar, normalize
 from resnet.download import download_cifar
 from resnet.model import resnet18, resnet50
 
@@ -91,9 +91,11 @@ class ResNetTask(classification.ClassificationTask):
     def examples_per_epoch(self, spec: RunSpec) -> int:
         return len(self._data(spec).train)
 
-    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[Batch]:
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE,
+                      start: int = 0) -> Iterator[Batch]:
         """Endless equal-sized batches of this rank's rows (classification.global_batches: every
-        ``examples_per_epoch`` consecutive samples are one pass), augmented per batch.
+        ``examples_per_epoch`` consecutive samples are one pass), augmented per batch, from batch ``start``
+        on (the skipped batches' augmentation numbers are drawn, their images never read).
 
         With several ranks every rank augments the whole global batch of micro x world
         (uint8, cheap next to a training step) and keeps its rows: each image gets the
@@ -103,7 +105,9 @@ class ResNetTask(classification.ClassificationTask):
         train = self._data(spec).train
         augment_gen = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
         rows = shard.rows(micro_batch)
-        for index in classification.global_batches(len(train), micro_batch, seed, shard):
+        for _ in range(start if augment_on else 0):
+            augment_draws(micro_batch * shard.world_size, augment_gen)
+        for index in classification.global_batches(len(train), micro_batch, seed, shard, start):
             images = train.images[index]
             if augment_on:
                 images = augment(images, augment_gen)

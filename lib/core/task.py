@@ -90,8 +90,12 @@ class Task(Protocol):
     def examples_per_epoch(self, spec: RunSpec) -> int:
         """Training examples in one epoch, used to turn EPOCHS into steps."""
 
-    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[Batch]:
-        """An endless stream of training micro-batches, reshuffled every epoch from ``seed``.
+    def train_batches(self, spec: RunSpec, micro_batch: int, seed: int, shard: Shard = SINGLE,
+                      start: int = 0) -> Iterator[Batch]:
+        """An endless stream of training micro-batches, reshuffled every epoch from ``seed``, beginning at
+        micro-batch ``start`` of that stream: what a resumed run continues from. The stream is a function
+        of the seed and the position; seeking may draw random numbers but reads and yields no batch before
+        ``start`` (a task whose ``train_batches`` takes no ``start`` is replayed, and the trainer says so).
 
         With several ranks the stream of global batches is exactly the single-process
         stream at ``micro_batch * shard.world_size``, and this rank gets its rows

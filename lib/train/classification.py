@@ -52,8 +52,10 @@ def fingerprint(data: SplitData, source: str) -> dict[str, str]:
                                  for name in ("train", "val", "test")}}
 
 
-def global_batches(count: int, micro_batch: int, seed: int, shard: Shard = SINGLE) -> Iterator[torch.Tensor]:
-    """Endless indices of global batches (micro x world) cut from back-to-back epoch permutations of ``count``.
+def global_batches(count: int, micro_batch: int, seed: int, shard: Shard = SINGLE,
+                   start: int = 0) -> Iterator[torch.Tensor]:
+    """Endless indices of global batches (micro x world) cut from back-to-back epoch permutations of ``count``,
+    from global batch ``start`` on: the epochs before it cost one permutation each, no batch is cut.
 
     Nothing is dropped: an epoch's leftover indices open the next batch, so every
     ``count`` consecutive samples are exactly one pass over the data, and every batch
@@ -65,6 +67,11 @@ def global_batches(count: int, micro_batch: int, seed: int, shard: Shard = SINGL
     gen = torch.Generator().manual_seed(seed)
     pending = torch.empty(0, dtype=torch.int64)
     size = micro_batch * shard.world_size
+    epochs, offset = divmod(start * size, count)
+    for _ in range(epochs):  # the generator's draws of the epochs already consumed
+        torch.randperm(count, generator=gen)
+    if offset:
+        pending = torch.randperm(count, generator=gen)[offset:]
     while True:
         while len(pending) < size:
             pending = torch.cat([pending, torch.randperm(count, generator=gen)])

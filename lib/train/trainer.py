@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +116,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
     provisional, eval_every, step, evals = done.provisional, done.eval_every, done.step, done.evals
     samples, train_time, best = done.samples, done.train_time, Best(done.best_step, dict(done.best_metrics))
     pruner.set_total_steps(provisional)
-    stream = task.train_batches(spec, hw.micro_batch, spec.seed, shard=shard)  # this rank's rows
-    for _ in range(step * hw.grad_accum):  # past what the run consumed before its checkpoint
-        next(stream)
+    stream = _stream_at(task, spec, hw.micro_batch, shard, step * hw.grad_accum)  # past what the run consumed
 
     tracker = open_tracker(spec, run_dir) if shard.main else NullTracker()  # a tracker failure never stops the run
     if shard.main:
@@ -234,6 +234,20 @@ def _build_model(task: Task, spec: RunSpec, architecture: dict | None, device: t
     if spec.hardware.act_ckpt_segments:  # recompute activations in backward (lib/hardware/actckpt.py)
         actckpt.apply(task.blocks(model), [actckpt.Segment(*s) for s in spec.hardware.act_ckpt_segments])
     return model
+
+
+def _stream_at(task: Task, spec: RunSpec, micro_batch: int, shard: Shard, consumed: int) -> Iterator[Any]:
+    """This rank's training stream from micro-batch ``consumed`` on: seeked by the task, which reads no batch
+    before it; replayed (every batch before it drawn and dropped) for a task that cannot seek, saying so."""
+    if "start" in inspect.signature(task.train_batches).parameters:
+        return task.train_batches(spec, micro_batch, spec.seed, shard=shard, start=consumed)
+    stream = task.train_batches(spec, micro_batch, spec.seed, shard=shard)
+    if consumed:
+        _log(f"resume: {spec.model}'s data stream cannot seek (its train_batches takes no start); replaying "
+             f"{consumed:,} micro-batches to reach the checkpoint's place", shard)
+    for _ in range(consumed):
+        next(stream)
+    return stream
 
 
 def _build_optimizer(model: torch.nn.Module, spec: RunSpec) -> torch.optim.Optimizer:

@@ -76,6 +76,8 @@ def test_train_batches_cover_each_epoch_and_augment_keeps_the_order(cifar10) -> 
     assert not torch.equal(aug[0][0], batches[0][0])
     again = next(task.train_batches(augmented, 7, seed=3))
     assert torch.equal(again[0], aug[0][0])
+    seeked = list(itertools.islice(task.train_batches(augmented, 7, seed=3, start=15), 3))  # past an epoch's end
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seeked, aug[15:18], strict=True))
 
 
 def test_evaluate_keeps_mode_and_batchnorm_statistics(cifar10, monkeypatch: pytest.MonkeyPatch) -> None:
