@@ -237,6 +237,11 @@ class Pruner:
         """Sparsity the schedule asks for after ``step`` optimizer steps."""
         return self.schedule.sparsity_at(step)
 
+    def masks_final(self) -> bool:
+        """Whether the masks are the ones the target asks for, which a best checkpoint needs beside the
+        sparsity (lib/train/trainer.py); any within the sparsity tolerance, unless a method says otherwise."""
+        return True
+
     def reaches_target(self) -> bool:
         """False when the run ends before the schedule applies its target (the trainer flags it)."""
         if self.total_steps is None:

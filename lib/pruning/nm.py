@@ -109,6 +109,11 @@ class NMPruner(MagnitudePruner):
         return SparsitySchedule(settings.schedule, 1 - settings.nm_n / settings.nm_m, settings.start,
                                 settings.end, settings.frequency)
 
+    def masks_final(self) -> bool:
+        """Only the target's masks hold the pattern (every group exactly N): a step within the sparsity
+        tolerance but before the last update leaves groups with more, which sparse kernels refuse."""
+        return self.applied >= self.pattern_sparsity - 1e-12
+
     def one_pass_masks(self, sparsity: float) -> dict[str, Tensor] | None:
         return None  # the fused update knows one global cut, not groups
 

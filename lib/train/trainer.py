@@ -347,12 +347,15 @@ def _evaluate(task: Task, model: torch.nn.Module, spec: RunSpec, step: int, per_
          shard)
     return {"step": step, "epoch": step / per_epoch, "lr": lr, "train_loss": train_loss, "val": val,
             "sparsity": pruner.sparsity(), "target_sparsity_now": pruner.scheduled_sparsity(step),
+            "masks_final": pruner.masks_final(),
             "elapsed_s": time.perf_counter() - start}
 
 
 def _eligible(record: dict[str, Any], spec: RunSpec) -> bool:
-    """Only checkpoints at the target sparsity may be "best": an early dense one says nothing of pruning."""
-    return spec.pruning == "none" or record["sparsity"] >= spec.sparsity - SPARSITY_TOLERANCE
+    """Only checkpoints at the target sparsity, with the target's masks, may be "best": an early dense one says
+    nothing of pruning, and an N:M one before its last update is not N:M."""
+    return spec.pruning == "none" or (record["sparsity"] >= spec.sparsity - SPARSITY_TOLERANCE
+                                      and record.get("masks_final", True))
 
 
 def _improves(task: Task, record: dict[str, Any], best: Best) -> bool:
