@@ -1,13 +1,15 @@
-"""The checkpoint file: a torch.save payload, then a trailer with its length and SHA-256.
+"""The checkpoint file: a torch.save payload, then a trailer with its length and digest.
 
-    <payload: torch.save bytes><MAGIC><payload length, 20 digits><sha256 hex, 64 chars>\n
+    <payload: torch.save bytes><MAGIC2><payload length, 20 digits><digest hex, 64 chars>\n
 
-torch.save writes the payload to the file itself; the digest is then computed by reading it back
-(from the page cache) while the kernel writes it out (fsync), so hashing costs about no time beside
-the write. Loading opens the file once, checks the trailer, and hashes the file in a second thread
-while torch.load reads the same open file: one copy of the state in memory, and verification overlaps
-the load. A truncated, overwritten or bit-flipped file is refused with one line instead of loading
-garbage (a state read from a file that fails its check is dropped). The payload is unpickled with
+The digest (format 2) is the SHA-256 of the SHA-256s of the payload's 64 MiB blocks, in order, so the
+blocks can be hashed on several cores; format 1 files (MAGIC, one SHA-256 of the whole payload) load
+as before. torch.save writes the payload to the file itself; the blocks are then hashed by reading
+them back (from the page cache) on two threads while the kernel writes the file out (fsync). Loading
+opens the file once, checks the trailer, and hashes the file in a second thread while torch.load
+reads the same open file: one copy of the state in memory, and verification overlaps the load. A
+truncated, overwritten or bit-flipped file is refused with one line instead of loading garbage (a
+state read from a file that fails its check is dropped). The payload is unpickled with
 weights_only=True: tensors, numbers, strings and containers only, so a file carrying code is refused.
 """
 
@@ -19,6 +21,7 @@ import pickle
 import re
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,8 +30,10 @@ import torch
 from lib.core.errors import HarnessError, first_line
 from lib.core.files import write_atomic
 
-MAGIC = b"\nHARNESS-CHECKPOINT-1 "
+MAGIC = b"\nHARNESS-CHECKPOINT-1 "  # format 1: one SHA-256 of the payload
+MAGIC2 = b"\nHARNESS-CHECKPOINT-2 "  # format 2: the SHA-256 of its blocks' SHA-256s (what save writes)
 TRAILER = len(MAGIC) + 20 + 64 + 1
+BLOCK = 64 << 20
 
 
 class CheckpointError(HarnessError):
@@ -38,30 +43,44 @@ class CheckpointError(HarnessError):
 CHUNK = 8 << 20  # bytes hashed per read: large enough that hashlib releases the GIL and the disk streams
 
 
-def _sha256(fd: int, size: int) -> str:
-    """SHA-256 of the first ``size`` bytes of the open file ``fd``, read with pread (its offset is untouched)."""
+def _sha256(fd: int, size: int, start: int = 0) -> bytes:
+    """SHA-256 of bytes [start, start + size) of the open file ``fd``, read with pread (its offset untouched)."""
     sha, done = hashlib.sha256(), 0
     while done < size:
-        chunk = os.pread(fd, min(CHUNK, size - done), done)
+        chunk = os.pread(fd, min(CHUNK, size - done), start + done)
         if not chunk:
             break
         sha.update(chunk)
         done += len(chunk)
-    return sha.hexdigest()
+    return sha.digest()
 
 
-def _alongside(work: Callable[[], Any], fd: int, size: int) -> tuple[Any, str | BaseException]:
-    """Run ``work()`` here while a second thread hashes ``fd``; (work's result, the digest or hashing's error).
-    An error of ``work`` is raised after the hash has ended."""
+def digest(fd: int, size: int, version: int = 2, threads: int = 1) -> str:
+    """The trailer's digest of the first ``size`` bytes of ``fd``: format 1, one SHA-256; format 2, the SHA-256
+    of the SHA-256s of its BLOCK-sized blocks, hashed on ``threads`` threads."""
+    if version == 1:
+        return _sha256(fd, size).hex()
+    starts = range(0, size, BLOCK)
+    if threads > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="checkpoint-sha256") as pool:
+            blocks = list(pool.map(lambda start: _sha256(fd, min(BLOCK, size - start), start), starts))
+    else:
+        blocks = [_sha256(fd, min(BLOCK, size - start), start) for start in starts]
+    return hashlib.sha256(b"".join(blocks)).hexdigest()
+
+
+def _alongside(work: Callable[[], Any], hashing: Callable[[], str]) -> tuple[Any, str | BaseException]:
+    """Run ``work()`` here while a second thread runs ``hashing()``; (work's result, the digest or hashing's
+    error). An error of ``work`` is raised after the hash has ended."""
     found: list[str | BaseException] = []
 
     def hash_it() -> None:
         try:
-            found.append(_sha256(fd, size))
+            found.append(hashing())
         except OSError as exc:
             found.append(exc)
 
-    thread = threading.Thread(target=hash_it, name="checkpoint-sha256", daemon=True)
+    thread = threading.Thread(target=hash_it, name="checkpoint-digest", daemon=True)
     thread.start()
     try:
         result = work()
@@ -76,12 +95,13 @@ def save(path: Path, payload: dict[str, Any]) -> None:
     def write(tmp: Path) -> None:
         torch.save(payload, tmp)
         with tmp.open("r+b") as raw:
-            size = os.fstat(raw.fileno()).st_size
-            _, digest = _alongside(lambda: os.fsync(raw.fileno()), raw.fileno(), size)
-            if isinstance(digest, BaseException):
-                raise digest
+            fd = raw.fileno()
+            size = os.fstat(fd).st_size
+            _, found = _alongside(lambda: os.fsync(fd), lambda: digest(fd, size, 2, threads=2))
+            if isinstance(found, BaseException):
+                raise found
             raw.seek(size)
-            raw.write(MAGIC + f"{size:020d}".encode() + digest.encode() + b"\n")
+            raw.write(MAGIC2 + f"{size:020d}".encode() + found.encode() + b"\n")
 
     write_atomic(Path(path), write)
 
@@ -94,19 +114,21 @@ def load(path: Path) -> dict[str, Any]:
             total = os.fstat(raw.fileno()).st_size
             raw.seek(max(0, total - TRAILER))
             trailer = raw.read(TRAILER)
-            if total < TRAILER or not trailer.startswith(MAGIC):
+            if total < TRAILER or not trailer.startswith((MAGIC, MAGIC2)):
                 raise CheckpointError(f"checkpoint {path} is truncated or not a harness checkpoint (no trailer)")
+            version = 1 if trailer.startswith(MAGIC) else 2
             size = int(trailer[len(MAGIC):len(MAGIC) + 20])
-            digest = trailer[len(MAGIC) + 20:-1].decode()
+            expected = trailer[len(MAGIC) + 20:-1].decode()
             if size != total - TRAILER:
                 raise CheckpointError(f"checkpoint {path} is truncated ({total - TRAILER} of {size} payload bytes)")
             raw.seek(0)
-            state, found = _alongside(lambda: _attempt(raw, path), raw.fileno(), size)
+            fd = raw.fileno()
+            state, found = _alongside(lambda: _attempt(raw, path), lambda: digest(fd, size, version))
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if isinstance(found, BaseException):
         raise CheckpointError(f"cannot read checkpoint {path}: {found.strerror or found}")
-    if found != digest:
+    if found != expected:
         raise CheckpointError(f"checkpoint {path} fails its SHA-256 check (the file was damaged after writing)")
     if isinstance(state, CheckpointError):  # a sound file torch cannot read: its own line
         raise state

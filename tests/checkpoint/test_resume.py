@@ -128,9 +128,9 @@ SLOW_WRITE = """
 import time
 import lib.checkpoint.format as fmt
 _sha256 = fmt._sha256
-def slow(fd, size):
+def slow(fd, size, start=0):
     time.sleep(0.3)  # the payload is in the temporary file, its checksum not yet
-    return _sha256(fd, size)
+    return _sha256(fd, size, start)
 fmt._sha256 = slow
 """
 
