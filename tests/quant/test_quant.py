@@ -178,3 +178,26 @@ def test_the_int8_table_reads_every_runs_newest_int8_card(runs):
     assert any(line.startswith("| lenet5 | no | 90 % | 1 |") for line in table)
     assert any(line.startswith("| gpt2 | no | 90 % | 1 |") for line in table)
     assert len(skipped) == 1 and "lenet24: no QUANT=int8 export" in skipped[0]  # 2:4: no int8 export made
+
+
+def test_an_int8_file_that_does_not_fit_or_a_zero_that_moved_is_one_line(runs, monkeypatch):
+    """The loader refuses an int8 export whose tensors do not fit the model, and the export refuses a
+    quantization that moved a pruned weight off zero (symmetric int8 cannot; a broken quantizer could)."""
+    from safetensors.torch import load_file, save_file
+
+    out = export(runs["lenet90"], quant="int8")
+    file = out / "model.safetensors"
+    tensors = load_file(str(file))
+    save_file({**tensors, "fc1.weight.qdata": tensors["fc1.weight.qdata"][:, :-1].contiguous()}, str(file))
+    with pytest.raises(HarnessError, match=r"int8 export's fc1.weight \(120, 399\) does not fit the model") as caught:
+        load_export(out)
+    assert "\n" not in str(caught.value)
+    save_file({k: v for k, v in tensors.items() if k != "fc2.bias"}, str(file))
+    with pytest.raises(HarnessError, match=r"does not fit the model \(missing \['fc2.bias'\]"):
+        load_export(out)
+    model = _best_model(runs["lenet90"])
+    before = {"fc1.weight": model.fc1.weight.detach().clone()}
+    quant.quantize_int8(model)
+    model.fc1.weight.qdata.add_(1)  # every entry, the pruned ones included
+    with pytest.raises(HarnessError, match="fc1.weight has pruned weights that are not zero after quantization"):
+        quant.check_zeros(model, before)
