@@ -29,6 +29,9 @@ B, ...) so that drift and neighbours' load hit both alike. Results:
 - P4: (weights + optimizer state + pruning buffers) / weights in bytes for
   AdamWPrune with the state pruner at 50% (target <= 3.04; exact value
   3 + 1/32 plus the step counters).
+- P4s: the same at 90% with compact state (lib/optim/compact.py: moments for
+  the kept weights only, plus their segment offsets) (target <= 1.3), and
+  P4s step: its compact fused step / the dense fused AdamW step (target <= 1.15).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from lib.optim import (
 )
 from lib.optim.adamwprune import AdamWPrune  # noqa: E402
 from lib.optim.adamwprune import build as build_adamwprune  # noqa: E402
+from lib.optim.compact import CompactState  # noqa: E402
 from lib.optim.groups import param_groups  # noqa: E402
 from lib.optim.kernels import torch_kernels  # noqa: E402
 from lib.pruning.state import StatePruner  # noqa: E402
@@ -280,9 +284,58 @@ def p4_adamwprune(n_params: int, *, repeats: int = 0, num_threads: int | None = 
     return _result("P4 AdamWPrune memory (weights+state+buffers)/weights", ratio, 3.04, detail)
 
 
+def _compacted(n_params: int, sparsity: float = 0.9, device: str = "cpu",
+               compacted: bool = True) -> tuple[nn.Module, AdamWPrune, StatePruner, CompactState]:
+    """AdamWPrune, fused masked step, its state pruned to ``sparsity`` by bitter7 at once, then compacted (or, with
+    ``compacted`` False, the same left dense)."""
+    model = make_model(n_params, device=device)
+    opt = build_adamwprune(model, SETTINGS)
+    assert isinstance(opt, AdamWPrune)
+    opt.fused = masked_step.fusable(opt) and not kernels.why_unavailable(torch.device(device).type)
+    opt.step()
+    pruner = StatePruner(model, opt, PruneSettings(method="state", target=sparsity, start=0, end=0, variant="bitter7"))
+    pruner.set_total_steps(1)
+    pruner.after_step(1)
+    state = CompactState(opt)
+    left = state.compact_(dict(opt.masks)) if compacted else {}
+    assert not left, f"P4s: weights left dense: {list(left.values())[:2]}"
+    return model, opt, pruner, state
+
+
+def p4s_memory(n_params: int, *, repeats: int = 0, num_threads: int | None = None) -> dict:
+    """(weights + compact optimizer state + masks + offsets) / weights at 90% sparsity; target <= 1.3."""
+    del repeats, num_threads  # a byte count, not a timing
+    model, opt, pruner, state = _compacted(n_params)
+    sb = memory.state_bytes(model, opt, pruner.buffer_bytes() + state.buffer_bytes())
+    ratio = (sb["weights"] + sb["optimizer_state"] + sb["pruning_buffers"]) / sb["weights"]
+    detail = {**sb, "offsets_bytes": state.buffer_bytes(), "sparsity": pruner.sparsity(),
+              "compacted": len(state.layouts), "tensors": len(list(model.parameters()))}
+    return _result("P4s AdamWPrune compact state at 90% (weights+state+buffers)/weights", ratio, 1.3, detail)
+
+
+def p4s_step(n_params: int, *, repeats: int = 7, num_threads: int | None = None, device: str = "cpu") -> dict:
+    """AdamWPrune's compact fused step at 90% sparsity / dense fused AdamW step; target <= 1.15. First one step of
+    the compact and of the same dense-state optimizer, whose weights must agree to the bit."""
+    model, opt = _compacted(n_params, device=device)[:2]
+    dense_model, dense_opt = _compacted(n_params, device=device, compacted=False)[:2]
+    opt.step()
+    dense_opt.step()
+    identical = all(torch.equal(a, b) for a, b in zip(model.parameters(), dense_model.parameters(), strict=True))
+    del dense_model, dense_opt
+    dense = fused_adamw(make_model(n_params, device=device), fused=True)
+    with threads(num_threads) as used:
+        ms = interleaved({"compact_step": opt.step, "adamw_fused_dense": dense.step}, repeats)
+    kept = sum(w.kept for w in opt.compact.layouts.values())
+    total = sum(p.numel() for p in model.parameters())
+    detail = {**ms, "fused": opt.fused, "threads": used, "kept_fraction": kept / total,
+              "bit_identical_to_dense": identical}
+    return _result("P4s step: AdamWPrune compact step at 90%/AdamW fused",
+                   ms["compact_step_ms"] / ms["adamw_fused_dense_ms"], 1.15, detail)
+
+
 if __name__ == "__main__":
     # usage: bench_parts_adamwprune.py [n_params [threads]]
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 124_000_000
     count = int(sys.argv[2]) if len(sys.argv) > 2 else None
-    for part in (p1, p2, p2_spam, p4_adamwprune):
+    for part in (p1, p2, p2_spam, p4_adamwprune, p4s_memory, p4s_step):
         print(json.dumps(part(n, num_threads=count), indent=1), flush=True)

@@ -18,7 +18,8 @@ Rows (value, target):
        masks applied to weights and AdamW state) / one fused torch AdamW step (<= 3).
   P4   (weights + optimizer state + pruning buffers) / weights, in bytes, with
        AdamW state: movement (<= 4.04) and magnitude (<= 3.04).
-  P1, P2, P2s, P4 adamwprune: from scripts/bench_parts_adamwprune.py when present.
+  P1, P2, P2s, P4 adamwprune, P4s (compact state at 90 %, memory and step):
+       from scripts/bench_parts_adamwprune.py when present.
 
 Timings interleave the candidates (A, B, A, B, ...) after one warm-up round
 and report medians; on a shared 2-core machine they are noisy.
@@ -54,7 +55,7 @@ LAYERS = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) of eac
 HEAD = (768, 50304)
 SPARSITY = 0.5  # where the sampling error is largest: sqrt(s (1 - s) / m) peaks at s = 0.5
 PARTS = ROOT / "scripts" / "bench_parts_adamwprune.py"
-PART_NAMES = ("p1", "p2", "p2_spam", "p4_adamwprune")
+PART_NAMES = ("p1", "p2", "p2_spam", "p4_adamwprune", "p4s_memory", "p4s_step")
 
 
 def gpt2_like(scale: float = 1.0) -> nn.Module:

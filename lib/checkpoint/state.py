@@ -139,11 +139,19 @@ def check_spec(saved: dict[str, Any], current: dict[str, Any], where: Path) -> N
         raise CheckpointError(f"checkpoint {where} is of model {saved.get('model')!r}, this run trains "
                               f"{current.get('model')!r}; it belongs to another run")
     saved = _with_defaults(saved)  # a setting added since the checkpoint was written counts at its default
+    saved, current = _without_numerics_free(saved), _without_numerics_free(current)
     differ = sorted(k for k in set(saved) | set(current) if k not in MAY_DIFFER and saved.get(k) != current.get(k))
     if differ:
         key = differ[0]
         raise CheckpointError(f"checkpoint {where} was made for another RunSpec ({', '.join(differ)} differ; "
                               f"{key}: {_short(saved.get(key))} vs {_short(current.get(key))} now)")
+
+
+def _without_numerics_free(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` less the settings a resume may change because the numbers do not depend on them: compact optimizer
+    state (bit-identical to dense; the trainer converts the checkpoint's state, lib/optim/compact.py)."""
+    optim = {k: v for k, v in (spec.get("optim") or {}).items() if k != "compact_state"}
+    return {**spec, "optim": optim} if "optim" in spec else spec
 
 
 def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:

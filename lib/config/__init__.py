@@ -190,12 +190,13 @@ def _optim(r: Reader, name: str) -> OptimSettings:
     prefix = name.upper()
     lr = r.float(f"{prefix}_LR", 0.0, open_low=True)
     decay = r.float(f"{prefix}_WEIGHT_DECAY", 0.0)
+    compact = r.bool("COMPACT_STATE")  # Kconfig allows it only where a compact step exists (lib/optim/Kconfig)
     if name == "sgd":
         return OptimSettings(name, lr, decay, momentum=r.float("SGD_MOMENTUM", 0.0, 1.0, open_high=True),
                              nesterov=r.bool("SGD_NESTEROV"))
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"compact_state": compact}
     if name == "adamwprune":
-        extra = {"base": r.choice("ADAMWPRUNE_BASE"), "amsgrad": r.bool("ADAMWPRUNE_AMSGRAD")}
+        extra.update(base=r.choice("ADAMWPRUNE_BASE"), amsgrad=r.bool("ADAMWPRUNE_AMSGRAD"))
     if name == "adamwspam" or extra.get("base") == "adamwspam":
         extra.update(_spam(r))
     return OptimSettings(

@@ -36,6 +36,7 @@ class OptimSettings:
     spam_warmup: int = 150
     spam_clip: bool = True
     spam_accu: int = 20  # released form: no clipping in the first accu steps after a reset (and of training)
+    compact_state: bool = False  # moments for the kept weights only once the masks settle (lib/optim/compact.py)
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ class RunSpec:
 
 # Every change to the RunSpec's fields bumps SCHEMA_VERSION and adds a migration from the version before, so
 # that every spec.json ever published loads (tests/core/test_spec_versions.py guards the field list).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -253,15 +254,21 @@ def _from_1(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     return data
 
 
-_MIGRATIONS = [_from_unversioned, _from_1]  # _MIGRATIONS[v] takes schema v to v + 1
+def _from_2(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Schema 2 -> 3 (issue 29, 2026-12-06): OptimSettings.compact_state was added; off, as every earlier run was,
+    and a compact run is bit-identical to a dense one anyway."""
+    return data
+
+
+_MIGRATIONS = [_from_unversioned, _from_1, _from_2]  # _MIGRATIONS[v] takes schema v to v + 1
 
 
 # A method's identity: every setting that changes what training does. Two runs are the same method (and may be
 # paired, seed by seed) only when these agree; the seed, the target sparsity (the other axis), where and how it
 # ran (hardware plan, data_dir, tracker) and what only bookkeeps (logging, checkpoint cadence) are left out.
-NOT_METHOD = {"prune.target", "train.log_interval", "train.deterministic", "train.keep_checkpoints",
-              "train.ckpt_interval", "train.ckpt_time_s", "train.ckpt_keep_last", "train.ckpt_milestone",
-              "model_options.text_dir"}
+NOT_METHOD = {"prune.target", "optim.compact_state", "train.log_interval", "train.deterministic",
+              "train.keep_checkpoints", "train.ckpt_interval", "train.ckpt_time_s", "train.ckpt_keep_last",
+              "train.ckpt_milestone", "model_options.text_dir"}
 
 
 def method_identity(spec: dict[str, Any]) -> dict[str, Any]:

@@ -146,7 +146,18 @@ def short_plan(hw: HardwarePlan) -> str:
 def plan_lines(specs: list[RunSpec]) -> list[str]:
     """Each distinct plan of the matrix with its rationale (one per model)."""
     plans = {s.model: s.hardware for s in specs}
-    return [f"plan for {model}: {short_plan(hw)}\n  why: {hw.rationale}" for model, hw in plans.items()]
+    lines = [f"plan for {model}: {short_plan(hw)}\n  why: {hw.rationale}" for model, hw in plans.items()]
+    return lines + _compact_lines([s for s in specs if s.optim.compact_state])
+
+
+def _compact_lines(specs: list[RunSpec]) -> list[str]:
+    """When CONFIG_COMPACT_STATE applies and when it waits (lib/optim/compact.py)."""
+    if not specs:
+        return []
+    dense = sum(s.prune.method == "none" for s in specs)
+    return [f"compact optimizer state: {len(specs) - dense} pruned runs keep their moments dense until their masks "
+            f"settle (the schedule's end, PRUNING_END), then for the kept weights only"
+            + (f"; {dense} runs without pruning stay dense" if dense else "")]
 
 
 def create_results_folder(config: Config, specs: list[RunSpec], command: str) -> Path:

@@ -92,6 +92,10 @@ class AdamWPrune(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none)
 
+    def fused_kernel_takes(self, param: Tensor) -> bool:
+        """Whether the fused masked step has a kernel for ``param`` and its state (lib/optim/compact.py asks)."""
+        return masked_step.kernel_takes(self, param)
+
     # -- the mask -------------------------------------------------------------------------------
 
     @torch.no_grad()

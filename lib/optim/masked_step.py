@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lib.optim import bitmask, kernels
+from lib.optim import bitmask, compact, kernels
 
 _ADAMW_OFF = ("amsgrad", "maximize", "capturable", "differentiable")  # group flags the kernel does not implement
 
@@ -45,8 +45,11 @@ def step(optimizer: Any, closure: Callable[[], Any] | None = None) -> Any:
             param.grad = grad
     update = _spam_update(optimizer.base) if optimizer.base_name == "adamwspam" else _adamw_update
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    compacted = compact.compact_of(optimizer)
+    layouts = compacted.layouts if compacted is not None else {}
     for param, grad in held.items():
-        if not update(param, grad, optimizer.state[param], optimizer.masks[param], group_of[id(param)]):
+        where = layouts.get(param)
+        if not update(param, grad, optimizer.state[param], optimizer.masks[param], group_of[id(param)], where):
             raise RuntimeError(f"fused masked step refused a tensor it accepted ({tuple(param.shape)})")
     return loss
 
@@ -77,6 +80,12 @@ def _hold(optimizer: Any) -> dict[Tensor, Tensor]:
     return held
 
 
+def kernel_takes(optimizer: Any, param: Tensor) -> bool:
+    """True when ``optimizer``'s fused masked step has a kernel for ``param`` and its Adam state."""
+    state = optimizer.state.get(param, {})
+    return fusable(optimizer) and "exp_avg" in state and _kernel_takes(param, param, state)
+
+
 def _kernel_takes(param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
     tensors = (param, grad, state["exp_avg"], state["exp_avg_sq"])
     same = all(t.dtype == param.dtype and t.device == param.device and t.is_contiguous() for t in tensors)
@@ -87,28 +96,36 @@ def _kernel_takes(param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
     return param.is_cuda and param.numel() % 8 == 0 and not kernels.why_unavailable("cuda")
 
 
-def _adamw_update(param: Tensor, grad: Tensor, state: dict[str, Any], packed: Tensor, group: dict[str, Any]) -> bool:
-    """torch AdamW's update of one weight, its mask inside (the step count advanced as torch does)."""
+def _adamw_update(param: Tensor, grad: Tensor, state: dict[str, Any], packed: Tensor, group: dict[str, Any],
+                  where: compact.Layout | None) -> bool:
+    """torch AdamW's update of one weight, its mask inside (the step count advanced as torch does); with ``where``
+    the state is compact (lib/optim/compact.py) and only the kept entries are read and written."""
     state["step"] += 1
     t = float(state["step"])
     lr, (beta1, beta2) = float(group["lr"]), group["betas"]
-    return kernels.masked_adamw_(
-        param.data, grad, state["exp_avg"], state["exp_avg_sq"], packed,
-        decay=1.0 - lr * group["weight_decay"], beta1=beta1, beta2=beta2,
-        step_size=lr / (1.0 - beta1**t), bc2_sqrt=math.sqrt(1.0 - beta2**t), eps=group["eps"])
+    scalars = {"decay": 1.0 - lr * group["weight_decay"], "beta1": beta1, "beta2": beta2,
+               "step_size": lr / (1.0 - beta1**t), "bc2_sqrt": math.sqrt(1.0 - beta2**t), "eps": group["eps"]}
+    tensors = (param.data, grad, state["exp_avg"], state["exp_avg_sq"], packed)
+    if where is None:
+        return kernels.masked_adamw_(*tensors, **scalars)
+    return kernels.compact_adamw_(*tensors, where.offsets, where.kept, compact.CHUNK, **scalars)
 
 
 def _spam_update(base: Any) -> Callable[..., bool]:
     """The released AdamWSPAM update for this step (its clock already advanced by the base's step)."""
     factor, clip = base.released_schedule(base.spam_step)
 
-    def update(param: Tensor, grad: Tensor, state: dict[str, Any], packed: Tensor, group: dict[str, Any]) -> bool:
+    def update(param: Tensor, grad: Tensor, state: dict[str, Any], packed: Tensor, group: dict[str, Any],
+               where: compact.Layout | None) -> bool:
         state["step"] += 1
         s = state["step"]
         lr, (beta1, beta2) = float(group["lr"]), group["betas"]
-        return kernels.masked_spam_(
-            param.data, grad, state["exp_avg"], state["exp_avg_sq"], packed, clip=clip, theta=base.theta,
-            beta1=beta1, beta2=beta2, step=-lr * math.sqrt(1.0 - beta2**s) / (1.0 - beta1**s) * factor,
-            eps=group["eps"], decay=1.0 - lr * group["weight_decay"])
+        scalars = {"clip": clip, "theta": base.theta, "beta1": beta1, "beta2": beta2, "eps": group["eps"],
+                   "step": -lr * math.sqrt(1.0 - beta2**s) / (1.0 - beta1**s) * factor,
+                   "decay": 1.0 - lr * group["weight_decay"]}
+        tensors = (param.data, grad, state["exp_avg"], state["exp_avg_sq"], packed)
+        if where is None:
+            return kernels.masked_spam_(*tensors, **scalars)
+        return kernels.compact_spam_(*tensors, where.offsets, where.kept, compact.CHUNK, **scalars)
 
     return update

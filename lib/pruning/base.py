@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lib.core.errors import HarnessError
 from lib.core.spec import PruneSettings
-from lib.optim import bitmask, kernels
+from lib.optim import bitmask, compact, kernels
 from lib.optim.kernels import native
 from lib.pruning.prunable import prunable_parameters, zero_count
 from lib.pruning.schedule import SparsitySchedule
@@ -133,8 +133,27 @@ class Pruner:
         self.step = step
         if not self._due(step):
             return False
+        held = compact.compact_of(self.optimizer)
+        if held is not None:
+            held.expand_()  # the update decides and zeroes on dense state; the trainer compacts again once settled
         self.prune_to(self.scheduled_sparsity(step))
         return True
+
+    def masks_settled(self) -> bool:
+        """True once the schedule has applied its target and will not update the masks again: what compact
+        optimizer state waits for (lib/optim/compact.py)."""
+        if self.total_steps is None or not self.masks:
+            return False
+        return self.step >= self.schedule.steps()[1] and self.applied == self.schedule.target
+
+    def packed_masks(self) -> dict[nn.Parameter, Tensor]:
+        """Each masked weight's keep-mask bit-packed (the stored tensor itself when packed, else a packed copy)."""
+        out = {}
+        for name, param in self.params:
+            mask = self.masks.get(name)
+            if mask is not None:
+                out[param] = mask if mask.dtype == torch.uint8 else bitmask.pack(mask)
+        return out
 
     def _due(self, step: int) -> bool:
         if self.schedule.should_update(step):

@@ -37,7 +37,7 @@ from lib.core.files import write_json_atomic
 from lib.core.spec import RunSpec, run_spec
 from lib.core.structures import KINDS, Structure
 from lib.core.task import Task, get_task
-from lib.optim import build_optimizer
+from lib.optim import build_optimizer, compact
 from lib.pruning import WHOLE_STRUCTURES, build_pruner
 from lib.results import read_json
 from lib.surgery import cut as surgery
@@ -64,6 +64,10 @@ class Trained:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.pruner.load_state_dict(payload["pruner"])
+        # Cuts select values along weight axes, so compact moments (lib/optim/compact.py) are expanded first; the
+        # resumed run compacts the smaller model's again.
+        names = {param: name for name, param in self.pruner.params}
+        compact.restore_(self.optimizer, self.pruner.packed_masks(), names, wanted=False)
         return self
 
 

@@ -12,6 +12,7 @@ from lib.checkpoint.state import Progress
 from lib.core.spec import HardwarePlan, RunSpec
 from lib.core.task import Task
 from lib.hardware import gpus, memory, plan_actckpt
+from lib.optim import compact
 from lib.train import distributed
 from lib.train.distributed import Shard
 
@@ -83,7 +84,8 @@ def summary(spec: RunSpec, task: Task, trained: Trained, ended: Ended, done: Pro
                      "cut_by_surgery": pruner.removed / max(1, pruner.prunable_count() + pruner.removed),
                      "total_params": sum(p.numel() for p in model.parameters()), **pruner.report()},
         "steps": {"planned": ended.planned, "done": ended.step, "evaluations": ended.evaluations},
-        "memory": {**memory.peak(device), "state_bytes": memory.state_bytes(model, optimizer, pruner.buffer_bytes())},
+        "memory": {**memory.peak(device), "state_bytes": memory.state_bytes(
+            model, optimizer, pruner.buffer_bytes() + compact.buffer_bytes(optimizer))},
         "throughput": {"unit": f"{task.sample_unit}/s", "value": throughput},
         "mfu": _mfu(task, spec, hw, device, throughput),
         "activations": plan_actckpt.record(task, spec, hw, activations),

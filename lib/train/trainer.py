@@ -38,7 +38,7 @@ from lib.checkpoint.manager import Manager, Policy
 from lib.core.spec import HardwarePlan, RunSpec, TrainSettings
 from lib.core.task import Task, get_task
 from lib.hardware import actckpt, memory
-from lib.optim import build_optimizer, masked_step
+from lib.optim import build_optimizer, compact, masked_step
 from lib.optim.adamwprune import AdamWPrune
 from lib.pruning import build_pruner
 from lib.surgery.stats import StructureStats
@@ -99,6 +99,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
     stats = StructureStats(model, cfg.structure_stats_every) if cfg.structure_stats_every else None
     optimizer = _build_optimizer(model, spec)
     pruner = build_pruner(model, optimizer, spec.prune)  # the raw model: names match checkpoints
+    if spec.optim.compact_state:  # moments for the kept weights only, once the masks settle
+        compact.CompactState(optimizer)
     ddp = distributed.wrap(model, shard, device)  # DistributedDataParallel with several ranks, else the model
     forward_model = torch.compile(ddp) if hw.compile else ddp  # compiled forward; same parameters
     autocast, scaler = _precision(device, hw.dtype)
@@ -107,6 +109,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
     if found:  # every tensor, counter and RNG as they were; the same micro-batch, not a new probe
         done = ckpt_state.restore(found[1], found[0], spec.to_dict(), model, optimizer, pruner, scaler, stats)
         _log(f"resuming {spec.name} from {found[0].name} (step {done.step})", shard)
+        if note := compact.restore_(optimizer, pruner.packed_masks(), _names(pruner), spec.optim.compact_state):
+            _log(note, shard)
         done.resumed_from += [] if after_surgery else [done.step]
         hw, probe_tries = dataclasses.replace(hw, micro_batch=done.micro_batch, grad_accum=done.grad_accum), []
     else:  # CONFIG_PROBE_BATCH: halve the micro-batch on out-of-memory, before any real step
@@ -164,6 +168,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
         optimizer.zero_grad(set_to_none=True)
         if pruner.after_step(step):  # mask updates happen here, on schedule
             distributed.broadcast_masks(pruner)  # decided once: rank 0's masks on every rank
+        if line := compact.compact_when_settled(optimizer, pruner, step):  # CONFIG_COMPACT_STATE
+            _log(line, shard)
         train_time += time.perf_counter() - t0
         bar.update(1)
 
@@ -258,6 +264,10 @@ def _build_optimizer(model: torch.nn.Module, spec: RunSpec) -> torch.optim.Optim
         optimizer.fused = spec.hardware.fused_step and masked_step.fusable(optimizer)
         optimizer.grads_read_before_step = spec.train.grad_clip > 0
     return optimizer
+
+
+def _names(pruner: Any) -> dict[torch.Tensor, str]:
+    return {param: name for name, param in pruner.params}
 
 
 def _eval_interval(cfg: TrainSettings, per_epoch: int, planned: int) -> int:

@@ -1,5 +1,6 @@
 """Part 3: the fused masked AdamW and SPAM steps (Triton through torch.compile) against torch's fused
-AdamW at GPT-2 124M's weights (P1, P2, P2s of scripts/bench_parts_adamwprune.py, on the device), and P3,
+AdamW at GPT-2 124M's weights (P1, P2, P2s and the compact step P4s, which must also equal the dense step to
+the bit, of scripts/bench_parts_adamwprune.py, on the device), and P3,
 the sampled global threshold against the exact one (scripts/bench_pruning.py), on the device.
 
 Each figure is a ratio of medians of interleaved timings in this one process (CUDA synchronised
@@ -25,7 +26,7 @@ def run(ctx: Context) -> dict:
     repeats = DRY_REPEATS if ctx.dry else REPEATS
     found, rows = {}, []
     p2 = functools.partial(parts.p2, inductor=False)  # the CPU-only inductor side compiles for 15 s
-    for key, part in (("P1", parts.p1), ("P2", p2), ("P2s", parts.p2_spam)):
+    for key, part in (("P1", parts.p1), ("P2", p2), ("P2s", parts.p2_spam), ("P4s step", parts.p4s_step)):
         row = part(n, repeats=repeats, device=ctx.device)
         found[key] = row
         fused = row["detail"].get("fused", row["detail"].get("base_fused"))
@@ -37,9 +38,11 @@ def run(ctx: Context) -> dict:
         found[row["name"]] = row
         value = f"{row['value']:.3f}" if isinstance(row["value"], float) else row["value"]
         rows.append([row["name"], f"{value} (target {row['target']}): {row['detail']}"])
-    missed = [k for k, r in found.items() if k in ("P1", "P2", "P2s") and not ctx.dry
+    missed = [k for k, r in found.items() if k in ("P1", "P2", "P2s", "P4s step") and not ctx.dry
               and r["value"] > r["target"]]
     reason = f"over target on this device: {', '.join(missed)} (recorded, not a failure)" if missed else ""
+    if not found["P4s step"]["detail"]["bit_identical_to_dense"]:  # a wrong step is a failure, not a timing
+        return result("failed", "the compact step's weights differ from the dense step's", {"rows": found}, rows)
     return result("ok", reason, {"n_params": n, "device": ctx.device, "rows": found}, rows)
 
 

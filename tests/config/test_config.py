@@ -15,6 +15,7 @@ from lib.core.errors import ConfigError, HarnessError
 from tests.conftest import ROOT, resolve_defconfig
 
 QUICK = (ROOT / "defconfigs" / "lenet5-quick").read_text()
+QUICK_NO_SGD = "".join(line for line in QUICK.splitlines(keepends=True) if "SGD" not in line)
 
 
 def test_quick_defconfig_types(make_config):
@@ -74,6 +75,9 @@ def test_overrides_apply_and_are_validated(make_config):
     ("CONFIG_OPTIMIZER_ENABLE_FOO=y\n", "CONFIG_OPTIMIZER_ENABLE_FOO=y is not a symbol of this Kconfig tree"),
     ("CONFIG_MODEL_FOO=y\n", r"CONFIG_MODEL_FOO=y: 'foo' is not a CONFIG_MODEL value \(valid: lenet5, "),
     ("CONFIG_ADAM_LR=\"1e-3\"\n", "CONFIG_ADAM_LR has no effect: it depends on OPTIMIZER_ADAM"),
+    # Compact optimizer state exists for Adam, AdamW and AdamWPrune only (lib/optim/compact.py).
+    ("CONFIG_COMPACT_STATE=y\n", "CONFIG_COMPACT_STATE=y has no effect: it depends on "),  # SGD is in the matrix
+
     ('CONFIG_TARGET_SPARSITY="0.5"\n', "CONFIG_TARGET_SPARSITY has no effect"),
     ("CONFIG_OPTIMIZER_ENABLE_SGD=n\nCONFIG_OPTIMIZER_ENABLE_ADAMW=n\nCONFIG_OPTIMIZER_ENABLE_ADAMWPRUNE=n\n",
      "CONFIG_OPTIMIZER_ENABLE_ADAMW=n has no effect: it can be turned off only when"),
@@ -301,3 +305,13 @@ def test_issue_12_and_13_settings_refuse_bad_values(make_config, extra, message)
     with pytest.raises(ConfigError, match=message) as info:
         config.load(make_config("", extra))
     assert "\n" not in str(info.value)
+
+
+def test_compact_state_reaches_the_runspec(make_config):
+    loaded = config.load(make_config(QUICK_NO_SGD, "CONFIG_COMPACT_STATE=y\n"))
+    assert loaded.optimizers == ("adamw", "adamwprune")
+    assert all(settings.compact_state for settings in loaded.optim.values())
+    with pytest.raises(ConfigError, match="CONFIG_COMPACT_STATE=y has no effect: it depends on .*FUSED_STEP_OFF"):
+        config.load(make_config(QUICK_NO_SGD, "CONFIG_ADAMWPRUNE_BASE_ADAMWSPAM=y\nCONFIG_FUSED_STEP_OFF=y\n"
+                                              "CONFIG_COMPACT_STATE=y\n"))
+    assert not any(s.compact_state for s in config.load(make_config(QUICK, "")).optim.values())

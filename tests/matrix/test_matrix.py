@@ -54,6 +54,16 @@ def test_dry_run_table_lists_runs_and_plans(make_config):
     assert len(table.splitlines()) == 2 + 12
 
 
+def test_the_plan_says_when_compact_state_applies(make_config):
+    quick = "".join(line for line in QUICK.splitlines(keepends=True) if "SGD" not in line)
+    specs = matrix.expand(config.load(make_config(quick, "CONFIG_COMPACT_STATE=y\n")), CPU)
+    lines = matrix.plan_lines(specs)
+    assert lines[-1] == ("compact optimizer state: 6 pruned runs keep their moments dense until their masks settle "
+                         "(the schedule's end, PRUNING_END), then for the kept weights only; 2 runs without pruning "
+                         "stay dense")
+    assert not any("compact" in line for line in matrix.plan_lines(matrix.expand(config.load(make_config(QUICK)), CPU)))
+
+
 def test_unwritable_results_folder_is_one_clear_error(make_config, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -68,14 +68,16 @@ def test_adamwprune_parts_are_included_or_reported_missing(bench, tmp_path: Path
         "def p2(n):\n    return {'name': 'P2 x', 'value': 2.0, 'target': 1.3, 'detail': 'slow'}\n"
         "def p2_spam(n):\n    return {'name': 'P2s x', 'value': 1.2, 'target': 1.5, 'detail': 'ok'}\n"
         "def p4_adamwprune(n):\n    raise RuntimeError('boom')\n"
-    )
+        "def p4s_memory(n):\n    return {'name': 'P4s x', 'value': 1.23, 'target': 1.3, 'detail': ''}\n"
+    )  # p4s_step is absent: a part the file lacks is one failed row, the others still count
     rows = bench.adamwprune_rows(1000, parts)
     assert [(r["name"], r["met"]) for r in rows] == [("P1 x", "yes"), ("P2 x", "no"), ("P2s x", "yes"),
-                                                     ("p4_adamwprune (failed)", "?")]
+                                                     ("p4_adamwprune (failed)", "?"), ("P4s x", "yes"),
+                                                     ("p4s_step (failed)", "?")]
     assert json.loads(rows[0]["detail"]) == {"ms": 3} and "boom" in rows[3]["detail"]
     missing = bench.adamwprune_rows(1000, tmp_path / "absent.py")
     assert [r["name"] for r in missing] == ["p1 (missing)", "p2 (missing)", "p2_spam (missing)",
-                                            "p4_adamwprune (missing)"]
+                                            "p4_adamwprune (missing)", "p4s_memory (missing)", "p4s_step (missing)"]
 
 
 @pytest.mark.parametrize(

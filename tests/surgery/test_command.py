@@ -27,11 +27,12 @@ from tests.conftest import ROOT, folder_states, synthetic_spec, trained_run
 
 
 def _trained_run(tmp_path: Path, prune: PruneSettings | None = None, max_loss_increase: float = 0.5,
-                 **train) -> Path:
+                 compact_state: bool = False, **train) -> Path:
     """A trained tiny-GPT run folder (its output in tmp_path/stdout.txt)."""
     settings = {"max_iters": 20, "structure_stats_every": 5, "ckpt_interval": 10, "ckpt_milestone": 10, **train}
     spec = synthetic_spec(tmp_path, **settings)
     spec = dataclasses.replace(spec, prune=prune or spec.prune,
+                               optim=dataclasses.replace(spec.optim, compact_state=compact_state),
                                surgery=dataclasses.replace(spec.surgery, max_loss_increase=max_loss_increase))
     return trained_run(tmp_path, spec, in_subprocess=True)
 
@@ -162,12 +163,22 @@ def test_a_checkpoint_of_another_model_and_other_folders_are_refused(trained: Pa
 
 
 def test_structured_runs_are_cut_where_their_masks_are(tmp_path: Path) -> None:
+    """With compact optimizer state (issue 29): the cut expands it first; the cut model is exactly the masked one."""
+    from lib.checkpoint import load
+
     prune = PruneSettings(method="structured", target=0.3, start=2, end=6, frequency=2)
-    run_dir = _trained_run(tmp_path, prune, max_iters=12, ckpt_interval=4, ckpt_milestone=4, structure_stats_every=0)
+    run_dir = _trained_run(tmp_path, prune, max_iters=12, ckpt_interval=4, ckpt_milestone=4, structure_stats_every=0,
+                           compact_state=True)
+    state = load(run_dir / "checkpoints" / "milestones" / "step_00000008.ckpt")["optimizer"]["state"]
+    assert any(s["exp_avg"].dim() == 1 and s["exp_avg"].numel() > 4 * 128 for s in state.values())  # compact
     with pytest.raises(HarnessError, match="masks of this structured run decide what goes; drop FRACTION="):
         operate(run_dir, "0.3", None)
-    record = operate(run_dir, say=lambda line: None)
+    said: list[str] = []
+    record = operate(run_dir, say=said.append)
     assert record["source"] == "masks" and record["step"] == 8  # the newest milestone: the run finished
+    written = load(Path(said[-1].split("wrote ")[1].split(" (")[0]))
+    shapes = {tuple(t.shape) for t in written["model"].values()}
+    assert all(tuple(s["exp_avg"].shape) in shapes for s in written["optimizer"]["state"].values())  # dense
     assert record["val_loss"]["rise"] == pytest.approx(0.0, abs=1e-4)  # exactly the masked model
     assert record["prunable_weights_removed"] >= 0.29 * 4 * 12 * 128 * 128
 

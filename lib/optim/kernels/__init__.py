@@ -13,10 +13,12 @@ Where each runs:
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lib.optim import bitmask
 from lib.optim.kernels import native, torch_kernels
 
 
@@ -64,6 +66,48 @@ def masked_spam_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, *, 
                                        *_scalars(p.device, theta, beta1, beta2, step, eps, decay))
         return True
     return False
+
+
+def compact_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, offsets: Tensor, kept: int,
+                   chunk: int, *, decay: float, beta1: float, beta2: float, step_size: float, bc2_sqrt: float,
+                   eps: float) -> bool:
+    """``masked_adamw_`` with ``m`` and ``v`` compact (lib/optim/compact.py); False when no kernel takes them."""
+    if native.fits(p, g, m, v):
+        native.compact_adamw_(p, g, m, v, packed, offsets, chunk, decay=decay, beta1=beta1, beta2=beta2,
+                              step_size=step_size, bc2_sqrt=bc2_sqrt, eps=eps)
+        return True
+    if _on_gpu(p, g, m, v):
+        _gathered("adamw", p, g, m, v, packed, kept, _scalars(p.device, decay, beta1, beta2, step_size, bc2_sqrt, eps))
+        return True
+    return False
+
+
+def compact_spam_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, offsets: Tensor, kept: int,
+                  chunk: int, *, clip: bool, theta: float, beta1: float, beta2: float, step: float, eps: float,
+                  decay: float) -> bool:
+    """``masked_spam_`` with ``m`` and ``v`` compact (lib/optim/compact.py); False when no kernel takes them."""
+    if native.fits(p, g, m, v):
+        native.compact_spam_(p, g, m, v, packed, offsets, chunk, clip=clip, theta=theta, beta1=beta1, beta2=beta2,
+                             step=step, eps=eps, decay=decay)
+        return True
+    if _on_gpu(p, g, m, v):
+        flag = [torch.tensor(clip, device=p.device)]
+        _gathered("spam", p, g, m, v, packed, kept, flag + _scalars(p.device, theta, beta1, beta2, step, eps, decay))
+        return True
+    return False
+
+
+def _gathered(name: str, p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, kept: int,
+              scalars: list[Tensor], kernel: Any = None) -> None:
+    """A GPU's compact step: the dense kernel over the gathered kept entries with an all-ones mask (each entry's
+    arithmetic is the dense run's), then the weights scattered back."""
+    keep = bitmask.unpack(packed, (p.numel(),))
+    flat, size = p.view(-1), m.numel()
+    values, grads = flat.new_zeros(size), g.new_zeros(size)
+    values[:kept], grads[:kept] = flat[keep], g.reshape(-1)[keep]
+    ones = torch.full((size // 8,), 255, dtype=torch.uint8, device=p.device)
+    (kernel or torch_kernels.compiled(name))(values, grads, m, v, ones, *scalars)
+    flat[keep] = values[:kept]
 
 
 def mask_update_(w: Tensor, cut: float, packed: Tensor, zero: list[Tensor], score: Tensor | None = None) -> int | None:

@@ -30,6 +30,25 @@ static inline int64_t plane_end(int64_t base, int64_t i1, int64_t n) {
     return base + i1 <= n ? i1 : n - base; /* the last plane may be shorter */
 }
 
+/* The update rule of one entry, shared by the dense and the compact step so that both compute the same
+ * floats: the kernels are built with -ffp-contract=off, so every operation rounds once, in this order,
+ * whether gcc vectorizes the loop (dense) or not (compact). See harness_masked_step_f32 for the rules.
+ * A macro over the caller's scalar parameters: gcc then unswitches `clip` and `decay_after` out of the
+ * loop and vectorizes it as it did the loop written out (a struct of them halved the dense speed). */
+#define UPDATE_ONE(P, G, M, V)                                                                      \
+    do {                                                                                            \
+        float gi_ = (G);                                                                            \
+        const float bound_ = (V) * theta;                                                           \
+        if (clip)                                                                                   \
+            gi_ = gi_ * gi_ > bound_ ? copysignf(sqrtf(bound_), gi_) : gi_;                         \
+        const float m_ = (M) + one_minus_b1 * (gi_ - (M));                                          \
+        const float v_ = (V) * b2 + one_minus_b2 * gi_ * gi_;                                       \
+        const float q_ = m_ / (sqrtf(v_) + eps);                                                    \
+        (P) = decay_after ? ((P) + step * q_) * decay : (P) * decay + step * q_;                    \
+        (M) = m_;                                                                                   \
+        (V) = v_;                                                                                   \
+    } while (0)
+
 /* One masked Adam-family update of p, m, v in place, for both rules (the flags are loop-invariant,
  * so gcc unswitches them out of the loop):
  *   clip (released SPAM only): where g^2 > theta * v_prev, g = sign(g) * sqrt(theta * v_prev);
@@ -53,14 +72,8 @@ void harness_masked_step_f32(float *restrict p, const float *restrict g, float *
             const uint8_t bit = (uint8_t)(1u << j);
             for (int64_t i = i0; i < end; i++) {
                 const uint32_t keep = -(uint32_t)((packed[i] & bit) != 0);
-                float gi = gj[i]; /* a pruned entry's outputs are +0.0 below, whatever gi holds */
-                const float bound = vj[i] * theta;
-                if (clip)
-                    gi = gi * gi > bound ? copysignf(sqrtf(bound), gi) : gi;
-                const float mi = mj[i] + one_minus_b1 * (gi - mj[i]);
-                const float vi = vj[i] * b2 + one_minus_b2 * gi * gi;
-                const float q = mi / (sqrtf(vi) + eps);
-                const float pi = decay_after ? (pj[i] + step * q) * decay : pj[i] * decay + step * q;
+                float pi = pj[i], mi = mj[i], vi = vj[i]; /* a pruned entry's outputs are +0.0 below */
+                UPDATE_ONE(pi, gj[i], mi, vi);
                 pj[i] = keep_or_zero(pi, keep);
                 mj[i] = keep_or_zero(mi, keep);
                 vj[i] = keep_or_zero(vi, keep);
@@ -132,6 +145,54 @@ void harness_gather_blocks_f32(const float *const *bases, const int64_t *counts,
                     to[k] = from[k];
             }
             offset += count;
+        }
+    }
+}
+
+/* The compact step: the same rule for the kept entries only, with exp_avg and exp_avg_sq stored for
+ * them alone, in flat order (lib/optim/compact.py). No index per entry: offsets[j * chunks + c] is
+ * the number of kept entries before plane j's part of chunk c (chunk = `chunk` mask bytes), so each
+ * task finds its place in m and v, then walks its mask 64 entries at a time, visiting only the set
+ * bits. A pruned entry is neither read nor written: its weight is already +0.0 and stays so. */
+static inline uint64_t plane_bits64(const uint8_t *bytes, int j) {
+    uint64_t word = 0;
+    for (int b = 0; b < 8; b++) {
+        uint64_t x;
+        __builtin_memcpy(&x, bytes + 8 * b, sizeof x);
+        x = (x >> j) & 0x0101010101010101ULL; /* bit j of each byte, at bit 0 of that byte */
+        word |= ((x * 0x0102040810204080ULL) >> 56) << (8 * b); /* byte k's bit to bit k */
+    }
+    return word;
+}
+
+void harness_compact_step_f32(float *restrict p, const float *restrict g, float *restrict m,
+                              float *restrict v, const uint8_t *restrict packed,
+                              const int64_t *restrict offsets, int64_t n, int64_t chunk, int clip,
+                              float theta, int decay_after, float one_minus_b1, float b2,
+                              float one_minus_b2, float step, float eps, float decay, int threads) {
+    const int64_t M = (n + 7) / 8;
+    const int64_t chunks = (M + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t i0 = c * chunk, i1 = i0 + chunk < M ? i0 + chunk : M;
+        for (int j = 0; j < 8; j++) {
+            const int64_t base = (int64_t)j * M, end = plane_end(base, i1, n);
+            float *pj = p + base;
+            const float *gj = g + base;
+            int64_t k = offsets[j * chunks + c], i = i0;
+            for (; i + 64 <= end; i += 64) {
+                for (uint64_t w = plane_bits64(packed + i, j); w; w &= w - 1) {
+                    const int64_t at = i + __builtin_ctzll(w);
+                    UPDATE_ONE(pj[at], gj[at], m[k], v[k]);
+                    k++;
+                }
+            }
+            for (; i < end; i++) {
+                if ((packed[i] >> j) & 1) {
+                    UPDATE_ONE(pj[i], gj[i], m[k], v[k]);
+                    k++;
+                }
+            }
         }
     }
 }

@@ -28,12 +28,15 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("masked_step.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+# -ffp-contract=off: no fused multiply-add, so the dense and the compact step (vectorized or not) agree to the bit.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp", "-shared",
+         "-fPIC", "-std=gnu11"]
 _F, _I64, _I, _P = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "harness_masked_step_f32": ([_P, _P, _P, _P, _P, _I64, _I, _F, _I] + [_F] * 6 + [_I], None),
     "harness_mask_update_f32": ([_P, _F, _P, _P, _I, _P, _I64, _I], _I64),
     "harness_gather_blocks_f32": ([_P, _P, _I, _P, _I64, _P, _I], None),
+    "harness_compact_step_f32": ([_P, _P, _P, _P, _P, _P, _I64, _I64, _I, _F, _I] + [_F] * 6 + [_I], None),
 }
 
 
@@ -142,6 +145,23 @@ def masked_spam_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, *, 
     library().harness_masked_step_f32(
         p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), packed.data_ptr(), p.numel(), int(clip), theta, 1,
         1.0 - beta1, beta2, 1.0 - beta2, step, eps, decay, _threads())
+
+
+def compact_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, offsets: Tensor, chunk: int, *,
+                   decay: float, beta1: float, beta2: float, step_size: float, bc2_sqrt: float, eps: float) -> None:
+    """``masked_adamw_`` for the kept entries only: ``m`` and ``v`` hold just those, in flat order
+    (lib/optim/compact.py; ``offsets``: kept entries before each plane's part of each ``chunk`` mask bytes)."""
+    library().harness_compact_step_f32(
+        p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), packed.data_ptr(), offsets.data_ptr(), p.numel(),
+        chunk, 0, 0.0, 0, 1.0 - beta1, beta2, 1.0 - beta2, -step_size * bc2_sqrt, eps * bc2_sqrt, decay, _threads())
+
+
+def compact_spam_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, packed: Tensor, offsets: Tensor, chunk: int, *,
+                  clip: bool, theta: float, beta1: float, beta2: float, step: float, eps: float, decay: float) -> None:
+    """``masked_spam_`` for the kept entries only (``compact_adamw_``)."""
+    library().harness_compact_step_f32(
+        p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), packed.data_ptr(), offsets.data_ptr(), p.numel(),
+        chunk, int(clip), theta, 1, 1.0 - beta1, beta2, 1.0 - beta2, step, eps, decay, _threads())
 
 
 def mask_update_(w: Tensor, cut: float, packed: Tensor, zero: list[Tensor], score: Tensor | None = None) -> int:
