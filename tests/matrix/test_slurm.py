@@ -2,8 +2,9 @@
 
 The LeNet-5 matrix through Slurm ends as it does locally; a job signalled with SIGUSR1 mid-run is requeued
 and resumes from its checkpoint to the weights of an uninterrupted run; a failed job leaves the others
-alone and `make continue` (with either executor) reruns only it; the sbatch parameters of a DDP run on a
-made-up 8-GPU node; every bad input in one line.
+alone and `make continue` (with either executor) reruns only it; a 2-rank run is one job of 2 tasks and ends as
+under torchrun; the sbatch parameters of a DDP run on a made-up 8-GPU node and of a 4-node job; every bad input
+in one line.
 """
 
 from __future__ import annotations
@@ -169,11 +170,26 @@ def test_sbatch_parameters_of_a_ddp_run_on_a_made_up_8_gpu_node(make_config, cap
     assert cli.main(["dry-run", "--config", str(path), "--gpus", "8x NVIDIA H100 80GB HBM3:80"]) == 0
     out = capsys.readouterr().out
     block = out[out.index("sbatch for "):].split("sbatch for ")[1].splitlines()
-    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=64", "#SBATCH --partition=gpu",
+    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=8", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --partition=gpu",
                  "#SBATCH --account=lab", "#SBATCH --mem=400GB", "#SBATCH --constraint=h100", "#SBATCH --exclusive",
                  "#SBATCH --signal=USR1@120", "#SBATCH --time=240", "#SBATCH --nodes=1"):
         assert f"  {line}" in block, line
     assert "x8=" in out  # the plan is DDP over the node's 8 GPUs
+
+
+def test_a_four_node_job_on_a_made_up_gpu_partition_in_dry_run(make_config, capsys) -> None:
+    """Issue 30: one job spans the nodes, one task per rank (its srun line), 4 x 8 A10G ranks."""
+    path = make_config((ROOT / "defconfigs" / "gpt2-finewebedu-bitter7").read_text() + "CONFIG_EXECUTOR_SLURM=y\n"
+                       "CONFIG_SLURM_PARTITION=\"gpu\"\nCONFIG_DIST_MULTINODE=y\nCONFIG_DIST_NNODES=4\n")
+    assert cli.main(["dry-run", "--config", str(path), "--gpus", "8x NVIDIA A10G:24"]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("sbatch for "):].split("sbatch for ")[1].splitlines()
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu"):
+        assert f"  {line}" in block, line
+    assert any(line.startswith("  srun --unbuffered") for line in block)
+    assert "x32=" in out and "x 4 nodes" in out  # 32 ranks: 8 GPUs on each of 4 nodes
 
 
 def _cli_error(args: list[str], env: dict | None = None) -> str:
@@ -251,3 +267,28 @@ def test_local_gpu_slots_give_each_run_its_own_devices() -> None:
     slots.give(single)
     assert sorted(slots.take(2)) == ["0", "3"]
     assert GpuSlots(["0"]).take(8) == ["0"]  # a plan wanting more than exist gets them all and says why itself
+
+
+def test_a_two_rank_run_is_one_job_of_two_tasks_and_ends_as_under_torchrun(cluster, make_config,
+                                                                           tmp_path: Path) -> None:
+    """The multi-node path (issue 30): one Slurm task per rank, the rendezvous from Slurm's environment; here two
+    tasks on the one-node cluster over gloo, against the same run started by torchrun locally."""
+    path = _config(make_config, tmp_path, "CONFIG_RANKS_PER_NODE=2\nCONFIG_MAX_ITERS=12\n")
+    assert cli.main(["run", "--config", str(path)]) == 0
+    on_slurm = _newest(tmp_path)
+    (name,) = matrix.run_names(on_slurm)
+    parameters = json.loads((on_slurm / name / "slurm.json").read_text())["parameters"]
+    assert (parameters["nodes"], parameters["ntasks_per_node"]) == (1, 2)
+    log = (on_slurm / name / "log.txt").read_text()
+    assert "x 2 tasks]" in log and "torch.distributed.run" not in log
+    assert cli.main(["run", "--config", str(path), "--executor", "local"]) == 0
+    local = _newest(tmp_path)
+    assert _outcome(local) == _outcome(on_slurm)
+    assert json.loads((on_slurm / name / "summary.json").read_text())["hardware"]["world_size"] == 2
+
+
+def test_more_nodes_than_the_partition_has_is_one_line(cluster, make_config, tmp_path: Path) -> None:
+    path = _config(make_config, tmp_path, "CONFIG_MAX_ITERS=12\nCONFIG_DIST_MULTINODE=y\nCONFIG_DIST_NNODES=3\n")
+    line = _cli_error(["run", "--config", str(path)])
+    assert re.fullmatch(r"error: a run spans 3 nodes \(CONFIG_DIST_NNODES\), but the default partition has 1; "
+                        r"lower CONFIG_DIST_NNODES or choose a partition with more nodes", line), line

@@ -91,7 +91,8 @@ class SlurmExecutor:
 
     def _test_only(self, spec: RunSpec) -> None:
         params = self.parameters(spec)
-        args = ["sbatch", "--test-only", f"--time={params['time']}", f"--cpus-per-task={params['cpus_per_task']}"]
+        args = ["sbatch", "--test-only", f"--time={params['time']}", f"--cpus-per-task={params['cpus_per_task']}",
+                f"--nodes={params['nodes']}", f"--ntasks-per-node={params['ntasks_per_node']}"]
         args += [f"--{key}={params[key]}" for key in ("partition", "account", "qos", "mem") if key in params]
         if "gpus_per_node" in params:
             args.append(f"--gpus-per-node={params['gpus_per_node']}")
@@ -102,11 +103,14 @@ class SlurmExecutor:
             raise slurm_error("sbatch refused the job", done.stderr or done.stdout)
 
     def check_gpus(self, specs: list[RunSpec]) -> None:
-        """One line when a run needs more GPUs than a node has, or spans several nodes."""
-        for spec in specs:
-            if spec.hardware.nnodes > 1:
-                raise HarnessError(f"{spec.name}: the Slurm executor runs each run on one node; its plan spans "
-                                   f"{spec.hardware.nnodes} (set CONFIG_DIST_MULTINODE off)")
+        """One line when a run needs more GPUs than a node has, or more nodes than the partition."""
+        nodes = max((spec.hardware.nnodes for spec in specs), default=1)
+        if nodes > 1 and self.node_gpus is None:  # a made-up node (GPUS=) previews any number of them
+            have = partition_nodes(self.settings.partition)
+            if nodes > have:
+                where = f"partition {self.settings.partition!r}" if self.settings.partition else "the default partition"
+                raise HarnessError(f"a run spans {nodes} nodes (CONFIG_DIST_NNODES), but {where} has {have}; lower "
+                                   f"CONFIG_DIST_NNODES or choose a partition with more nodes")
         wanted = max((self.gpus(spec) for spec in specs), default=0)
         node = self.node_gpus if self.node_gpus is not None else (partition_gpus(self.settings.partition)
                                                                   if wanted else 0)
@@ -122,10 +126,12 @@ class SlurmExecutor:
 
     def parameters(self, spec: RunSpec) -> dict[str, Any]:
         """submitit's SlurmExecutor parameters for ``spec``'s job."""
-        s, gpus = self.settings, self.gpus(spec)
+        s, gpus, hw = self.settings, self.gpus(spec), spec.hardware
+        tasks = hw.nproc_per_node if hw.world_size > 1 else 1  # one task per rank (lib/matrix/executors/job.py)
+        cpus = gpus * s.cpus_per_gpu if gpus else s.cpus_per_run
         params: dict[str, Any] = {
-            "job_name": spec.name, "time": s.time_min, "signal_delay_s": s.signal_delay_s, "nodes": 1,
-            "ntasks_per_node": 1, "cpus_per_task": gpus * s.cpus_per_gpu if gpus else s.cpus_per_run,
+            "job_name": spec.name, "time": s.time_min, "signal_delay_s": s.signal_delay_s, "nodes": hw.nnodes,
+            "ntasks_per_node": tasks, "cpus_per_task": max(1, cpus // tasks),
             "setup": [f"export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}", "export SUBMITIT_PREEMPT_SIGNAL=USR1"],
             "additional_parameters": dict(_extra(option) for option in s.extra)}
         if gpus:
@@ -143,7 +149,7 @@ class SlurmExecutor:
         from submitit.slurm.slurm import _make_sbatch_string
 
         text = _make_sbatch_string(command="python -m submitit.core._submit", folder=folder, **self.parameters(spec))
-        return [line for line in text.splitlines() if line.startswith("#SBATCH")]
+        return [line for line in text.splitlines() if line.startswith(("#SBATCH", "srun"))]
 
     # -- submitting and waiting --------------------------------------------------------------------
 
@@ -264,6 +270,15 @@ def job_states(ids: list[str | None]) -> dict[str, str]:
         if len(parts) == 2:
             states[parts[0]] = parts[1]
     return states
+
+
+def partition_nodes(partition: str) -> int:
+    """The nodes of ``partition`` (or the default one), from sinfo."""
+    args = ["sinfo", "-h", "-o", "%D"] + (["-p", partition] if partition else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        raise slurm_error("sinfo failed", done.stderr or done.stdout)
+    return sum(int(n) for n in re.findall(r"\d+", done.stdout))
 
 
 def partition_gpus(partition: str) -> int:
