@@ -29,6 +29,7 @@ from lib.hardware import Devices
 from lib.matrix.executors import LocalExecutor
 from lib.matrix.executors.slurm import SlurmExecutor, job_id
 from lib.matrix.executors.status import states
+from lib.train import distributed
 from tests.conftest import ROOT, tiny_spec, trained_run
 
 CPU = Devices("cpu", cpu_cores=2)
@@ -84,17 +85,21 @@ def _wait_for(condition, what: str, timeout: float = 120.0) -> None:  # noqa: AN
         time.sleep(0.3)
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
 def test_a_signalled_job_is_requeued_and_resumes_to_an_uninterrupted_runs_weights(cluster, make_config,
-                                                                                    tmp_path: Path) -> None:
+                                                                                    tmp_path: Path, ranks: int) -> None:
+    """With 2 ranks the job has 2 tasks (the multi-node path, issue 30): Slurm signals both, rank 0's task
+    requeues, and the resumed job is the uninterrupted 2-rank run (started by torchrun here) to the bit."""
+    steps, signal_after = (400, r"step [1-9]\d{2}/400") if ranks == 1 else (200, r"step ([2-9]\d|1\d\d)/200")
     path = _config(make_config, tmp_path, "CONFIG_PRUNING_MAGNITUDE=y\nCONFIG_TARGET_SPARSITY=\"0.5\"\n"
-                                          "CONFIG_MAX_ITERS=400\nCONFIG_SLURM_WAIT=n\n")
+                                          f"CONFIG_MAX_ITERS={steps}\nCONFIG_SLURM_WAIT=n\nCONFIG_RANKS_PER_NODE={ranks}\n")
     assert cli.main(["run", "--config", str(path)]) == 0  # submitted, not waited for
     folder = _newest(tmp_path)
     run_dir = folder / matrix.run_names(folder)[0]
     log = run_dir / "log.txt"
     with pytest.raises(HarnessError, match=r"is still a Slurm job \d+ (PENDING|RUNNING) \(1 run\(s\) of"):
         matrix.run_folder(folder, 1, only_unfinished=True, executor=LocalExecutor())  # no second trainer
-    _wait_for(lambda: log.exists() and re.search(r"step [1-9]\d{2}/400", log.read_text()), "step 100")
+    _wait_for(lambda: log.exists() and re.search(signal_after, log.read_text()), signal_after)
     job = job_id(run_dir)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     _wait_for(lambda: "stopped by SIGUSR1" in log.read_text(), "the checkpoint on SIGUSR1")
@@ -105,7 +110,17 @@ def test_a_signalled_job_is_requeued_and_resumes_to_an_uninterrupted_runs_weight
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok"
     (tmp_path / "reference").mkdir()
-    reference = trained_run(tmp_path / "reference", RunSpec.read(run_dir / "spec.json"))
+    spec = RunSpec.read(run_dir / "spec.json")
+    assert spec.hardware.world_size == ranks
+    if ranks == 1:
+        reference = trained_run(tmp_path / "reference", spec)
+    else:  # the same run under torchrun on this machine
+        reference = tmp_path / "reference" / spec.name
+        reference.mkdir()
+        spec.write(reference / "spec.json")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        subprocess.run(distributed.launch_command(spec.hardware, reference), cwd=ROOT, env=env, check=True,
+                       capture_output=True, timeout=300)
     ours = checkpoint.load(RunCheckpoints(run_dir).best)["model"]
     theirs = checkpoint.load(RunCheckpoints(reference).best)["model"]
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
