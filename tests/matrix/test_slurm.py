@@ -1,10 +1,9 @@
 """The executors (lib/matrix/executors/) against a real one-node Slurm (scripts/local_slurm.sh; .ci/run starts it).
 
 The LeNet-5 matrix through Slurm ends as it does locally; a job signalled with SIGUSR1 mid-run is requeued
-and resumes from its checkpoint to the weights of an uninterrupted run; a failed job leaves the others
-alone and `make continue` (with either executor) reruns only it; a 2-rank run is one job of 2 tasks and ends as
-under torchrun; the sbatch parameters of a DDP run on a made-up 8-GPU node and of a 4-node job; every bad input
-in one line.
+and resumes from its checkpoint to the weights of an uninterrupted run, also as a 2-rank job of 2 tasks; a
+failed job leaves the others alone and `make continue` (with either executor) reruns only it; the sbatch
+parameters of a DDP run on a made-up 8-GPU node and of a 4-node job; every bad input in one line.
 """
 
 from __future__ import annotations
@@ -88,9 +87,10 @@ def _wait_for(condition, what: str, timeout: float = 120.0) -> None:  # noqa: AN
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_a_signalled_job_is_requeued_and_resumes_to_an_uninterrupted_runs_weights(cluster, make_config,
                                                                                     tmp_path: Path, ranks: int) -> None:
-    """With 2 ranks the job has 2 tasks (the multi-node path, issue 30): Slurm signals both, rank 0's task
-    requeues, and the resumed job is the uninterrupted 2-rank run (started by torchrun here) to the bit."""
-    steps, signal_after = (400, r"step [1-9]\d{2}/400") if ranks == 1 else (200, r"step ([2-9]\d|1\d\d)/200")
+    """With 2 ranks the job has 2 tasks (the multi-node path, issue 30: one task per rank, the rendezvous from
+    Slurm's environment, no torchrun): Slurm signals both, rank 0's task requeues, and the resumed job is the
+    uninterrupted 2-rank run (started by torchrun here) to the bit."""
+    steps, signal_after = (400, r"step [1-9]\d{2}/400") if ranks == 1 else (120, r"step ([2-9]\d|1\d\d)/120")
     path = _config(make_config, tmp_path, "CONFIG_PRUNING_MAGNITUDE=y\nCONFIG_TARGET_SPARSITY=\"0.5\"\n"
                                           f"CONFIG_MAX_ITERS={steps}\nCONFIG_SLURM_WAIT=n\nCONFIG_RANKS_PER_NODE={ranks}\n")
     assert cli.main(["run", "--config", str(path)]) == 0  # submitted, not waited for
@@ -107,6 +107,9 @@ def test_a_signalled_job_is_requeued_and_resumes_to_an_uninterrupted_runs_weight
     _wait_for(lambda: (run_dir / "summary.json").exists(), "the resumed job to finish", timeout=240)
     text = log.read_text()
     assert text.count(f"[slurm job {job} ") == 2 and re.search(r"resuming \S+ from step_\d+\.ckpt", text)
+    parameters = json.loads((run_dir / "slurm.json").read_text())["parameters"]
+    assert (parameters["nodes"], parameters["ntasks_per_node"]) == (1, ranks)  # one task per rank
+    assert (f" x {ranks} tasks]" in text) == (ranks > 1) and "torch.distributed.run" not in text
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok"
     (tmp_path / "reference").mkdir()
@@ -282,24 +285,6 @@ def test_local_gpu_slots_give_each_run_its_own_devices() -> None:
     slots.give(single)
     assert sorted(slots.take(2)) == ["0", "3"]
     assert GpuSlots(["0"]).take(8) == ["0"]  # a plan wanting more than exist gets them all and says why itself
-
-
-def test_a_two_rank_run_is_one_job_of_two_tasks_and_ends_as_under_torchrun(cluster, make_config,
-                                                                           tmp_path: Path) -> None:
-    """The multi-node path (issue 30): one Slurm task per rank, the rendezvous from Slurm's environment; here two
-    tasks on the one-node cluster over gloo, against the same run started by torchrun locally."""
-    path = _config(make_config, tmp_path, "CONFIG_RANKS_PER_NODE=2\nCONFIG_MAX_ITERS=12\n")
-    assert cli.main(["run", "--config", str(path)]) == 0
-    on_slurm = _newest(tmp_path)
-    (name,) = matrix.run_names(on_slurm)
-    parameters = json.loads((on_slurm / name / "slurm.json").read_text())["parameters"]
-    assert (parameters["nodes"], parameters["ntasks_per_node"]) == (1, 2)
-    log = (on_slurm / name / "log.txt").read_text()
-    assert "x 2 tasks]" in log and "torch.distributed.run" not in log
-    assert cli.main(["run", "--config", str(path), "--executor", "local"]) == 0
-    local = _newest(tmp_path)
-    assert _outcome(local) == _outcome(on_slurm)
-    assert json.loads((on_slurm / name / "summary.json").read_text())["hardware"]["world_size"] == 2
 
 
 def test_more_nodes_than_the_partition_has_is_one_line(cluster, make_config, tmp_path: Path) -> None:
