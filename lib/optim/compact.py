@@ -250,7 +250,10 @@ def restore_(optimizer: Any, masks: Mapping[Tensor, Tensor], names: Mapping[Tens
         if param not in masks:
             raise HarnessError(f"checkpoint: compact optimizer state of '{name}' but no pruning mask for it; the "
                                f"checkpoint's optimizer and pruner states disagree (was it edited?)")
-        where = layout(masks[param], param.numel())
+        try:
+            where = layout(masks[param], param.numel())
+        except ValueError as exc:  # a damaged mask: the file, not the harness, is wrong
+            raise HarnessError(f"checkpoint: the pruning mask of '{name}' is damaged ({exc})") from None
         size = state["exp_avg"].numel()
         if size != where.padded():
             raise HarnessError(f"checkpoint: compact optimizer state of '{name}' holds {size} entries but its mask "

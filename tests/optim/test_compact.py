@@ -176,6 +176,14 @@ def test_compact_state_whose_mask_keeps_another_count_is_refused_in_one_line() -
     assert "\n" not in str(exc.value)
     with pytest.raises(HarnessError, match="no pruning mask for it"):
         compact.restore_(opt, {}, {model.weight: "fc.weight"}, wanted=True)
+    odd = torch.nn.Linear(5, 3, bias=False)  # 15 entries: the last plane is short, its padding bit must be 0
+    odd_opt = torch.optim.AdamW(odd.parameters())
+    odd_opt.state[odd.weight] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(64), "exp_avg_sq": torch.zeros(64)}
+    damaged = bitmask.pack(torch.ones(15, dtype=torch.bool))
+    damaged[-1] |= 0x80  # entry 15 of a 15-entry tensor
+    with pytest.raises(HarnessError, match=r"^checkpoint: the pruning mask of 'odd' is damaged \(the mask keeps "
+                                           r"entries past its tensor's end"):
+        compact.restore_(odd_opt, {odd.weight: damaged}, {odd.weight: "odd"}, wanted=True)
 
 
 def test_what_has_no_compact_step_stays_dense_and_says_why() -> None:
