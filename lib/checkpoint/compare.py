@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lib.checkpoint.format import load
+from lib.checkpoint.manager import read_shards
 
 TIMING = ("time", "elapsed", "rss", "memory", "allocated", "throughput", "wall", "started")
 UNTIMED_PROGRESS = ("train_time", "wall_before", "log_offsets", "resumed_from")
@@ -51,8 +52,12 @@ def run_differences(reference: Path, resumed: Path) -> list[str]:
         found.append(f"milestones {names} vs {theirs}")
     for name in sorted(set(names) & set(theirs)):
         a, b = (load(d / "checkpoints" / "milestones" / name) for d in (reference, resumed))
-        found += [f"{name}: {key}" for key in ("model", "optimizer", "pruner", "scaler", "rng", "step")
+        found += [f"{name}: {key}" for key in ("model", "optimizer", "pruner", "scaler", "rng", "step", "sharded")
                   if not equal(a.get(key), b.get(key))]
+        if "sharded" in a:  # FSDP2: the weights, optimizer state and masks are in the shards beside the file
+            shards = [read_shards(d / "checkpoints" / "milestones" / name) for d in (reference, resumed)]
+            found += [f"{name}: shards' {key}" for key in ("model", "optimizer", "masks")
+                      if not equal(shards[0].get(key), shards[1].get(key))]
         progress = [{k: v for k, v in p["progress"].items() if k not in UNTIMED_PROGRESS} for p in (a, b)]
         if progress[0] != progress[1]:
             found.append(f"{name}: progress")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,29 @@ from lib.core.files import write_text_atomic
 STEP_FILE = re.compile(r"^step_(\d{8})\.ckpt$")
 LATEST = "latest"
 MILESTONES = "milestones"
+
+
+def shards_of(ckpt: Path) -> Path:
+    """The folder of shards beside a sharded (FSDP2) run's training checkpoint file (lib/train/sharding.py)."""
+    return ckpt.with_suffix(".dcp")
+
+
+def read_shards(ckpt: Path) -> dict[str, Any]:
+    """The whole tensors of a sharded checkpoint's shards, read in this one process (no process group)."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(shards_of(ckpt), Path(tmp) / "whole.pt")
+        return torch.load(Path(tmp) / "whole.pt", weights_only=False)  # written just now, by this process
+
+
+def _drop(ckpt: Path) -> None:
+    """A training checkpoint file and its shards, if any."""
+    ckpt.unlink(missing_ok=True)
+    shutil.rmtree(shards_of(ckpt), ignore_errors=True)
 
 
 def step_file(step: int) -> str:
@@ -73,10 +97,12 @@ class Manager:
             milestones = self.folder / MILESTONES
             milestones.mkdir(exist_ok=True)
             target = milestones / path.name
-            target.unlink(missing_ok=True)
+            _drop(target)
             os.link(path, target)  # the same bytes, kept when the training copy is dropped
+            if shards_of(path).is_dir():
+                shutil.copytree(shards_of(path), shards_of(target), copy_function=os.link)
         for old in self.steps()[:-self.policy.keep_last]:
-            old.unlink(missing_ok=True)
+            _drop(old)
         return path
 
     def install(self, step: int, payload: dict[str, Any]) -> Path:
@@ -104,7 +130,10 @@ class Manager:
         A damaged one is skipped with a note; when every one is damaged, CheckpointError says so.
         """
         for stale in self.folder.glob(".*.tmp") if self.folder.is_dir() else ():
-            stale.unlink(missing_ok=True)  # a write a kill cut short; the run lock says no one else writes here
+            if stale.is_dir():  # shards a kill cut short (every rank of a sharded run looks; one removes)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)  # a write a kill cut short; the run lock says no one else writes here
             self.say(f"checkpoint: removed {stale.name}, left by a write that was cut short")
         candidates = list(reversed(self.steps()))
         pointer = self._pointer()
@@ -135,5 +164,5 @@ class Manager:
     def remove_training(self) -> None:
         """Drop the training checkpoints and `latest` (a finished run needs neither); keep best and milestones."""
         for path in self.steps():
-            path.unlink(missing_ok=True)
+            _drop(path)
         (self.folder / LATEST).unlink(missing_ok=True)

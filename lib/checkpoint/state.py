@@ -82,19 +82,30 @@ class Progress:
 
 
 def payload(progress: Progress, spec_dict: dict[str, Any], model: torch.nn.Module, optimizer: Any, pruner: Any,
-            scaler: Any, stats: Any = None) -> dict[str, Any]:
+            scaler: Any, stats: Any = None, world_size: int = 1) -> dict[str, Any]:
     """The complete state at the end of ``progress.step`` (weights_only-safe: tensors and plain data).
 
     ``architecture`` (a model that surgery can change describes its shape) lets the model be rebuilt
-    as it is; ``statistics`` are the structure statistics (lib/surgery/stats.py) when gathered."""
+    as it is; ``statistics`` are the structure statistics (lib/surgery/stats.py) when gathered. A sharded
+    (FSDP2) run's weights, optimizer state and masks are in the shards beside this file instead
+    (lib/train/sharding.py); ``sharded`` says over how many ranks and which masks they hold."""
+    if getattr(pruner, "sharded", False):
+        state = pruner.state_dict()
+        names = sorted(state.pop("masks"))
+        return {**_rest(progress, spec_dict, model, pruner, scaler, stats), "pruner": {**state, "masks": {}},
+                "sharded": {"world_size": world_size, "masks": names}}
+    return {**_rest(progress, spec_dict, model, pruner, scaler, stats), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict()}
+
+
+def _rest(progress: Progress, spec_dict: dict[str, Any], model: torch.nn.Module, pruner: Any, scaler: Any,
+          stats: Any) -> dict[str, Any]:
     return {
         "architecture": architecture_of(model),
         "statistics": stats.state_dict() if stats is not None else None,
         "format": FORMAT,
         "step": progress.step,
         "progress": asdict(progress),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "pruner": pruner.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": rng_state(),
@@ -117,8 +128,9 @@ def restore(state: dict[str, Any], where: Path, spec_dict: dict[str, Any], model
         raise CheckpointError(f"checkpoint {where} has format {state.get('format')!r}; this harness reads {FORMAT}")
     check_spec(state.get("spec", {}), spec_dict, where)
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if "sharded" not in state:  # else the trainer loads the shards (lib/train/sharding.py)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         pruner.load_state_dict(state["pruner"])
         scaler.load_state_dict(state["scaler"])
         if stats is not None and state.get("statistics"):

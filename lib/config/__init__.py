@@ -279,6 +279,7 @@ def _hardware(r: Reader) -> HardwareSettings:
         node_rank=r.int("DIST_NODE_RANK") if multinode else 0,
         rdzv_endpoint=r.str("DIST_RDZV_ENDPOINT").strip() if multinode else "",
         rdzv_id=r.str("DIST_RDZV_ID").strip() if multinode else "",
+        parallel=r.choice("PARALLEL"),
     )
     # a manual micro-batch or grad-accum below 1, or a product that misses the batch, is refused by the
     # plan (lib/hardware/__init__.py): the number of ranks it multiplies with depends on the machine

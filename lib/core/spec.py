@@ -133,6 +133,7 @@ class HardwarePlan:
     node_rank: int = 0
     rdzv_endpoint: str = ""  # host:port of the torchrun rendezvous (multi-node only)
     rdzv_id: str = ""
+    parallel: str = "ddp"  # how several ranks share the model: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
 
     def __post_init__(self) -> None:  # spec.json gives lists back: keep plans read and planned equal
         object.__setattr__(self, "act_ckpt_segments", tuple(tuple(s) for s in self.act_ckpt_segments))
@@ -214,7 +215,7 @@ class RunSpec:
 
 # Every change to the RunSpec's fields bumps SCHEMA_VERSION and adds a migration from the version before, so
 # that every spec.json ever published loads (tests/core/test_spec_versions.py guards the field list).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -260,7 +261,13 @@ def _from_2(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     return data
 
 
-_MIGRATIONS = [_from_unversioned, _from_1, _from_2]  # _MIGRATIONS[v] takes schema v to v + 1
+def _from_3(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Schema 3 -> 4 (issue 30, 2026-12-06): HardwarePlan.parallel was added; "ddp", how every earlier run with
+    several ranks trained (one rank needs neither), so nothing changes."""
+    return data
+
+
+_MIGRATIONS = [_from_unversioned, _from_1, _from_2, _from_3]  # _MIGRATIONS[v] takes schema v to v + 1
 
 
 # A method's identity: every setting that changes what training does. Two runs are the same method (and may be

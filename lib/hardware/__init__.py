@@ -20,11 +20,12 @@ import sys
 from dataclasses import dataclass
 
 from lib.core import ROOT
-from lib.core.errors import HarnessError
+from lib.core.errors import ConfigError, HarnessError
 from lib.core.pyenv import pythonpath_with
 from lib.core.spec import HardwarePlan, RunSpec
 from lib.core.task import get_task
 from lib.core.units import gib
+from lib.hardware import parallel
 from lib.hardware.batch import Room, batch_and_recompute, share_per_rank, shortfall
 from lib.hardware.gpus import identify
 from lib.hardware.plan_actckpt import ActCkptPlanner
@@ -161,6 +162,7 @@ class HardwareSettings:
     node_rank: int = 0
     rdzv_endpoint: str = ""
     rdzv_id: str = ""
+    parallel: str = "auto"  # auto, ddp, fsdp: how several ranks share the model (lib/hardware/parallel.py)
 
 
 def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = None, jobs: int = 1) -> HardwarePlan:
@@ -178,11 +180,25 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
     precision, dtype_why = _dtype_choice(settings.dtype, on_gpu, devices.bf16)
     tf32, tf32_why = _tf32_choice(settings.tf32, on_gpu, devices)
     task = get_task(spec.model)
-    ckpt = ActCkptPlanner(settings, task, spec, precision)
     room = Room.of(devices, settings.memory_margin, jobs * ranks) if on_gpu else None
-    micro, accum, sizing, recompute = batch_and_recompute(spec, settings, task, ckpt, devices, room, world, per_rank)
+
+    def sized(shards: int) -> tuple[ActCkptPlanner, tuple]:
+        ckpt = ActCkptPlanner(settings, task, spec, precision, shards)
+        return ckpt, batch_and_recompute(spec, settings, task, ckpt, devices, room, world, per_rank)
+
+    sharding, (ckpt, (micro, accum, sizing, recompute)), sharding_why = parallel.choose(
+        settings.parallel, spec, task, world, on_gpu, precision, sized)
+    if sharding == "fsdp" and settings.probe:
+        raise ConfigError("CONFIG_PROBE_BATCH cannot run sharded (FSDP2) yet: an out-of-memory on one rank in the "
+                          "middle of a gather would stall the others; turn it off, or choose PARALLEL_DDP")
+    if sharding == "fsdp" and fused:
+        fused, fused_why = False, "fused masked step off (FSDP2: its kernels take whole tensors, not shards)"
     policy, every = recompute.policy, recompute.every
     segments, ckpt_why = ckpt.segments(policy, every, micro, auto=settings.act_ckpt == "auto")
+    if sharding == "fsdp" and any(s.first != s.last for s in segments):
+        raise ConfigError(f"activation checkpointing {policy} checkpoints segments of several blocks, which FSDP2's "
+                          f"one-unit-per-block sharding cannot run yet; choose ACTIVATION_CKPT_UNIFORM, SELECTIVE or "
+                          f"AUTO, or PARALLEL_DDP")
     threads = 0 if on_gpu else settings.cpu_threads or max(1, devices.cpu_cores // max(1, jobs * ranks))
     where = (f"{ranks}x {devices.gpus[0].name if devices.homogeneous else 'mixed GPUs'}" if on_gpu
              else f"CPU, {threads} thread(s) per rank x {ranks} rank(s) x {jobs} run(s) side by side") + \
@@ -194,7 +210,7 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
     if settings.probe:
         parts.append("probe on: halve the micro-batch on out-of-memory before training")
     if world > 1:
-        parts.append(f"DDP over {'nccl' if on_gpu else 'gloo'}")
+        parts.append(f"{'FSDP2' if sharding == 'fsdp' else 'DDP'} over {'nccl' if on_gpu else 'gloo'} ({sharding_why})")
     return HardwarePlan(
         device="cuda" if on_gpu else "cpu", micro_batch=micro, grad_accum=accum, world_size=world,
         compile=use_compile, fused_step=fused, act_ckpt=policy, act_ckpt_every=every,
@@ -202,7 +218,7 @@ def plan(spec: RunSpec, settings: HardwareSettings, devices: Devices | None = No
         dtype=precision, threads=threads, rationale="; ".join(parts),
         tf32=tf32, probe=settings.probe, backend=("nccl" if on_gpu else "gloo") if world > 1 else "",
         nnodes=settings.nnodes, node_rank=settings.node_rank, rdzv_endpoint=settings.rdzv_endpoint,
-        rdzv_id=settings.rdzv_id,
+        rdzv_id=settings.rdzv_id, parallel=sharding,
     )
 
 

@@ -19,6 +19,14 @@ if TYPE_CHECKING:  # the device and settings types live with detection, which im
     from lib.hardware import Devices, Gpu, HardwareSettings
 
 
+class DoesNotFit(HarnessError):
+    """The model does not fit one rank's memory (``usable`` bytes) at micro-batch 1."""
+
+    def __init__(self, message: str, usable: int) -> None:
+        super().__init__(message)
+        self.usable = usable
+
+
 @dataclass(frozen=True)
 class Recompute:
     """The activation checkpointing decision: policy, block interval, and the rationale's words for an auto one."""
@@ -125,9 +133,10 @@ def _gpu_rule(spec: RunSpec, room: Room, per_rank: int, decision: Decision, know
         cap, why = table, f"GPU table: {known.key} -> micro-batch {table} ({estimate} fits {room.text})"
     else:
         if fits < 1:
-            raise HarnessError(f"{spec.model} does not fit on {room.gpu.name}: about {gib(footprint.at(1))} at "
-                               f"micro-batch 1 but {room.text}; free GPU memory, lower CONFIG_GPU_MEMORY_MARGIN "
-                               f"or CONFIG_MATRIX_JOBS, choose ACTIVATION_CKPT_AUTO, or choose a smaller model")
+            raise DoesNotFit(f"{spec.model} does not fit on {room.gpu.name}: about {gib(footprint.at(1))} at "
+                             f"micro-batch 1 but {room.text}; free GPU memory, lower CONFIG_GPU_MEMORY_MARGIN "
+                             f"or CONFIG_MATRIX_JOBS, choose ACTIVATION_CKPT_AUTO, or choose a smaller model",
+                             room.usable)
         cap = fits
         why = (f"GPU table says {table} for {known.key} but {room.text}: " if table else
                "mixed GPUs: " if mixed else "")

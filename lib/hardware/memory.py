@@ -76,9 +76,10 @@ def _status_bytes(field: str) -> int | None:
 
 
 def tensor_bytes(tensors: object) -> int:
-    """Bytes held by every tensor found in a (nested) dict/list/tuple."""
+    """Bytes held by every tensor found in a (nested) dict/list/tuple (of a sharded tensor: this rank's shard)."""
     if isinstance(tensors, torch.Tensor):
-        return tensors.numel() * tensors.element_size()
+        held = tensors.to_local() if callable(getattr(tensors, "to_local", None)) else tensors
+        return held.numel() * held.element_size()
     if isinstance(tensors, dict):
         return sum(tensor_bytes(v) for v in tensors.values())
     if isinstance(tensors, (list, tuple)):
@@ -91,7 +92,7 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, pruning_buff
     params = list(model.parameters())
     return {
         "weights": tensor_bytes(params),
-        "gradients": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+        "gradients": sum(tensor_bytes(p) for p in params if p.requires_grad),
         "optimizer_state": tensor_bytes(list(optimizer.state.values())),
         "pruning_buffers": pruning_buffers,
     }
@@ -123,9 +124,11 @@ class Footprint:
         return max(0, (usable - self.fixed) // max(1, self.per_sample))
 
 
-def estimate_footprint(task: Task, spec: RunSpec, dtype: str, segments: Sequence[Segment] = ()) -> Footprint:
-    """What one step of ``spec``'s model needs, from the tensors autograd saves in an eager fp32 step,
-    with the blocks of ``segments`` checkpointed (lib/hardware/actckpt.py; none by default).
+def estimate_footprint(task: Task, spec: RunSpec, dtype: str, segments: Sequence[Segment] = (),
+                       shards: int = 1) -> Footprint:
+    """What one step of ``spec``'s model needs on one rank, from the tensors autograd saves in an eager fp32
+    step, with the blocks of ``segments`` checkpointed (lib/hardware/actckpt.py; none by default) and the
+    weights, gradients and optimizer state sharded over ``shards`` ranks (FSDP2; 1: replicated).
 
     Measured on the meta device at micro-batch 1 and 2: the difference is the
     per-sample part. Eager fp32 with the math attention kernel saves more than a
@@ -137,10 +140,26 @@ def estimate_footprint(task: Task, spec: RunSpec, dtype: str, segments: Sequence
     half = dtype != "float32"
     per_sample = max(1, two - one)
     return Footprint(
-        fixed=profiles.weights * (STATE_BYTES_PER_WEIGHT + (2 if half else 0)) + max(0, one - per_sample)
-        + WORKSPACE_BYTES,
+        fixed=state_footprint(profiles, half, shards) + max(0, one - per_sample) + WORKSPACE_BYTES,
         per_sample=int(per_sample * (HALF_KEEPS if half else 1.0) * SAVED_SAFETY),
     )
+
+
+def state_footprint(profiles: Profiles, half: bool, shards: int = 1) -> int:
+    """Bytes of weights, gradients and optimizer state on one rank (and autocast's 16-bit weight copies).
+
+    Sharded (FSDP2, one unit per block and the rest in the root unit): each rank keeps 1/``shards`` of the
+    fp32 state, and while a unit runs its whole weights are gathered in the compute dtype. The root's stay
+    gathered from forward to backward; a block's are gathered with the next block's prefetched, and its
+    gradient is whole in fp32 until it is reduce-scattered.
+    """
+    if shards <= 1:
+        return profiles.weights * (STATE_BYTES_PER_WEIGHT + (2 if half else 0))
+    compute = 2 if half else 4
+    largest = max(profiles.block_weights, default=0)
+    root = profiles.weights - sum(profiles.block_weights)
+    gathered = root * compute + 2 * largest * compute + largest * 4
+    return -(-profiles.weights * STATE_BYTES_PER_WEIGHT // shards) + gathered
 
 
 @dataclass(frozen=True)
@@ -170,6 +189,7 @@ class Profiles:
     one: BlockProfile
     two: BlockProfile
     weights: int
+    block_weights: tuple[int, ...] = ()  # each block's (Task.blocks) weights: FSDP2's units
 
     @property
     def at_one_two(self) -> tuple[BlockProfile, BlockProfile]:
@@ -186,7 +206,8 @@ def activation_profiles(task: Task, spec: RunSpec) -> Profiles:
         with torch.device("meta"):
             model = task.build_model(spec)
         one, two = (block_profile(task, model, spec, n) for n in (1, 2))
-        _PROFILES[key] = Profiles(one, two, sum(p.numel() for p in model.parameters()))
+        blocks = tuple(sum(p.numel() for p in b.parameters()) for b in task.blocks(model))
+        _PROFILES[key] = Profiles(one, two, sum(p.numel() for p in model.parameters()), blocks)
     return _PROFILES[key]
 
 

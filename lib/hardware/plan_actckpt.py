@@ -21,6 +21,8 @@ from lib.hardware.memory import Footprint
 
 # auto's candidates, least recomputation first
 AUTO_ORDER = (("selective", 2), ("uniform", 2), ("sqrt", 2))
+# FSDP2 gathers each block's weights in the block's own forward, so a checkpointed segment may hold one block only
+SHARDED_ORDER = AUTO_ORDER[:2]
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,9 @@ class Decision:
 class ActCkptPlanner:
     """Activation checkpointing for one run's plan: ``settings`` are lib.hardware.HardwareSettings."""
 
-    def __init__(self, settings: Any, task: Any, spec: Any, precision: str) -> None:
+    def __init__(self, settings: Any, task: Any, spec: Any, precision: str, shards: int = 1) -> None:
         self.settings, self.task, self.spec, self.precision = settings, task, spec, precision
+        self.shards = shards  # ranks the weights and their state are sharded over (FSDP2); 1: replicated
         self.n = len(self._meta_blocks()) if settings.act_ckpt != "none" else 0
         if settings.act_ckpt == "budget" and settings.act_budget_mb < 1:
             raise ConfigError(f"CONFIG_ACTIVATION_BUDGET_MB={settings.act_budget_mb}: the budget policy needs a "
@@ -55,7 +58,7 @@ class ActCkptPlanner:
         if policy == "budget":
             policy, every = "uniform", 1
         segments = actckpt.choose(policy, self.n, every=every) if policy != "none" else []
-        return memory.estimate_footprint(self.task, self.spec, self.precision, segments)
+        return memory.estimate_footprint(self.task, self.spec, self.precision, segments, self.shards)
 
     def for_gpu(self, usable: int, target: int) -> Decision:
         """The policy and footprint for the GPU memory rule, ``target`` the micro-batch it aims for."""
@@ -73,7 +76,8 @@ class ActCkptPlanner:
         self.n = len(self._meta_blocks())
         if self.n == 0:
             return Decision("none", 2, plain, "activation checkpointing auto -> none: the model has no blocks")
-        options = [(name, every, self.footprint(name, every)) for name, every in AUTO_ORDER]
+        order = AUTO_ORDER if self.shards == 1 else SHARDED_ORDER
+        options = [(name, every, self.footprint(name, every)) for name, every in order]
         fitting = [o for o in options if o[2].at(target) <= usable]
         best = fitting[0] if fitting else max(options, key=lambda o: o[2].fits(usable))
         if not fitting and best[2].fits(usable) < 2 * max(1, plain.fits(usable)):

@@ -139,7 +139,8 @@ def dry_run_table(specs: list[RunSpec]) -> str:
 def short_plan(hw: HardwarePlan) -> str:
     """e.g. "cuda 128x8x1=1024 bf16 compile": micro x accum x ranks = effective batch."""
     extras = [hw.dtype.replace("bfloat", "bf").replace("float", "fp")] + [
-        word for word, on in (("compile", hw.compile), ("tf32", hw.tf32), ("probe", hw.probe)) if on]
+        word for word, on in (("fsdp", hw.parallel == "fsdp"), ("compile", hw.compile), ("tf32", hw.tf32),
+                              ("probe", hw.probe)) if on]
     return f"{hw.device} {hw.micro_batch}x{hw.grad_accum}x{hw.world_size}={hw.effective_batch} {' '.join(extras)}"
 
 

@@ -25,8 +25,10 @@ from lib.core.errors import HarnessError
 from lib.core.spec import PruneSettings
 from lib.optim import bitmask, compact, kernels
 from lib.optim.kernels import native
+from lib.pruning import sharded
 from lib.pruning.prunable import prunable_parameters, zero_count
 from lib.pruning.schedule import SparsitySchedule
+from lib.pruning.sharded import is_sharded, local, sharded_exact_mask
 from lib.pruning.threshold import LazyScores, get_threshold, prune_count, sample_size, sampled_cut
 
 
@@ -45,6 +47,7 @@ class Pruner:
         self.optimizer = optimizer
         self.settings = settings
         self.params = self.select_params(model)
+        self.sharded = any(is_sharded(p) for _, p in self.params)  # FSDP2: masks and scores are this rank's shard
         self.unresolved = self.make_schedule(settings)  # kept: a time budget re-sizes the run later
         self.schedule = self.unresolved
         self.threshold = get_threshold(settings.threshold, settings.sample_tolerance)
@@ -85,7 +88,7 @@ class Pruner:
         sparsity measured on the weights.
         """
         name, param = self.params[i]
-        return self.importance(name, param).masked_fill(param == 0, float("-inf"))
+        return local(self.importance(name, param)).masked_fill(local(param) == 0, float("-inf"))
 
     def ranked_at(self, i: int, index: Tensor) -> Tensor:
         """``ranked(i)`` at the flattened positions ``index``."""
@@ -123,7 +126,7 @@ class Pruner:
         for name, param in self.params:
             mask = self.masks.get(name)
             if mask is not None and param.grad is not None:
-                _apply_mask(param.grad, mask)
+                _apply_mask(local(param.grad), mask)
 
     def after_step(self, step: int) -> bool:
         """Record that ``step`` optimizer steps (1-based) are done; update masks when the schedule says so.
@@ -173,13 +176,16 @@ class Pruner:
         if packed is not None:
             self.masks, self.applied = packed, sparsity
             return
-        masks = self.threshold(self._lazy_scores(), sparsity, seed=self.step)
+        if self.sharded:  # the exact global threshold agreed over the ranks' shards
+            masks = sharded_exact_mask(self._lazy_scores(), sparsity, self.prunable_count())
+        else:
+            masks = self.threshold(self._lazy_scores(), sparsity, seed=self.step)
         self.masks = {name: self._stored(mask) for (name, _), mask in zip(self.params, masks, strict=True)}
         self.applied = sparsity
         self.apply_masks()
 
     def _lazy_scores(self) -> LazyScores:
-        return LazyScores(self.ranked, [p.numel() for _, p in self.params], gather=self.ranked_at,
+        return LazyScores(self.ranked, [local(p).numel() for _, p in self.params], gather=self.ranked_at,
                           device=self.params[0][1].device if self.params else None)
 
     def weight_is_score(self) -> bool:
@@ -224,16 +230,16 @@ class Pruner:
             mask = self.masks.get(name)
             if mask is None:
                 continue
-            _apply_mask(param, mask)
+            _apply_mask(local(param), mask)
             for value in self._state_tensors(param):
-                _apply_mask(value, mask)
+                _apply_mask(local(value), mask)
 
     def mask(self, name: str) -> Tensor | None:
         """The bool keep-mask of weight ``name`` (unpacked if stored packed); None before the first update."""
         mask = self.masks.get(name)
         if mask is None or mask.dtype == torch.bool:
             return mask
-        return bitmask.unpack(mask, dict(self.params)[name].shape)
+        return bitmask.unpack(mask, local(dict(self.params)[name]).shape)
 
     def _stored(self, mask: Tensor, shape: torch.Size | None = None) -> Tensor:
         """A bool or packed keep-mask in the form this pruner stores (``pack_masks``)."""
@@ -277,7 +283,8 @@ class Pruner:
         total = self.prunable_count() + self.removed  # weights surgery removed count as pruned
         if total == 0:
             return 0.0
-        return (zero_count(self.params) + self.removed) / total
+        zeros = sharded.zero_count([local(p) for _, p in self.params]) if self.sharded else zero_count(self.params)
+        return (zeros + self.removed) / total
 
     def report(self) -> dict[str, Any]:
         """Method-specific facts for summary.json's sparsity entry (structures removed, ...)."""
@@ -302,13 +309,13 @@ class Pruner:
         params = dict(self.params)
         masks = state.get("masks", {})
         for name, mask in masks.items():
-            if name not in params or not _fits(mask, params[name]):
+            if name not in params or not _fits(mask, local(params[name])):
                 raise HarnessError(
                     f"checkpoint pruning mask '{name}' does not match the model; "
                     "was the checkpoint saved by another model?"
                 )
         self.masks = {
-            name: self._stored(mask.to(device=params[name].device), params[name].shape)
+            name: self._stored(mask.to(device=params[name].device), local(params[name]).shape)
             for name, mask in masks.items()
         }
         self.step = int(state["step"])

@@ -146,8 +146,9 @@ def main_first(shard: Shard) -> Iterator[None]:
 
 
 def wrap(model: nn.Module, shard: Shard, where: torch.device) -> nn.Module:
-    """DistributedDataParallel around ``model`` when there are several ranks; the model itself otherwise."""
-    if shard.world_size == 1:
+    """DistributedDataParallel around ``model`` when there are several ranks; the model itself otherwise, and
+    when it is sharded already (FSDP2, lib/train/sharding.py: every rank built the same weights from the seed)."""
+    if shard.world_size == 1 or hasattr(model, "set_requires_gradient_sync"):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -155,7 +156,10 @@ def wrap(model: nn.Module, shard: Shard, where: torch.device) -> nn.Module:
 
 
 def no_sync_unless(wrapped: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce on every accumulation micro-step but the last."""
+    """Skip DDP's gradient all-reduce (FSDP2's reduce-scatter) on every accumulation micro-step but the last."""
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2 (lib/train/sharding.py): a switch, not a context
+        wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
     if last or not hasattr(wrapped, "no_sync"):
         return contextlib.nullcontext()
     return wrapped.no_sync()
@@ -194,7 +198,7 @@ def mask_digest(pruner: Pruner) -> str:
     digest = hashlib.sha256()
     for name, _ in pruner.params:
         mask = pruner.masks.get(name)
-        if mask is not None:
+        if mask is not None:  # sharded (FSDP2): this rank's shard of it
             digest.update(name.encode())
             digest.update(mask.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

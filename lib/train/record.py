@@ -112,6 +112,9 @@ def _mfu(task: Task, spec: RunSpec, hw: HardwarePlan, device: torch.device, thro
 def _ranks_record(pruner: Any, flags: list[str]) -> dict[str, Any]:
     """Every rank's mask digest, and whether they agree (flag "masks_differ" if not); a collective call."""
     digests = distributed.gather(distributed.mask_digest(pruner))
+    if pruner.sharded:  # each rank holds its shard of every mask: the digests differ by design
+        return {"distributed": {"world_size": len(digests), "backend": distributed.backend(), "parallel": "fsdp",
+                                "mask_shard_digests": digests}}
     identical = len(set(digests)) == 1
     if not identical:
         flags.append("masks_differ")

@@ -9,7 +9,9 @@ the summary dict that lib/train/run.py writes as summary.json.
 With several ranks (torchrun, lib/train/distributed.py) the model runs under
 DistributedDataParallel; every rank reads its rows of each global batch, sees
 the same reduced losses and metrics (so takes the same decisions), gets rank 0's
-pruning masks after each update, and only rank 0 writes anything.
+pruning masks after each update, and only rank 0 writes anything. Sharded
+(FSDP2, lib/train/sharding.py), each rank holds and prunes its shard of every
+weight, and all ranks write a training checkpoint's shards together.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tqdm import tqdm
 from lib import quant
 from lib.checkpoint import state as ckpt_state
 from lib.checkpoint.folder import RunCheckpoints
-from lib.checkpoint.manager import Manager, Policy
+from lib.checkpoint.manager import Manager, Policy, step_file
 from lib.core.spec import HardwarePlan, RunSpec, TrainSettings
 from lib.core.task import Task, get_task
 from lib.hardware import actckpt, memory
@@ -42,9 +44,10 @@ from lib.optim import build_optimizer, compact, masked_step
 from lib.optim.adamwprune import AdamWPrune
 from lib.pruning import build_pruner
 from lib.surgery.stats import StructureStats
-from lib.train import distributed, probe
+from lib.train import best as best_ckpt
+from lib.train import distributed, probe, sharding
 from lib.train.distributed import SINGLE, Shard
-from lib.train.record import SPARSITY_TOLERANCE, Best, Ended, Trained, summary
+from lib.train.record import Best, Ended, Trained, summary
 from lib.train.tracking import NullTracker, open_tracker
 
 TIME_PROBE_STEPS = 5  # steps measured before a time budget fixes the step count
@@ -96,18 +99,22 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
     model = _build_model(task, spec, architecture, device)
     if not found and hasattr(task, "initial_state") and (start := task.initial_state(spec)) is not None:
         model.load_state_dict(start)  # pretrained weights to start from (CONFIG_GPT2_INIT_HF, gpt2/hf.py)
+    if hw.parallel == "fsdp":  # before the optimizer and pruner: their state and masks are shards too
+        sharding.shard(model, task.blocks(model), hw.dtype)
     stats = StructureStats(model, cfg.structure_stats_every) if cfg.structure_stats_every else None
     optimizer = _build_optimizer(model, spec)
     pruner = build_pruner(model, optimizer, spec.prune)  # the raw model: names match checkpoints
     if spec.optim.compact_state:  # moments for the kept weights only, once the masks settle
         compact.CompactState(optimizer)
-    ddp = distributed.wrap(model, shard, device)  # DistributedDataParallel with several ranks, else the model
+    ddp = distributed.wrap(model, shard, device)  # DistributedDataParallel with several ranks (not sharded)
     forward_model = torch.compile(ddp) if hw.compile else ddp  # compiled forward; same parameters
     autocast, scaler = _precision(device, hw.dtype)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = hw.tf32  # the plan: Ampere+ only
     total, per_epoch = planned_steps(cfg, task.examples_per_epoch(spec), cfg.batch_size)
     if found:  # every tensor, counter and RNG as they were; the same micro-batch, not a new probe
         done = ckpt_state.restore(found[1], found[0], spec.to_dict(), model, optimizer, pruner, scaler, stats)
+        if sharded := found[1].get("sharded"):  # the weights, optimizer state and masks are in its shards
+            sharding.load(found[0], model, optimizer, pruner, sharded["masks"], shard.world_size, sharded["world_size"])
         _log(f"resuming {spec.name} from {found[0].name} (step {done.step})", shard)
         if note := compact.restore_(optimizer, pruner.packed_masks(), _names(pruner), spec.optim.compact_state):
             _log(note, shard)
@@ -166,7 +173,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if pruner.after_step(step):  # mask updates happen here, on schedule
+        if pruner.after_step(step) and not pruner.sharded:  # mask updates happen here, on schedule
             distributed.broadcast_masks(pruner)  # decided once: rank 0's masks on every rank
         if line := compact.compact_when_settled(optimizer, pruner, step):  # CONFIG_COMPACT_STATE
             _log(line, shard)
@@ -197,14 +204,14 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
             if not math.isfinite(record["val"]["loss"]):
                 status, error = "diverged", f"validation loss became {record['val']['loss']} at step {step}"
                 break
-            if _eligible(record, spec) and _improves(task, record, best):
+            if best_ckpt.eligible(record, spec) and best_ckpt.improves(task, record, best):
                 best = Best(step, record["val"])  # the same on every rank: the metrics are reduced
-                if shard.main:
-                    checkpoints.save_best({"model": model.state_dict(), "pruner": pruner.state_dict(),
-                                           "step": step, "architecture": ckpt_state.architecture_of(model)})
+                best_ckpt.save_best(checkpoints, model, pruner, step, shard)
         stop = _stop_agreed(shard)
         cut_now = cfg.surgery_every > 0 and step % cfg.surgery_every == 0
         if step < provisional and (stop or cut_now or manager.due(step)):  # the end of a step: a clean point to resume
+            if pruner.sharded:  # every rank writes its shards first; the rank-0 file that points to them last
+                sharding.save(manager.folder / step_file(step), model, optimizer, pruner)
             if shard.main:
                 _save_training(manager, spec, trained, scaler, (metrics_file, curve_file), dataclasses.replace(
                     done, step=step, provisional=provisional, eval_every=eval_every, evals=evals, samples=samples,
@@ -223,7 +230,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
 
     reached = pruner.sparsity()  # of the final weights, before the best checkpoint is loaded back
     with autocast():
-        test = _test_at_best(task, model, spec, checkpoints, best, shard) if status == "ok" else None
+        test = best_ckpt.test_at_best(task, model, spec, checkpoints, best, shard) if status == "ok" else None
     if not cfg.keep_checkpoints and shard.main:
         checkpoints.drop_best()
     ended = Ended(status, error, best, test, reached, provisional, step, evals, samples, train_time, wall)
@@ -301,7 +308,7 @@ def _save_training(manager: Manager, spec: RunSpec, trained: Trained, scaler: An
     curve_file.flush()
     now = dataclasses.replace(now, log_offsets={"metrics": metrics_file.tell(), "train": curve_file.tell()})
     manager.save(now.step, ckpt_state.payload(now, spec.to_dict(), trained.model, trained.optimizer,
-                                              trained.pruner, scaler, trained.stats))
+                                              trained.pruner, scaler, trained.stats, spec.hardware.world_size))
 
 
 def _output(path: Path, shard: Shard, resume_at: int | None = None) -> Any:
@@ -349,7 +356,7 @@ def _log(line: str, shard: Shard) -> None:
 def _evaluate(task: Task, model: torch.nn.Module, spec: RunSpec, step: int, per_epoch: int, lr: float,
               pruner: Any, train_loss: float, start: float, shard: Shard) -> dict[str, Any]:
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), sharding.whole(model):  # sharded: every block gathered, so ranks may differ in forwards
         val = task.evaluate(model, spec, "val", shard=shard)  # each rank its share; the sums reduced
     model.train()
     name = task.metric.name
@@ -359,32 +366,3 @@ def _evaluate(task: Task, model: torch.nn.Module, spec: RunSpec, step: int, per_
             "sparsity": pruner.sparsity(), "target_sparsity_now": pruner.scheduled_sparsity(step),
             "masks_final": pruner.masks_final(),
             "elapsed_s": time.perf_counter() - start}
-
-
-def _eligible(record: dict[str, Any], spec: RunSpec) -> bool:
-    """Only checkpoints at the target sparsity, with the target's masks, may be "best": an early dense one says
-    nothing of pruning, and an N:M one before its last update is not N:M."""
-    return spec.pruning == "none" or (record["sparsity"] >= spec.sparsity - SPARSITY_TOLERANCE
-                                      and record.get("masks_final", True))
-
-
-def _improves(task: Task, record: dict[str, Any], best: Best) -> bool:
-    value = record["val"][task.metric.name]
-    return not best.step or task.metric.better(value, best.metrics[task.metric.name])
-
-
-def _test_at_best(task: Task, model: torch.nn.Module, spec: RunSpec, checkpoints: RunCheckpoints, best: Best,
-                  shard: Shard) -> dict | None:
-    """Evaluate the test split once, on the best checkpoint as saved on disk (read by rank 0, sent to all)."""
-    if not best.step:
-        return None
-    step = best.step
-    if shard.main:
-        state = checkpoints.load_best()
-        model.load_state_dict(state["model"])
-        step = state["step"]
-    distributed.broadcast_module(model)
-    model.eval()
-    with torch.no_grad():
-        result = task.evaluate(model, spec, "test", shard=shard)
-    return {"step": step, **result}

@@ -139,7 +139,7 @@ def test_a_gradual_nm_run_trains_and_ends_exactly_2_of_4(tmp_path: Path) -> None
 def test_a_best_checkpoint_needs_the_targets_masks_not_only_its_sparsity() -> None:
     """An N:M run evaluated within the sparsity tolerance but before its last mask update (a 2:4 LeNet-5 of
     600 steps picked step 400, at 49.99 %, with 4 of fc1's 12,000 groups holding 3) may not be best."""
-    from lib.train.trainer import _eligible
+    from lib.train.best import eligible as _eligible
 
     nm, magnitude = tiny_spec(pruning="nm", sparsity=0.5), tiny_spec(pruning="magnitude", sparsity=0.5)
     near = {"sparsity": 0.4999}
