@@ -20,7 +20,7 @@ from lib.hardware.batch import DoesNotFit
 T = TypeVar("T")
 
 # What runs on shards today (lib/train/sharding.py); everything else is refused with its reason.
-SHARDED_PRUNING = ("none", "magnitude")
+SHARDED_PRUNING = ("none", "magnitude", "state")
 SHARDED_OPTIMIZERS = ("sgd", "adam", "adamw", "adamwprune")
 RANKS_TRIED = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # the fewest GPUs a model would fit on, sharded
 

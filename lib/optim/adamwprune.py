@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from lib.core.errors import ConfigError
 from lib.core.registry import lookup
+from lib.core.shards import local
 from lib.core.spec import OptimSettings
 from lib.optim import bitmask, masked_step
 
@@ -108,16 +109,17 @@ class AdamWPrune(torch.optim.Optimizer):
         (exp_avg, exp_avg_sq, max_exp_avg_sq) become exactly zero.
         """
         for param, mask in masks.items():
+            weight = local(param.data)  # sharded (FSDP2): this rank's shard, and the mask is the shard's
             if mask.dtype == torch.bool:
-                if mask.shape != param.shape:
-                    raise ValueError(f"mask of shape {tuple(mask.shape)} for a weight of shape {tuple(param.shape)}")
-                packed = bitmask.pack(mask.to(param.device))
+                if mask.shape != weight.shape:
+                    raise ValueError(f"mask of shape {tuple(mask.shape)} for a weight of shape {tuple(weight.shape)}")
+                packed = bitmask.pack(mask.to(weight.device))
             else:
-                packed = mask.to(device=param.device, dtype=torch.uint8)
-            bitmask.apply_(param.data, packed)
+                packed = mask.to(device=weight.device, dtype=torch.uint8)
+            bitmask.apply_(weight, packed)
             for value in self.state.get(param, {}).values():
                 if isinstance(value, Tensor) and value.shape == param.shape:
-                    bitmask.apply_(value, packed)
+                    bitmask.apply_(local(value), packed)
             self.masks[param] = packed
 
     def clear_masks(self) -> None:
@@ -131,7 +133,7 @@ class AdamWPrune(torch.optim.Optimizer):
             return
         for param, packed in self.masks.items():
             if param.grad is not None:
-                bitmask.apply_(param.grad, packed)
+                bitmask.apply_(local(param.grad), packed)
 
     def mask_bytes(self) -> int:
         """Bytes of the packed masks (1 bit per masked weight, rounded up per tensor)."""

@@ -15,19 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lib.core.shards import is_sharded, local  # noqa: F401 (re-exported for the pruners)
 from lib.pruning.threshold import prune_count
 
 BITS = 8  # one byte of the 32-bit key per round
-
-
-def local(tensor: Tensor) -> Tensor:
-    """This rank's shard of a DTensor (a view: writes reach the parameter); any other tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
-
-
-def is_sharded(tensor: Tensor) -> bool:
-    return callable(getattr(tensor, "to_local", None))
 
 
 def _all_reduce(values: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from lib.core.spec import PruneSettings
 from lib.optim import adamwprune  # the module, not the class: lib.optim and lib.pruning import each other
 from lib.pruning import bitter
 from lib.pruning.base import Pruner
+from lib.pruning.sharded import local, sharded_exact_mask
 from lib.pruning.threshold import LazyScores, global_exact_mask
 
 DEFAULT_VARIANT = "bitter7"  # the research's recommended variant, used when none is configured
@@ -71,7 +72,9 @@ class StatePruner(Pruner):
         self.optimizer.set_masks({params[name]: mask for name, mask in masks.items()})
 
     def importance(self, name: str, param: nn.Parameter) -> torch.Tensor:
-        return bitter.importance(self.score, param, self.optimizer.state.get(param), self.beta1[id(param)])
+        state = self.optimizer.state.get(param)  # sharded (FSDP2): the score of this rank's shard
+        shards = {key: local(value) for key, value in state.items()} if state is not None else None
+        return bitter.importance(self.score, local(param), shards, self.beta1[id(param)])
 
     def importance_at(self, name: str, param: nn.Parameter, index: torch.Tensor) -> torch.Tensor:
         """The score at flattened positions ``index`` only: every bitter score is elementwise in w, m and v."""
@@ -95,14 +98,17 @@ class StatePruner(Pruner):
             count = len(self.params)
             for index, (_, param) in enumerate(self.params):
                 target = bitter.layer_sparsity(sparsity, index, count)
-                self.optimizer.set_masks({param: global_exact_mask([self.ranked(index)], target)[0]})
+                mask = (sharded_exact_mask([self.ranked(index)], target, param.numel()) if self.sharded
+                        else global_exact_mask([self.ranked(index)], target))[0]
+                self.optimizer.set_masks({param: mask})
         elif (packed := self.one_pass_masks(sparsity)) is not None:
             params = dict(self.params)
             for name, mask in packed.items():
                 self.optimizer.masks[params[name]] = mask  # already applied to the weight and its state
         else:
-            scores = LazyScores(self.ranked, [p.numel() for _, p in self.params])
-            masks = list(self.threshold(scores, sparsity, seed=self.step))
+            scores = LazyScores(self.ranked, [local(p).numel() for _, p in self.params])
+            masks = list(sharded_exact_mask(scores, sparsity, self.prunable_count()) if self.sharded
+                         else self.threshold(scores, sparsity, seed=self.step))
             for _, param in self.params:
                 self.optimizer.set_masks({param: masks.pop(0)})  # packed there; each bool mask freed in turn
         self.applied = sparsity

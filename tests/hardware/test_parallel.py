@@ -79,7 +79,9 @@ def test_fsdp_asked_on_the_cpu_shards_over_gloo() -> None:
 @pytest.mark.parametrize("spec, devices, asked, words", [
     (xl(), A10GX1, "fsdp", "this run has 1 rank"),
     (lenet(), CPU2, "fsdp", "lenet5 has no blocks to shard"),
-    (xl("state", "adamwprune"), A10GX8, "fsdp", "pruning method 'state' does not run on sharded weights yet"),
+    (xl("structured"), A10GX8, "fsdp", "pruning method 'structured' does not run on sharded weights yet"),
+    (dataclasses.replace(xl("state", "adamwprune"), optim=OptimSettings("adamwprune", 6e-4, 0.1, base="adamwspam")),
+     A10GX8, "fsdp", r"optimizer 'adamwprune' \(base adamwspam\) does not run"),
     (xl("movement"), A10GX8, "fsdp", "pruning method 'movement' does not run"),
     (xl(optimizer="adamwspam"), A10GX8, "fsdp", "optimizer 'adamwspam' does not run"),
     (dataclasses.replace(lenet(), model="resnet18", model_options={"dataset": "cifar10"}), A10GX8, "fsdp",
@@ -91,8 +93,9 @@ def test_what_cannot_shard_is_one_line(spec, devices, asked, words) -> None:
 
 
 def test_auto_where_only_sharding_fits_but_the_method_cannot_shard_says_why() -> None:
-    with pytest.raises(DoesNotFit, match="sharding it \\(FSDP2\\) is not possible: pruning method 'state'"):
-        hardware.plan(xl("state", "adamwprune"), settings(), A10GX8)
+    with pytest.raises(DoesNotFit, match="sharding it \\(FSDP2\\) is not possible: pruning method 'movement'"):
+        hardware.plan(xl("movement"), settings(), A10GX8)
+    assert hardware.plan(xl("state", "adamwprune"), settings(), A10GX8).parallel == "fsdp"  # bitter on AdamW
 
 
 def test_compact_state_and_surgery_cannot_shard() -> None:

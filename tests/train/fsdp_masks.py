@@ -1,5 +1,6 @@
 """Run by tests/train/test_fsdp.py under torchrun (2 ranks, gloo): the exact threshold's masks over FSDP2 shards,
-gathered, against one process's masks on the whole tensors; rank 0 writes the comparison as JSON to argv[2]."""
+gathered, against one process's masks on the whole tensors, for |w| and for AdamWPrune's state (bitter7); rank 0
+writes the comparison as JSON to argv[2]."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gpt2.model import GPT, config_for
-from lib.core.spec import PruneSettings
+from lib.core.spec import OptimSettings, PruneSettings
+from lib.optim import build_optimizer
 from lib.pruning.magnitude import MagnitudePruner
+from lib.pruning.state import StatePruner
 from lib.pruning.threshold import exact_value
 from lib.train import sharding
 
@@ -46,9 +49,35 @@ def main(out: Path) -> None:
                                           stride=param.stride()).full_tensor()
             same &= bool(torch.equal(gathered, reference.mask(name)))
         equal.append(same)
+    state_equal = state_pruning_alike(whole, model)
     if dist.get_rank() == 0:
-        out.write_text(json.dumps({"sparsities": list(SPARSITIES), "equal": equal, "ties_at_cut": ties}))
+        out.write_text(json.dumps({"sparsities": list(SPARSITIES), "equal": equal, "ties_at_cut": ties,
+                                   "state_equal": state_equal}))
     dist.destroy_process_group()
+
+
+def gathered(pruner: StatePruner | MagnitudePruner, name: str, param: torch.Tensor) -> torch.Tensor:
+    return DTensor.from_local(pruner.mask(name), param.device_mesh, param.placements, shape=param.shape,
+                              stride=param.stride()).full_tensor()
+
+
+def state_pruning_alike(whole: torch.nn.Module, model: torch.nn.Module) -> list[bool]:
+    """AdamWPrune + bitter7 on shards and whole, after two steps on equal gradients: masks, then masked weights."""
+    optimizers = [build_optimizer(m, OptimSettings("adamwprune", 1e-2, 0.0, base="adamw")) for m in (whole, model)]
+    for step in range(2):
+        generator = torch.Generator().manual_seed(step)
+        for (_, p), (_, q) in zip(whole.named_parameters(), model.named_parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = distribute_tensor(p.grad, q.device_mesh, q.placements)
+        for optimizer in optimizers:
+            optimizer.step()
+    settings = PruneSettings(method="state", variant="bitter7", target=0.7)
+    reference, ours = (StatePruner(m, o, settings) for m, o in zip((whole, model), optimizers, strict=True))
+    reference.prune_to(0.7)
+    ours.prune_to(0.7)
+    weights = dict(whole.named_parameters())
+    return [all(torch.equal(gathered(ours, n, p), reference.mask(n)) for n, p in ours.params),
+            all(torch.equal(p.full_tensor(), weights[n]) for n, p in ours.params)]
 
 
 if __name__ == "__main__":
