@@ -17,7 +17,9 @@ from typing import Any
 
 import kconfiglib
 
+from lib.config import axes
 from lib.config import sweep as sweep_settings
+from lib.config.axes import Axes
 from lib.config.executor import ExecutorSettings
 from lib.config.kconf import (
     Reader,
@@ -64,6 +66,7 @@ class Config:
     data_dir: str
     overrides: Mapping[str, str] = field(default_factory=dict)
     text: str = ""
+    axes: Axes = field(default_factory=Axes)  # the list axes and the search (lib/config/axes.py)
 
 
 def load(path: str | Path = ".config", overrides: Mapping[str, str] | None = None) -> Config:
@@ -146,7 +149,8 @@ def _build(r: Reader, path: Path, overrides: dict[str, str], text: str) -> Confi
     optimizers = r.axis("OPTIMIZER")
     prunings = r.axis("PRUNING")
     variants = r.axis("ADAMWPRUNE_VARIANT") if "state" in prunings else ()
-    sparsities = _sparsities(r)
+    lists = axes.read(r, optimizers, prunings)
+    sparsities = lists.sparsities or _sparsities(r)  # the choices are read either way
     train = _train(r)
     first_seed = r.int("SEED")
     tracker = r.choice("TRACKER")
@@ -159,7 +163,7 @@ def _build(r: Reader, path: Path, overrides: dict[str, str], text: str) -> Confi
         sparsities=sparsities,
         seeds=tuple(range(first_seed, first_seed + r.int("SEEDS"))),
         optim={name: _optim(r, name) for name in optimizers},
-        prune=_prune(r, prunings),
+        prune=_prune(r, prunings, lists),
         train=train,
         surgery=_surgery(r),
         sweep=_sweep(r),
@@ -175,6 +179,7 @@ def _build(r: Reader, path: Path, overrides: dict[str, str], text: str) -> Confi
         data_dir=r.str("DATA_DIR") or "data",
         overrides=overrides,
         text=text,
+        axes=lists,
     )
 
 
@@ -217,7 +222,7 @@ def _spam(r: Reader) -> dict[str, Any]:
             "spam_accu": r.int("SPAM_ACCU") if r.choice("SPAM_FORM") == "released" else 20}
 
 
-def _prune(r: Reader, prunings: tuple[str, ...]) -> PruneSettings:
+def _prune(r: Reader, prunings: tuple[str, ...], lists: Axes) -> PruneSettings:
     """Schedule and threshold, plus the options of each pruning method in the matrix."""
     options: dict[str, Any] = {}
     if {"magnitude", "structured", "layer-dropout", "nm"} & set(prunings):  # the metric they rank by
@@ -229,7 +234,7 @@ def _prune(r: Reader, prunings: tuple[str, ...]) -> PruneSettings:
     if "state" in prunings:
         options["bitter8_form"] = r.choice("ADAMWPRUNE_BITTER8_FORM")
     threshold = r.choice("PRUNING_THRESHOLD")
-    if threshold == "sampled":
+    if threshold == "sampled" or "sampled" in lists.thresholds:
         options["sample_tolerance"] = r.float("PRUNING_SAMPLE_TOLERANCE", 0.0, 10.0, open_low=True)
     start = _step_or_fraction(r, "PRUNING_START")
     end = _step_or_fraction(r, "PRUNING_END")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import itertools
 import json
 import os
 import time
@@ -24,6 +23,8 @@ from lib.core.errors import HarnessError, Interrupted
 from lib.core.files import is_disk_full, write_error, write_json_atomic
 from lib.core.spec import HardwarePlan, PruneSettings, RunSpec
 from lib.core.task import get_task
+from lib.matrix import cells
+from lib.matrix.cells import combinations  # noqa: F401 (the matrix's rules, used from here)
 from lib.matrix.executors.status import run_state
 from lib.pruning import WHOLE_STRUCTURES
 from lib.results import read_json, results_folders, run_record, unreadable_record
@@ -31,73 +32,56 @@ from lib.results import read_json, results_folders, run_record, unreadable_recor
 FINISHED = ("ok", "diverged")
 
 
-def run_name(model: str, optimizer: str, pruning: str, sparsity: float, seed: int | None, variant: str = "") -> str:
-    """<model>_<optimizer>[_<variant>]_<pruning>_<sparsity%>[_s<seed>] (README.md, "What a results folder holds")."""
+def run_name(model: str, optimizer: str, pruning: str, sparsity: float, seed: int | None, variant: str = "",
+             varied: tuple[str, ...] = ()) -> str:
+    """<model>_<optimizer>[_<variant>]_<pruning>_<sparsity%>[_<varied setting>...][_s<seed>] (README.md, "What a
+    results folder holds"); ``varied``: the settings the list axes vary (lib/matrix/cells.py), e.g. lr0.003."""
     name = f"{model}_{optimizer}{'_' + variant if variant else ''}_{pruning}_{sparsity * 100:g}"
+    name += "".join(f"_{t}" for t in varied)
     return name if seed is None else f"{name}_s{seed}"
 
 
-def valid_pair(optimizer: str, pruning: str) -> bool:
-    """State pruning needs AdamWPrune's moments; AdamWPrune prunes only from them (or not at all)."""
-    if pruning == "state":
-        return optimizer == "adamwprune"
-    return optimizer != "adamwprune" or pruning == "none"
-
-
-def _variants(config: Config, optimizer: str, pruning: str) -> tuple[str, ...]:
-    return config.variants if (optimizer, pruning) == ("adamwprune", "state") else ("",)
-
-
-def combinations(config: Config) -> list[tuple[str, str, str, str, float, int]]:
-    """(model, optimizer, variant, pruning, sparsity, seed) for every valid run, in a stable order.
-
-    Rules: pruning "none" runs once, at sparsity 0, and "nm" once, at its pattern's 1 - N/M,
-    whatever the sparsity axis holds;
-    state pruning runs only with AdamWPrune, and AdamWPrune only with none or state;
-    the bitter variants expand only for AdamWPrune with state pruning.
-    """
-    result = []
-    for model, optimizer, pruning in itertools.product(config.models, config.optimizers, config.prunings):
-        if not valid_pair(optimizer, pruning):
-            continue
-        sparsities = {"none": (0.0,), "nm": (1 - config.prune.nm_n / config.prune.nm_m,)}.get(
-            pruning, config.sparsities)
-        for variant, sparsity, seed in itertools.product(_variants(config, optimizer, pruning), sparsities,
-                                                         config.seeds):
-            result.append((model, optimizer, variant, pruning, sparsity, seed))
-    return result
-
-
 def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunSpec]:
-    """One RunSpec per valid combination of the matrix's axes, with its hardware plan (one per model)."""
+    """One RunSpec per cell of the matrix (lib/matrix/cells.py), with its hardware plan (one per model)."""
     devices = devices or hardware.detect()
     plans: dict[str, HardwarePlan] = {}
-    specs = []
-    for model, optimizer, variant, pruning, sparsity, seed in combinations(config):
-        tag = seed if len(config.seeds) > 1 else None
-        prune = {**config.prune.__dict__, "method": pruning, "target": sparsity, "variant": variant}
-        draft = RunSpec(
-            name=run_name(model, optimizer, pruning, sparsity, tag, variant),
-            model=model,
-            seed=seed,
-            optim=config.optim[optimizer],
-            prune=PruneSettings(**prune),
+    drafts = []
+    for cell in cells.grid(config):
+        settings = cells.apply(cell, config)
+        drafts.append((cell, RunSpec(
+            name="",
+            model=cell.model,
+            seed=cell.seed,
+            optim=settings["optim"],
+            prune=PruneSettings(**settings["prune"]),
             train=config.train,
             hardware=UNPLANNED,
-            model_options=dict(config.model_options[model]),
+            model_options=dict(config.model_options[cell.model]),
             data_dir=_absolute(config.data_dir),
             tracker=config.tracker,
             tracker_project=config.tracker_project,
             wandb_mode=config.wandb_mode,
             surgery=config.surgery,
             sweep=config.sweep,
-        )
-        if model not in plans:  # the plan depends on the model, its options and the batch only
-            plans[model] = hardware.plan(draft, config.hardware, devices, config.jobs)
-        if pruning in BY_MODEL:  # a target or pattern the model cannot hold fails before any run
+        )))
+    keys = cells.varied([draft for _, draft in drafts])  # over the whole grid: a random draw names alike
+    specs = []
+    for cell, draft in _named(config, drafts, keys):
+        if cell.model not in plans:  # the plan depends on the model, its options and the batch only
+            plans[cell.model] = hardware.plan(draft, config.hardware, devices, config.jobs)
+        if cell.pruning in BY_MODEL:  # a target or pattern the model cannot hold fails before any run
             _check_units(draft)
-        specs.append(dataclasses.replace(draft, hardware=plans[model]))
+        specs.append(dataclasses.replace(draft, hardware=plans[cell.model]))
     return specs
+
+
+def _named(config: Config, drafts: list[tuple[cells.Cell, RunSpec]], keys: dict) -> list[tuple]:
+    """The chosen cells' drafts, each named by its fixed axes and the settings that vary."""
+    picked = set(map(id, cells.chosen(config, [c for c, _ in drafts])))
+    tag = len(config.seeds) > 1
+    return [(cell, dataclasses.replace(draft, name=run_name(
+        cell.model, cell.optimizer, cell.pruning, cell.sparsity, cell.seed if tag else None, cell.variant,
+        cells.tokens(draft, keys)))) for cell, draft in drafts if id(cell) in picked]
 
 
 UNPLANNED = HardwarePlan(device="cpu", micro_batch=1, grad_accum=1)
@@ -126,10 +110,14 @@ _UNIT_PRUNERS: dict[tuple[str, str, str, int, int], Any] = {}
 
 def dry_run_table(specs: list[RunSpec]) -> str:
     """The matrix as a text table, with each run's hardware plan."""
-    rows = [("#", "run", "optimizer", "pruning", "sparsity", "seed", "plan")]
+    keys = cells.varied(specs)
+    extra = sorted({key for found in keys.values() for key in found})  # a column per setting a list varies
+    rows = [("#", "run", "optimizer", "pruning", "sparsity", *map(cells.column, extra), "seed", "plan")]
     for i, s in enumerate(specs, 1):
-        plan = short_plan(s.hardware)
-        rows.append((str(i), s.name, s.optimizer, s.pruning, f"{s.sparsity:.0%}", str(s.seed), plan))
+        values = cells.settings_of(s, keys)
+        shown = [cells.text(values[key]) if key in values else "-" for key in extra]
+        rows.append((str(i), s.name, s.optimizer, s.pruning, f"{s.sparsity * 100:g}%", *shown, str(s.seed),
+                     short_plan(s.hardware)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

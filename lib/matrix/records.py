@@ -51,4 +51,4 @@ def one_line(s: dict[str, Any]) -> str:
     test = f"test {s['test_at_best'][metric]:.2f}" if s.get("test_at_best") else ""
     sp = s["sparsity"]
     flags = f"  [{', '.join(s['flags'])}]" if s.get("flags") else ""
-    return f"{s['name']}: ok  {best}  {test}  sparsity {sp['reached']:.1%} (target {sp['target']:.0%}){flags}"
+    return f"{s['name']}: ok  {best}  {test}  sparsity {sp['reached']:.1%} (target {sp['target'] * 100:g}%){flags}"
