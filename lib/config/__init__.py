@@ -35,8 +35,6 @@ from lib.core.structures import KINDS as STRUCTURE_KINDS
 from lib.core.task import model_folder
 from lib.hardware import HardwareSettings
 
-SPARSITY_CHOICES = (50, 70, 90, 95, 99)
-
 
 @dataclass(frozen=True)
 class Config:
@@ -150,7 +148,7 @@ def _build(r: Reader, path: Path, overrides: dict[str, str], text: str) -> Confi
     prunings = r.axis("PRUNING")
     variants = r.axis("ADAMWPRUNE_VARIANT") if "state" in prunings else ()
     lists = axes.read(r, optimizers, prunings)
-    sparsities = lists.sparsities or _sparsities(r)  # the choices are read either way
+    sparsities = axes.sparsity_axis(r, lists)
     train = _train(r)
     first_seed = r.int("SEED")
     tracker = r.choice("TRACKER")
@@ -181,14 +179,6 @@ def _build(r: Reader, path: Path, overrides: dict[str, str], text: str) -> Confi
         text=text,
         axes=lists,
     )
-
-
-def _sparsities(r: Reader) -> tuple[float, ...]:
-    enabled = {pct: r.bool(f"SPARSITY_ENABLE_{pct}") for pct in SPARSITY_CHOICES}
-    if r.bool("SPARSITY_MULTIPLE"):
-        r.sym("TARGET_SPARSITY")
-        return tuple(pct / 100 for pct, on in enabled.items() if on)
-    return (r.float("TARGET_SPARSITY", 0.0, 1.0, open_low=True, open_high=True),)
 
 
 def _optim(r: Reader, name: str) -> OptimSettings:

@@ -14,6 +14,7 @@ from typing import Any
 from lib.core.errors import ConfigError
 from lib.pruning import importance, schedule, threshold
 
+SPARSITY_CHOICES = (50, 70, 90, 95, 99)  # CONFIG_SPARSITY_ENABLE_<pct>
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamwadv", "adamwspam", "adamwprune")
 IMPORTANCES = tuple(importance.IMPORTANCES)  # the registries' names, in their order
 SCHEDULES = tuple(schedule.CURVES)
@@ -59,6 +60,18 @@ def read(r: Any, optimizers: tuple[str, ...], prunings: tuple[str, ...]) -> Axes
         return Axes(**{**axes.__dict__, "search_runs": r.int("MATRIX_SEARCH_RUNS"),
                        "search_seed": r.int("MATRIX_SEARCH_SEED")})
     return axes
+
+
+def sparsity_axis(r: Any, lists: Axes) -> tuple[float, ...]:
+    """The target sparsities (fractions): SPARSITY_LIST when set, else the enabled choices or the single target
+    (whose symbols are read either way)."""
+    enabled = {pct: r.bool(f"SPARSITY_ENABLE_{pct}") for pct in SPARSITY_CHOICES}
+    if r.bool("SPARSITY_MULTIPLE"):
+        r.sym("TARGET_SPARSITY")
+        chosen = tuple(pct / 100 for pct, on in enabled.items() if on)
+    else:
+        chosen = (r.float("TARGET_SPARSITY", 0.0, 1.0, open_low=True, open_high=True),)
+    return lists.sparsities or chosen
 
 
 def items(symbol: str, text: str, parse: Callable[[str], Any], example: str) -> tuple[Any, ...]:
