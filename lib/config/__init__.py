@@ -224,6 +224,7 @@ def _prune(r: Reader, prunings: tuple[str, ...], lists: Axes) -> PruneSettings:
     if "state" in prunings:
         options["bitter8_form"] = r.choice("ADAMWPRUNE_BITTER8_FORM")
     threshold = r.choice("PRUNING_THRESHOLD")
+    options["distribution"] = axes.distribution(r)
     if threshold == "sampled" or "sampled" in lists.thresholds:
         options["sample_tolerance"] = r.float("PRUNING_SAMPLE_TOLERANCE", 0.0, 10.0, open_low=True)
     start = _step_or_fraction(r, "PRUNING_START")

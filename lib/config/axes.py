@@ -74,6 +74,12 @@ def sparsity_axis(r: Any, lists: Axes) -> tuple[float, ...]:
     return lists.sparsities or chosen
 
 
+def distribution(r: Any) -> str:
+    """CONFIG_SPARSITY_DISTRIBUTION: hidden by Kconfig (so "global") where no method of the matrix uses it, and
+    its per-layer members offered only with the exact threshold."""
+    return r.choice("SPARSITY_DISTRIBUTION") or "global"
+
+
 def items(symbol: str, text: str, parse: Callable[[str], Any], example: str) -> tuple[Any, ...]:
     """The comma-separated values of list ``symbol`` ("" -> ()), each parsed; empty, malformed or repeated
     values are one line naming the value."""

@@ -50,6 +50,7 @@ class PruneSettings:
     end: int | float = 0.7
     frequency: int = 10
     threshold: str = "exact"  # "exact", "sampled" or "per-layer"
+    distribution: str = "global"  # per-layer targets: "global" (none), "uniform", "erk" (lib/pruning/distribution.py)
     sample_tolerance: float = 0.1  # sampled threshold: worst sparsity error aimed at, in points (3.22 sigma)
     importance: str = "magnitude"  # magnitude pruning: "magnitude", "gradient-sensitivity", "activation"
     movement_form: str = "sanh"  # "sanh" (paper) or "knlp"
@@ -215,7 +216,7 @@ class RunSpec:
 
 # Every change to the RunSpec's fields bumps SCHEMA_VERSION and adds a migration from the version before, so
 # that every spec.json ever published loads (tests/core/test_spec_versions.py guards the field list).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -267,7 +268,13 @@ def _from_3(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     return data
 
 
-_MIGRATIONS = [_from_unversioned, _from_1, _from_2, _from_3]  # _MIGRATIONS[v] takes schema v to v + 1
+def _from_4(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Schema 4 -> 5 (issue 32, 2026-12-06): PruneSettings.distribution was added; "global", the single threshold
+    every earlier run used, so nothing changes."""
+    return data
+
+
+_MIGRATIONS = [_from_unversioned, _from_1, _from_2, _from_3, _from_4]  # _MIGRATIONS[v] takes schema v to v + 1
 
 
 # A method's identity: every setting that changes what training does. Two runs are the same method (and may be

@@ -39,6 +39,8 @@ def cannot_shard(spec: RunSpec, task: Any) -> str:
     if spec.prune.method not in SHARDED_PRUNING:
         return (f"pruning method {spec.prune.method!r} does not run on sharded weights yet (FSDP2 runs: "
                 f"{', '.join(SHARDED_PRUNING)})")
+    if spec.prune.method != "none" and spec.prune.distribution != "global":
+        return f"the {spec.prune.distribution} sparsity distribution does not run on sharded weights yet"
     if spec.prune.method != "none" and spec.prune.threshold != "exact":
         return f"the {spec.prune.threshold} threshold does not run on sharded weights yet (FSDP2 runs exact)"
     if spec.prune.method == "magnitude" and spec.prune.importance != "magnitude":

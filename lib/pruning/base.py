@@ -25,11 +25,18 @@ from lib.core.errors import HarnessError
 from lib.core.spec import PruneSettings
 from lib.optim import bitmask, compact, kernels
 from lib.optim.kernels import native
-from lib.pruning import sharded
+from lib.pruning import distribution, sharded
 from lib.pruning.prunable import prunable_parameters, zero_count
 from lib.pruning.schedule import SparsitySchedule
 from lib.pruning.sharded import is_sharded, local, sharded_exact_mask
-from lib.pruning.threshold import LazyScores, get_threshold, prune_count, sample_size, sampled_cut
+from lib.pruning.threshold import (
+    LazyScores,
+    exact_count_mask,
+    get_threshold,
+    prune_count,
+    sample_size,
+    sampled_cut,
+)
 
 
 class Pruner:
@@ -176,13 +183,24 @@ class Pruner:
         if packed is not None:
             self.masks, self.applied = packed, sparsity
             return
-        if self.sharded:  # the exact global threshold agreed over the ranks' shards
+        if (per_layer := self.layer_masks(sparsity)) is not None:  # CONFIG_SPARSITY_DISTRIBUTION
+            masks = per_layer
+        elif self.sharded:  # the exact global threshold agreed over the ranks' shards
             masks = sharded_exact_mask(self._lazy_scores(), sparsity, self.prunable_count())
         else:
             masks = self.threshold(self._lazy_scores(), sparsity, seed=self.step)
         self.masks = {name: self._stored(mask) for (name, _), mask in zip(self.params, masks, strict=True)}
         self.applied = sparsity
         self.apply_masks()
+
+    def layer_masks(self, sparsity: float) -> list[Tensor] | None:
+        """Each layer pruned to its own count under the distribution (lib/pruning/distribution.py); None for
+        ``global``, where one threshold over every layer decides."""
+        if self.settings.distribution == "global" or not self.params:
+            return None
+        kept = distribution.kept_counts(self.settings.distribution, [p.shape for _, p in self.params], sparsity)
+        return [exact_count_mask([self.ranked(i)], p.numel() - k)[0]
+                for i, ((_, p), k) in enumerate(zip(self.params, kept, strict=True))]
 
     def _lazy_scores(self) -> LazyScores:
         return LazyScores(self.ranked, [local(p).numel() for _, p in self.params], gather=self.ranked_at,
@@ -289,6 +307,16 @@ class Pruner:
     def report(self) -> dict[str, Any]:
         """Method-specific facts for summary.json's sparsity entry (structures removed, ...)."""
         return {}
+
+    def layer_report(self) -> dict[str, Any]:
+        """Per-layer targets and reached sparsities under a per-layer distribution (summary.json); {} for global."""
+        if self.settings.distribution == "global" or not self.params or self.total_steps is None:
+            return {}
+        shapes = [p.shape for _, p in self.params]
+        kept = distribution.kept_counts(self.settings.distribution, shapes, self.schedule.target)
+        return {"distribution": self.settings.distribution, "layers": {
+            name: {"target": (p.numel() - k) / p.numel(), "reached": int((p == 0).sum()) / p.numel()}
+            for (name, p), k in zip(self.params, kept, strict=True)}}
 
     def prunable_count(self) -> int:
         """Number of weights this pruner may prune."""

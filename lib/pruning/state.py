@@ -94,7 +94,10 @@ class StatePruner(Pruner):
     @torch.no_grad()
     def prune_to(self, sparsity: float) -> None:
         """Score, threshold and install new masks in the optimizer (which zeroes the pruned entries)."""
-        if self.variant in bitter.PER_LAYER:
+        if (per_layer := self.layer_masks(sparsity)) is not None:  # CONFIG_SPARSITY_DISTRIBUTION
+            for (_, param), mask in zip(self.params, per_layer, strict=True):
+                self.optimizer.set_masks({param: mask})
+        elif self.variant in bitter.PER_LAYER:
             count = len(self.params)
             for index, (_, param) in enumerate(self.params):
                 target = bitter.layer_sparsity(sparsity, index, count)

@@ -123,9 +123,12 @@ def global_exact_mask(scores: Sequence[Tensor], sparsity: float, *, seed: int = 
     Deterministic: ``seed`` is ignored. Holds one flat copy of the scores
     while the threshold is found, none while the masks are built.
     """
-    sizes = _sizes(scores)
-    total = sum(sizes)
-    k = prune_count(total, sparsity)
+    return exact_count_mask(scores, prune_count(sum(_sizes(scores)), sparsity))
+
+
+def exact_count_mask(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """``global_exact_mask`` for a count: prune exactly the ``k`` lowest scores over all tensors, ties in order."""
+    total = sum(_sizes(scores))
     trivial = _trivial(scores, k, total)
     if trivial is not None:
         return trivial

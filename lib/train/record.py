@@ -82,7 +82,8 @@ def summary(spec: RunSpec, task: Task, trained: Trained, ended: Ended, done: Pro
         "test_at_best": ended.test,
         "sparsity": {"target": spec.sparsity, "reached": ended.reached, "prunable_params": pruner.prunable_count(),
                      "cut_by_surgery": pruner.removed / max(1, pruner.prunable_count() + pruner.removed),
-                     "total_params": sum(p.numel() for p in model.parameters()), **pruner.report()},
+                     "total_params": sum(p.numel() for p in model.parameters()), **pruner.report(),
+                     **pruner.layer_report()},
         "steps": {"planned": ended.planned, "done": ended.step, "evaluations": ended.evaluations},
         "memory": {**memory.peak(device), "state_bytes": memory.state_bytes(
             model, optimizer, pruner.buffer_bytes() + compact.buffer_bytes(optimizer))},

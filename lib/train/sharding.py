@@ -9,8 +9,8 @@ What a replicated run does with whole tensors, a sharded one does here, on every
 - evaluation (``whole``): every unit's weights gathered once, so ranks may run different numbers of
   forwards (the evaluation chunks are dealt round-robin);
 - training checkpoints (``save``, ``load``): ``torch.distributed.checkpoint``, each rank writing its shards
-  of the weights, optimizer state and masks into ``step_N.dcp/`` beside the rank-0 ``step_N.ckpt`` that
-  holds everything else;
+  of the weights, optimizer state and masks into a folder beside the rank-0 checkpoint file that holds
+  everything else (lib/checkpoint/manager.py names both);
 - the best checkpoint (``full_state``, ``load_full``): gathered into one ordinary whole-model file, so
   `make export`, sweeps and surgery read it as they read any other.
 """
