@@ -164,3 +164,15 @@ def test_resuming_shards_on_another_world_size_is_one_line(runs: dict[str, Path]
     assert run_mod.run(run_dir) != 0
     error = json.loads((run_dir / "summary.json").read_text())["error"]
     assert "holds shards of 2 ranks (FSDP2), this run has 1; resume it on 2 ranks" in error and "\n" not in error
+
+
+def test_a_checkpoint_whose_shards_are_missing_is_one_line(tmp_path: Path) -> None:
+    """The rank-0 file is there but its shard folder lost .metadata (a copy cut short): one line, before any
+    collective call, so no rank waits for the others."""
+    from lib.checkpoint.format import CheckpointError
+    from lib.train import sharding
+
+    ckpt = tmp_path / "checkpoints" / "step_00000008.ckpt"
+    shards_of(ckpt).mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"has no shards \(.*\.metadata is missing\); move the checkpoints"):
+        sharding.load(ckpt, None, None, None, [], world=2, saved_world=2)
