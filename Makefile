@@ -127,11 +127,12 @@ import: $(STAMP) ## Start GPT-2 runs from a transformers folder: make import HF=
 status: $(STAMP) ## Each run's state in the newest results folder (or RESULTS=dir): queued, running, ok, failed, diverged, preempted
 	@$(CLI) status $(if $(RESULTS),--results '$(RESULTS)')
 
-sweep: $(STAMP) ## One-shot sweep of RUN=<run dir>'s best checkpoint (or every ok run of RESULTS=dir) [SPARSITIES=30,50,70,90] [METRICS=] [PATTERNS=unstructured,2:4,structured] [CALIBRATION=] [TOLERANCE=] [QUANT=int8]
+sweep: $(STAMP) ## One-shot sweep of RUN=<run dir>'s best checkpoint (or every ok run of RESULTS=dir) [SPARSITIES=30,50,70,90] [METRICS=] [PATTERNS=unstructured,2:4,structured] [CALIBRATION=] [TOLERANCE=] [QUANT=int8] [LAYERS=y]
 	@$(CLI) sweep $(if $(RUN),--run '$(RUN)') $(if $(RESULTS),--results '$(RESULTS)') \
 		$(if $(SPARSITIES),--sparsities '$(SPARSITIES)') $(if $(METRICS),--metrics '$(METRICS)') \
 		$(if $(PATTERNS),--patterns '$(PATTERNS)') $(if $(CALIBRATION),--calibration '$(CALIBRATION)') \
-		$(if $(TOLERANCE),--tolerance '$(TOLERANCE)') $(if $(QUANT),--quant '$(QUANT)')
+		$(if $(TOLERANCE),--tolerance '$(TOLERANCE)') $(if $(QUANT),--quant '$(QUANT)') \
+		$(if $(LAYERS),--layers '$(LAYERS)')
 
 rerun: $(STAMP) ## Train RUN=<run folder> again from its spec.json into a new results folder and say if it came out identical (STRICT=1: exit 1 if not)
 	@$(CLI) rerun --run '$(RUN)' $(if $(filter 1 y yes,$(STRICT)),--strict)
@@ -178,16 +179,26 @@ randconfig: $(STAMP) ## Random .config; KCONFIG_SEED=N repeats one
 test: export XDG_CACHE_HOME := $(CURDIR)/.cache/test
 test: export XDG_CONFIG_HOME := $(CURDIR)/.cache/test/config
 test: export MPLCONFIGDIR := $(CURDIR)/.cache/test/matplotlib
-test: $(STAMP) $(EVAL_STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes; installs the lm-eval extra first)
+# Test files are spread over TEST_WORKERS processes (pytest-xdist, whole files each, so a module's trained fixture
+# is built once); TEST_WORKERS=1, or an interpreter without xdist, runs them one after another. The check that
+# no test left a process behind runs last, on its own, over every process the passes started.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+TEST_SPREAD = $(shell [ '$(TEST_WORKERS)' -gt 1 ] 2>/dev/null && '$(PY)' -c 'import xdist' 2>/dev/null \
+	&& echo '-n $(TEST_WORKERS) --dist loadfile')
+LAST_TEST := tests/repo/test_zz_left_behind.py
+test: export PRUNING_HARNESS_TEST_SESSION := make-test-$(shell date +%s%N)
+test: $(STAMP) $(EVAL_STAMP) ## ruff, then the test suite (CPU only, no network, a few minutes; installs the lm-eval extra first; TEST_WORKERS=N)
 	@$(LINT)
-	@$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q $(TEST_SPREAD) --ignore=$(LAST_TEST) tests
 	@echo "again with AdamWPrune's fused masked step forced on (the pass above runs it as each test built it):"
-	@$(PY) -m pytest -q --fused-step=on tests/optim/test_adamwprune.py tests/pruning/test_pruning.py tests/train/test_trainer.py
+	@$(PY) -m pytest -q $(TEST_SPREAD) --fused-step=on tests/optim/test_adamwprune.py tests/pruning/test_pruning.py \
+		tests/train/test_trainer.py
 	@echo "make gpu-check DRY=1 (every GPU check part's set-up, on the CPU):"
 	@mkdir -p '$(RESULTS_TREE)'
 	@$(PY) scripts/gpu_check.py --dry --results '$(RESULTS_TREE)' > '$(RESULTS_TREE)/gpu_check_dry.log' 2>&1 || \
 		{ cat '$(RESULTS_TREE)/gpu_check_dry.log'; exit 1; }
 	@grep -E '^\| [0-9] \|' '$(RESULTS_TREE)/gpu_check_dry.log'; tail -n 1 '$(RESULTS_TREE)/gpu_check_dry.log'
+	@$(PY) -m pytest -q $(LAST_TEST)
 
 bench: $(STAMP) ## Pruning, trainer, checkpoint, activation-checkpointing, surgery and 2:4 benchmarks (ratios side by side; JSON in results/)
 	@$(PY) scripts/bench_pruning.py

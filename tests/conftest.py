@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every process the suite starts inherits this mark, so the last test can find any that outlived its test.
 SESSION_MARK = "PRUNING_HARNESS_TEST_SESSION"
 os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{time.time_ns()}")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's spread pass: the workers share the cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 
 

@@ -1,5 +1,9 @@
 """Run last (marker ``last``): the suite leaves no process of its own running.
 
+`make test` runs this file on its own after the passes that spread the other files over several workers
+(pytest-xdist), with the session mark they all carried; inside a spread pass it would see the other workers'
+processes, so it skips there.
+
 Every process a test starts inherits conftest's session mark in its environment. One that still carries
 it after every other test, and is not pytest or a child pytest still holds (it ends with pytest), was
 left behind: a daemon, a training child that escaped its process group, a Slurm cluster started by a test.
@@ -75,6 +79,8 @@ def test_finder_sees_a_process_that_outlives_its_parent(tmp_path: Path) -> None:
 
 @pytest.mark.last
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux's /proc")
+@pytest.mark.skipif(bool(os.environ.get("PYTEST_XDIST_WORKER")), reason="the other workers are still running: "
+                    "run this file on its own afterwards, as make test does")
 def test_the_suite_left_no_process_of_its_own_running() -> None:
     found = left_behind()
     for _ in range(50):  # a process killed a moment ago may still be exiting
