@@ -54,7 +54,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     for name, what in (("sparsities", "percent, e.g. 30,50,70,90"), ("metrics", "magnitude,gradient-sensitivity,..."),
                        ("patterns", "unstructured,2:4,structured"), ("calibration", "training batches for the "
                                                                                     "gradient and activation metrics"),
-                       ("tolerance", "points of accuracy or percent of perplexity")):
+                       ("tolerance", "points of accuracy or percent of perplexity"),
+                       ("layers", "y: also each layer pruned alone (writes sweep/layers.json)")):
         parser.add_argument(f"--{name}", help=f"sweep: {what}")
     parser.add_argument("--gpus", help="dry-run/hwinfo: plan for made-up GPUs instead of the ones here, "
                                        "COUNTx NAME:TOTAL_GIB[:FREE_GIB] (make dry-run GPUS=\"1x NVIDIA A10G:24:8\"); "
@@ -260,7 +261,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from lib.sweep.oneshot import sweep_results, sweep_run
 
     given = {"SPARSITIES": args.sparsities, "METRICS": args.metrics, "PATTERNS": args.patterns,
-             "CALIBRATION": args.calibration, "TOLERANCE": args.tolerance, "QUANT": args.quant}
+             "CALIBRATION": args.calibration, "TOLERANCE": args.tolerance, "QUANT": args.quant,
+             "LAYERS": args.layers}
     if args.run and args.results:
         raise HarnessError("sweep takes RUN=<run dir> or RESULTS=<results dir>, not both")
     if args.run:

@@ -161,7 +161,7 @@ def _build(r: Reader, path: Path, overrides: dict[str, str], text: str) -> Confi
         sparsities=sparsities,
         seeds=tuple(range(first_seed, first_seed + r.int("SEEDS"))),
         optim={name: _optim(r, name) for name in optimizers},
-        prune=_prune(r, prunings, lists),
+        prune=_prune(r, prunings, lists, axes.distribution(r, models, sparsities)),
         train=train,
         surgery=_surgery(r),
         sweep=_sweep(r),
@@ -212,9 +212,9 @@ def _spam(r: Reader) -> dict[str, Any]:
             "spam_accu": r.int("SPAM_ACCU") if r.choice("SPAM_FORM") == "released" else 20}
 
 
-def _prune(r: Reader, prunings: tuple[str, ...], lists: Axes) -> PruneSettings:
+def _prune(r: Reader, prunings: tuple[str, ...], lists: Axes, distribution: dict[str, Any]) -> PruneSettings:
     """Schedule and threshold, plus the options of each pruning method in the matrix."""
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(distribution)
     if {"magnitude", "structured", "layer-dropout", "nm"} & set(prunings):  # the metric they rank by
         options["importance"] = r.choice("PRUNING_IMPORTANCE")
     if "nm" in prunings:  # Kconfig offers the method only while N < M
@@ -224,7 +224,6 @@ def _prune(r: Reader, prunings: tuple[str, ...], lists: Axes) -> PruneSettings:
     if "state" in prunings:
         options["bitter8_form"] = r.choice("ADAMWPRUNE_BITTER8_FORM")
     threshold = r.choice("PRUNING_THRESHOLD")
-    options["distribution"] = axes.distribution(r)
     if threshold == "sampled" or "sampled" in lists.thresholds:
         options["sample_tolerance"] = r.float("PRUNING_SAMPLE_TOLERANCE", 0.0, 10.0, open_low=True)
     start = _step_or_fraction(r, "PRUNING_START")
@@ -365,7 +364,7 @@ def _sweep(r: Reader) -> SweepSettings:
                                                         "CONFIG_SWEEP_TOLERANCE_ACCURACY"),
                          tolerance_perplexity=s.tolerance(r.str("SWEEP_TOLERANCE_PERPLEXITY"),
                                                           "CONFIG_SWEEP_TOLERANCE_PERPLEXITY"),
-                         int8=r.bool("SWEEP_INT8"))
+                         int8=r.bool("SWEEP_INT8"), layers=r.bool("SWEEP_LAYERS"))
 
 
 def surgery_structure(text: str) -> str:

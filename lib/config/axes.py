@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lib.core.errors import ConfigError
-from lib.pruning import importance, schedule, threshold
+from lib.pruning import importance, schedule, sensitivity, threshold
 
 SPARSITY_CHOICES = (50, 70, 90, 95, 99)  # CONFIG_SPARSITY_ENABLE_<pct>
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamwadv", "adamwspam", "adamwprune")
-IMPORTANCES = tuple(importance.IMPORTANCES)  # the registries' names, in their order
+IMPORTANCES = tuple(name for name, kind in importance.IMPORTANCES.items() if not kind.one_shot)  # in order
 SCHEDULES = tuple(schedule.CURVES)
 THRESHOLDS = tuple(threshold.THRESHOLDS)
 # Which pruning methods read each setting (lib/config/__init__.py's _prune reads them for the same methods).
@@ -74,10 +74,17 @@ def sparsity_axis(r: Any, lists: Axes) -> tuple[float, ...]:
     return lists.sparsities or chosen
 
 
-def distribution(r: Any) -> str:
-    """CONFIG_SPARSITY_DISTRIBUTION: hidden by Kconfig (so "global") where no method of the matrix uses it, and
-    its per-layer members offered only with the exact threshold."""
-    return r.choice("SPARSITY_DISTRIBUTION") or "global"
+def distribution(r: Any, models: tuple[str, ...], targets: tuple[float, ...]) -> dict[str, Any]:
+    """CONFIG_SPARSITY_DISTRIBUTION as PruneSettings fields: hidden by Kconfig (so "global") where no method of the
+    matrix uses it, its per-layer members offered only with the exact threshold, and ``sweep`` only once
+    CONFIG_SPARSITY_DISTRIBUTION_FILE names a file, whose curves are read here (lib/pruning/sensitivity.py)."""
+    kind = r.choice("SPARSITY_DISTRIBUTION") or "global"
+    text = r.str("SPARSITY_DISTRIBUTION_FILE")  # visible with the choice; what it names is read for sweep only
+    if kind != "sweep":
+        return {"distribution": kind}
+    for model in models:  # a file measures one model: every model of the matrix must be it
+        curves, source = sensitivity.read(text, model, [t for t in targets if t > 0])
+    return {"distribution": kind, "layer_curves": curves, "layer_source": source}
 
 
 def items(symbol: str, text: str, parse: Callable[[str], Any], example: str) -> tuple[Any, ...]:

@@ -1,5 +1,5 @@
 """What `make sweep` tries (lib/sweep/oneshot.py): parsed from CONFIG_SWEEP_* or from SPARSITIES=, METRICS=,
-PATTERNS=, CALIBRATION= and TOLERANCE= on the command line, each problem one line."""
+PATTERNS=, CALIBRATION=, TOLERANCE=, QUANT= and LAYERS= on the command line, each problem one line."""
 
 from __future__ import annotations
 
@@ -27,14 +27,16 @@ def sparsities(text: str, where: str) -> tuple[float, ...]:
 
 def metrics(text: str, where: str) -> tuple[str, ...]:
     """Importance metric names of lib/pruning/importance.py's registry (``gradient_sensitivity`` or
-    ``gradient-sensitivity``)."""
+    ``gradient-sensitivity``), and ``sparsegpt``."""
     from lib.pruning.importance import IMPORTANCES
+    from lib.pruning.sparsegpt import NAME
 
+    metrics = (*IMPORTANCES, NAME)
     found = []
     for item in _items(text, where):
         name = item.replace("_", "-")
-        if name not in IMPORTANCES:
-            raise ConfigError(f"{where}: unknown importance metric {item!r}; valid: {', '.join(IMPORTANCES)}")
+        if name not in metrics:
+            raise ConfigError(f"{where}: unknown importance metric {item!r}; valid: {', '.join(metrics)}")
         found.append(name)
     return tuple(dict.fromkeys(found))
 
@@ -76,12 +78,20 @@ def int8(text: str, where: str) -> bool:
     return text == "int8"
 
 
+def yes_no(text: str, where: str) -> bool:
+    """LAYERS=y (also each layer pruned alone) or LAYERS=n."""
+    if text not in ("y", "n"):
+        raise ConfigError(f"{where}={text!r}: give y or n")
+    return text == "y"
+
+
 def overridden(settings: SweepSettings, given: dict[str, str | None], higher_is_better: bool) -> SweepSettings:
     """``settings`` with the command line's SPARSITIES=, METRICS=, PATTERNS=, CALIBRATION= and TOLERANCE=;
     TOLERANCE is points of accuracy or percent of perplexity, whichever the task's metric is."""
     parsers: dict[str, tuple[str, Callable]] = {
         "sparsities": ("SPARSITIES", sparsities), "metrics": ("METRICS", metrics),
         "patterns": ("PATTERNS", patterns), "calibration_batches": ("CALIBRATION", count), "int8": ("QUANT", int8),
+        "layers": ("LAYERS", yes_no),
         ("tolerance_accuracy" if higher_is_better else "tolerance_perplexity"): ("TOLERANCE", tolerance)}
     changes = {field: parse(given[name], name) for field, (name, parse) in parsers.items() if given.get(name)}
     return dataclasses.replace(settings, **changes)

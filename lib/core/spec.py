@@ -50,7 +50,9 @@ class PruneSettings:
     end: int | float = 0.7
     frequency: int = 10
     threshold: str = "exact"  # "exact", "sampled" or "per-layer"
-    distribution: str = "global"  # per-layer targets: "global" (none), "uniform", "erk" (lib/pruning/distribution.py)
+    distribution: str = "global"  # per-layer targets: global (none), uniform, erk, sweep (lib/pruning/distribution.py)
+    layer_curves: tuple = ()  # "sweep": ((layer, shape, ((sparsity, drop), ...)), ...) (lib/pruning/sensitivity.py)
+    layer_source: str = ""  # "sweep": the sensitivity file the curves were read from, and its digest
     sample_tolerance: float = 0.1  # sampled threshold: worst sparsity error aimed at, in points (3.22 sigma)
     importance: str = "magnitude"  # magnitude pruning: "magnitude", "gradient-sensitivity", "activation"
     movement_form: str = "sanh"  # "sanh" (paper) or "knlp"
@@ -58,6 +60,11 @@ class PruneSettings:
     bitter8_form: str = "paper"  # "paper" or "knlp"
     nm_n: int = 2  # N:M pruning: keep N of every M consecutive weights along the input dimension
     nm_m: int = 4
+
+    def __post_init__(self) -> None:  # spec.json gives lists back: keep specs read and planned equal
+        curves = tuple((name, tuple(shape), tuple(tuple(point) for point in curve))
+                       for name, shape, curve in self.layer_curves)
+        object.__setattr__(self, "layer_curves", curves)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class SweepSettings:
     tolerance_accuracy: float = 1.0  # points below dense still recommended
     tolerance_perplexity: float = 5.0  # percent above dense still recommended
     int8: bool = False  # each row also after torchao int8 (lib/quant): metric, size as stored, CPU latency
+    layers: bool = False  # also each layer pruned alone: per-layer sensitivity, the sweep distribution's file
 
     def __post_init__(self) -> None:  # spec.json gives lists back
         for name in ("sparsities", "metrics", "patterns"):
@@ -216,7 +224,7 @@ class RunSpec:
 
 # Every change to the RunSpec's fields bumps SCHEMA_VERSION and adds a migration from the version before, so
 # that every spec.json ever published loads (tests/core/test_spec_versions.py guards the field list).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -274,7 +282,13 @@ def _from_4(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     return data
 
 
-_MIGRATIONS = [_from_unversioned, _from_1, _from_2, _from_3, _from_4]  # _MIGRATIONS[v] takes schema v to v + 1
+def _from_5(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Schema 5 -> 6 (issue 32, 2026-12-07): PruneSettings.layer_curves and layer_source (the sweep distribution)
+    and SweepSettings.layers were added; empty and off, as every earlier run was, so nothing changes."""
+    return data
+
+
+_MIGRATIONS = [_from_unversioned, _from_1, _from_2, _from_3, _from_4, _from_5]  # _MIGRATIONS[v] takes schema v to v + 1
 
 
 # A method's identity: every setting that changes what training does. Two runs are the same method (and may be

@@ -25,7 +25,7 @@ from lib.core.errors import HarnessError
 from lib.core.spec import PruneSettings
 from lib.optim import bitmask, compact, kernels
 from lib.optim.kernels import native
-from lib.pruning import distribution, sharded
+from lib.pruning import distribution, sensitivity, sharded
 from lib.pruning.prunable import prunable_parameters, zero_count
 from lib.pruning.schedule import SparsitySchedule
 from lib.pruning.sharded import is_sharded, local, sharded_exact_mask
@@ -63,6 +63,9 @@ class Pruner:
         self.applied = 0.0  # sparsity the current masks were computed for
         self.removed = 0  # prunable weights checkpoint-time surgery removed from the model (lib/surgery/cut.py)
         self.total_steps: int | None = None
+        # CONFIG_SPARSITY_DISTRIBUTION=sweep: each layer's sensitivity curve, checked against these very weights
+        self.curves = sensitivity.curves_for(settings.layer_curves, self.params) \
+            if settings.distribution == "sweep" else []
 
     # -- what subclasses override -------------------------------------------------------------
 
@@ -194,13 +197,37 @@ class Pruner:
         self.apply_masks()
 
     def layer_masks(self, sparsity: float) -> list[Tensor] | None:
-        """Each layer pruned to its own count under the distribution (lib/pruning/distribution.py); None for
-        ``global``, where one threshold over every layer decides."""
+        """Each layer pruned to its own count under the distribution (lib/pruning/distribution.py), or each
+        output row when the metric compares within rows (Wanda); None for ``global``, where one threshold over
+        every layer decides."""
+        if self.compares_rows() and self.params:
+            return self._row_masks(sparsity)
         if self.settings.distribution == "global" or not self.params:
             return None
-        kept = distribution.kept_counts(self.settings.distribution, [p.shape for _, p in self.params], sparsity)
+        kept = distribution.kept_counts(self.settings.distribution, [p.shape for _, p in self.params], sparsity,
+                                        self.curves)
         return [exact_count_mask([self.ranked(i)], p.numel() - k)[0]
                 for i, ((_, p), k) in enumerate(zip(self.params, kept, strict=True))]
+
+    def compares_rows(self) -> bool:
+        """True when weights compete only within their output row (the importance metric says so)."""
+        return False
+
+    def _row_masks(self, sparsity: float) -> list[Tensor]:
+        """Every output row of every layer pruned to the same sparsity, the rounding remainder to the largest
+        rows (``distribution.kept_counts``, rows as its units), so the overall count is exact."""
+        rows = [(p.shape[0], p[0].numel()) for _, p in self.params]
+        kept = distribution.kept_counts("uniform", [(width,) for count, width in rows for _ in range(count)],
+                                        sparsity)
+        masks, start = [], 0
+        for i, (count, width) in enumerate(rows):
+            keep = torch.tensor(kept[start:start + count], device=self.params[i][1].device).unsqueeze(1)
+            start += count
+            order = self.ranked(i).reshape(count, width).argsort(dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order).scatter_(1, order, torch.arange(width, device=order.device).expand(
+                count, width).contiguous())
+            masks.append((rank < keep).reshape(self.params[i][1].shape))
+        return masks
 
     def _lazy_scores(self) -> LazyScores:
         return LazyScores(self.ranked, [local(p).numel() for _, p in self.params], gather=self.ranked_at,
@@ -313,8 +340,9 @@ class Pruner:
         if self.settings.distribution == "global" or not self.params or self.total_steps is None:
             return {}
         shapes = [p.shape for _, p in self.params]
-        kept = distribution.kept_counts(self.settings.distribution, shapes, self.schedule.target)
-        return {"distribution": self.settings.distribution, "layers": {
+        kept = distribution.kept_counts(self.settings.distribution, shapes, self.schedule.target, self.curves)
+        source = {"source": self.settings.layer_source} if self.settings.layer_source else {}
+        return {"distribution": self.settings.distribution, **source, "layers": {
             name: {"target": (p.numel() - k) / p.numel(), "reached": int((p == 0).sum()) / p.numel()}
             for (name, p), k in zip(self.params, kept, strict=True)}}
 

@@ -7,6 +7,10 @@
 - ``activation``: ``|w|`` times the running mean ``|x|`` of the input unit
   the weight reads (Linear: input feature; Conv: input channel), gathered by
   forward pre-hooks in training mode. One float per input unit.
+- ``wanda`` (Sun et al. 2023, "A Simple and Effective Pruning Approach for Large Language Models"): ``|w|``
+  times the L2 norm of the input unit over every calibration token (a sum of squares per unit, the root taken
+  when scored), compared only within each output row (``per_row``). A one-shot metric of `make sweep`, not
+  offered for training (``one_shot``).
 
 Accumulation starts at step 1, not at pruning start, so that the first mask
 update already ranks on a history rather than on a single batch. Adding a
@@ -30,6 +34,8 @@ class Importance:
     """A per-weight score (high = keep); may keep state updated every step."""
 
     name: ClassVar[str] = "base"
+    per_row: ClassVar[bool] = False  # weights compete only within their output row (Wanda), not globally
+    one_shot: ClassVar[bool] = False  # `make sweep` only: the training choices do not offer it
 
     def __init__(self, model: nn.Module, params: Params):
         self.model = model
@@ -131,11 +137,7 @@ class Activation(Importance):
     @torch.no_grad()
     def _observe(self, name: str, module: nn.Module, x: Tensor) -> None:
         mean = self.mean[name]
-        if isinstance(module, nn.Linear):  # (..., in_features)
-            dims = tuple(range(x.dim() - 1))
-        else:  # Conv: (N, C, *spatial), or unbatched (C, *spatial)
-            x = x if x.dim() == module.weight.dim() else x.unsqueeze(0)
-            dims = (0, *range(2, x.dim()))
+        x, dims = _per_unit(module, x)
         n = x.numel() // mean.numel()  # input vectors in this batch
         if n == 0:
             return
@@ -184,10 +186,41 @@ class Activation(Importance):
         self.seen.update(state.get("seen", {}))
 
 
+class Wanda(Activation):
+    """``|w| * ||x||_2`` per input unit over the calibration tokens, compared within each output row. ``mean``
+    holds the sum of squares here (the DDP average of a sum ranks alike)."""
+
+    name = "wanda"
+    per_row = True
+    one_shot = True
+
+    @torch.no_grad()
+    def _observe(self, name: str, module: nn.Module, x: Tensor) -> None:
+        x, dims = _per_unit(module, x)
+        n = x.numel() // self.mean[name].numel()
+        if n == 0:
+            return
+        self.mean[name].add_(torch.sum(x.to(torch.float32).square(), dim=dims))
+        self.seen[name] += n
+
+    def _unit_scale(self, name: str, param: nn.Parameter) -> Tensor:
+        return super()._unit_scale(name, param).sqrt()
+
+
+def _per_unit(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``x`` (a batch of the layer's input) and the dims that run over input vectors, leaving the input unit:
+    Linear (..., in_features); Conv (N, C, *spatial), an unbatched (C, *spatial) given a batch dim."""
+    if isinstance(module, nn.Linear):
+        return x, tuple(range(x.dim() - 1))
+    x = x if x.dim() == module.weight.dim() else x.unsqueeze(0)
+    return x, (0, *range(2, x.dim()))
+
+
 IMPORTANCES: dict[str, type[Importance]] = {
     "magnitude": Magnitude,
     "gradient-sensitivity": GradientSensitivity,
     "activation": Activation,
+    "wanda": Wanda,
 }
 
 

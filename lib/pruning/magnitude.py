@@ -36,6 +36,9 @@ class MagnitudePruner(Pruner):
     def weight_is_score(self) -> bool:
         return self.metric.name == "magnitude"
 
+    def compares_rows(self) -> bool:
+        return self.metric.per_row
+
     @torch.no_grad()
     def before_step(self) -> None:
         self.metric.accumulate()  # on the true gradient, before pruned entries are zeroed

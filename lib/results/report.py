@@ -117,8 +117,8 @@ def _model_section(model: str, runs: list[Run], metric: Metric | None) -> list[s
     lines += [""]
     lines += ["Mean ± sample std (n-1) over the seeds that finished ok; a single seed shows no ±. "
               "Failed and diverged runs are excluded from the means and listed under Flags.", ""]
-    return (lines + _best_per_sparsity(runs, metric) + _structures(runs) + _patterns(runs) + _surgeries(runs)
-            + _lm_eval(runs))
+    return (lines + _best_per_sparsity(runs, metric) + _structures(runs) + _patterns(runs) + _layers(runs)
+            + _surgeries(runs) + _lm_eval(runs))
 
 
 def _structures(runs: list[Run]) -> list[str]:
@@ -160,6 +160,29 @@ def _patterns(runs: list[Run]) -> list[str]:
                                              rows) + [
         "", "Sparsity reached counts the weights in the pattern; a layer whose input dimension M does not "
         "divide cannot hold it and stays dense.", ""]
+
+
+def _layers(runs: list[Run]) -> list[str]:
+    """Runs with a per-layer distribution (CONFIG_SPARSITY_DISTRIBUTION): each layer's target and reached
+    sparsity, a column per run."""
+    found = [(r, entry) for r in runs if isinstance(entry := (r.summary.get("sparsity") or {}), dict)
+             and isinstance(entry.get("layers"), dict)]
+    if not found:
+        return []
+    names = list(dict.fromkeys(name for _, entry in found for name in entry["layers"]))
+    rows = [[name] + [_layer_cell(entry["layers"].get(name)) for _, entry in found] for name in names]
+    sources = [f"{r.name}: {entry['source']}" for r, entry in found if entry.get("source")]
+    return ["### Per-layer sparsity (target / reached, %)", ""] + _table(
+        ["layer"] + [f"{r.name} ({entry.get('distribution', '?')})" for r, entry in found], rows) + [
+        "", "Each layer pruned to its own count; the counts add up to the overall target exactly (the rounding "
+        "remainder goes to the largest layers)." + ("" if not sources else " Sensitivity files: "
+                                                     + "; ".join(sources) + "."), ""]
+
+
+def _layer_cell(layer: dict[str, Any] | None) -> str:
+    if not isinstance(layer, dict):
+        return "-"
+    return f"{100 * layer.get('target', float('nan')):.1f} / {100 * layer.get('reached', float('nan')):.1f}"
 
 
 def _surgeries(runs: list[Run]) -> list[str]:

@@ -3,9 +3,9 @@
 The run's best checkpoint is read, never written. For every pattern x importance metric x target
 sparsity a copy of the dense weights is pruned one-shot, without training, and evaluated on the
 validation split; each row also records its size as it would be stored and its speed measured
-beside the dense model (lib/sweep/measure.py). The gradient-sensitivity and activation metrics see
-a few calibration batches of training data first (one forward and backward each, no step, batch
-norm and dropout in evaluation mode).
+beside the dense model (lib/sweep/measure.py). The metrics that need data (gradient sensitivity,
+activation, Wanda, SparseGPT) see a few calibration batches of training data first, batch norm and
+dropout in evaluation mode (lib/sweep/subject.py).
 
 The recommendation, per pattern, is the highest target whose validation metric stays within the
 tolerance of dense (points of accuracy, or percent of perplexity). Overall, among the patterns'
@@ -24,44 +24,23 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lib import checkpoint
 from lib.checkpoint.folder import RunCheckpoints
 from lib.config import sweep as sweep_settings
 from lib.core.errors import ConfigError, HarnessError, first_line
-from lib.core.spec import PruneSettings, RunSpec, SweepSettings, run_spec
-from lib.core.task import Metric, Task, get_task
+from lib.core.spec import SweepSettings, run_spec
+from lib.core.task import Metric, get_task
 from lib.optim import build_optimizer
-from lib.pruning import build_pruner
-from lib.pruning.importance import build_importance
-from lib.pruning.prunable import PRUNABLE_TYPES, prunable_parameters, zero_fraction
+from lib.pruning import sensitivity
+from lib.pruning.prunable import zero_fraction
 from lib.results import load as load_results
 from lib.surgery.measure import LARGE_BATCH
+from lib.sweep import layers as layer_sweep
 from lib.sweep import measure as sweep_measure
 from lib.sweep import report as sweep_report
-
-NEEDS_CALIBRATION = ("gradient-sensitivity", "activation")
-
-
-@dataclasses.dataclass
-class Subject:
-    """The checkpoint under study: the model (pruned in place row by row), its dense weights, a dense twin."""
-
-    spec: RunSpec
-    task: Task
-    settings: SweepSettings
-    model: nn.Module
-    dense: nn.Module
-    weights: dict[str, torch.Tensor]
-    architecture: dict | None
-    device: torch.device
-    calibrated: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    dense_cpu: nn.Module | None = None  # the int8 rows' timing reference (int8 runs on the CPU)
-
-    def restore(self) -> None:
-        self.model.load_state_dict(self.weights)
+from lib.sweep.subject import Subject, calibrate, cannot, check_calibration, pruner_for, subject_of
 
 
 def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: Any = print) -> dict[str, Any]:
@@ -74,8 +53,8 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
     digest = _sha256(best)
     payload = checkpoint.load(best)
     task.prepare(spec)
-    _check_calibration(task, spec, settings)
-    subject = _subject(spec, task, settings, payload)
+    check_calibration(task, spec, settings)
+    subject = subject_of(spec, task, settings, payload)
     say(f"sweep: {best} (step {payload['step']}) on {subject.device}: {len(settings.patterns)} pattern(s) x "
         f"{len(settings.metrics)} metric(s) x {len(settings.sparsities)} sparsities, one-shot, on the val split")
     subject.calibrated = {metric: calibrate(subject, metric) for metric in settings.metrics}
@@ -85,6 +64,7 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
     rows = [row for pattern in settings.patterns for metric in settings.metrics
             for row in _rows(subject, pattern, metric, base, say)]
     value = dense["val"][task.metric.name]
+    layers = layer_sweep.measure(subject, value, say) if settings.layers else {}
     picks = recommend(rows, value, task.metric, settings)
     chosen = overall(rows, picks, task.metric, dense)
     test = _test(subject, rows[chosen]) if chosen is not None else None
@@ -98,11 +78,18 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
               "recommended": {pattern: pick for pattern, pick in picks.items()},
               "overall": None if chosen is None else {"row": chosen, "test": test, "buys": buys(rows[chosen], dense)},
               "note": sweep_measure.CPU_NOTE if subject.device.type == "cpu" else ""}
+    if layers:
+        record["layers"] = layers
     if _sha256(best) != digest:
         record["note"] += "; the best checkpoint was replaced while the sweep read it (is the run still training?)"
     out = sweep_report.write(run_dir / "sweep", record)
     say(sweep_report.recommendation_lines(record))
     say(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
+    if layers:
+        where = {"path": str(best.resolve()), "sha256": digest, "step": int(payload["step"])}
+        content = layer_sweep.record(spec.name, spec.model, where, task.metric, value, list(settings.sparsities),
+                                     layers)
+        say(f"wrote {sensitivity.write(out, content)} (CONFIG_SPARSITY_DISTRIBUTION_FILE for the sweep distribution)")
     return record
 
 
@@ -131,59 +118,14 @@ def sweep_results(folder: Path, given: dict[str, str | None] | None = None, say:
 # -- the rows ------------------------------------------------------------------------------------
 
 
-def _subject(spec: RunSpec, task: Task, settings: SweepSettings, payload: dict[str, Any]) -> Subject:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    architecture = payload.get("architecture")
-    model = task.build_model(spec, architecture)
-    model.load_state_dict(payload["model"])
-    model.to(device).eval()
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Subject(spec, task, settings, model, copy.deepcopy(model), weights, architecture, device)
-
-
-def _check_calibration(task: Task, spec: RunSpec, settings: SweepSettings) -> None:
-    needing = [m for m in settings.metrics if m in NEEDS_CALIBRATION]
-    if not needing:
-        return
-    if settings.calibration_batches == 0:
-        raise ConfigError(f"sweep: {', '.join(needing)} need calibration batches, and CALIBRATION is 0; "
-                          f"give CALIBRATION=8 (or METRICS=magnitude)")
-    wanted = settings.calibration_batches * spec.hardware.micro_batch
-    have = task.examples_per_epoch(spec)
-    if wanted > have:
-        raise ConfigError(f"sweep: {settings.calibration_batches} calibration batches x micro-batch "
-                          f"{spec.hardware.micro_batch} = {wanted} examples, but {spec.model}'s training split holds "
-                          f"{have}; give CALIBRATION={max(1, have // spec.hardware.micro_batch)} or fewer")
-
-
-def calibrate(subject: Subject, metric: str) -> dict[str, Any]:
-    """The state of importance ``metric`` after the calibration batches ({} for magnitude, which needs none)."""
-    if metric not in NEEDS_CALIBRATION:
-        return {}
-    model, task, spec = subject.model, subject.task, subject.spec
-    importance = build_importance(metric, model, prunable_parameters(model))
-    layers = [module for module in model.modules() if isinstance(module, PRUNABLE_TYPES)]
-    stream = task.train_batches(spec, spec.hardware.micro_batch, spec.seed)
-    try:
-        model.eval()
-        for module in layers:
-            module.train()  # the activation hooks observe layers in training mode; Linear and Conv compute alike
-        for _ in range(subject.settings.calibration_batches):
-            batch = tuple(t.to(subject.device) for t in next(stream))
-            model.zero_grad(set_to_none=True)
-            task.loss(model, batch).backward()
-            importance.accumulate()
-        return importance.state_dict()
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.eval()
-        importance.close()
-
-
 def _rows(subject: Subject, pattern: str, metric: str, base: float, say: Any) -> list[dict[str, Any]]:
     n, m = _nm(pattern) if ":" in pattern else (0, 1)
     targets = [1 - n / m] if ":" in pattern else list(subject.settings.sparsities)
-    pruner = _pruner(subject, pattern, metric)
+    if cannot(pattern, metric):
+        say(f"  {pattern:>12} {metric:<20} skipped ({cannot(pattern, metric)})")
+        return [{"pattern": pattern, "metric": metric, "target": t, "skipped": cannot(pattern, metric)}
+                for t in targets]
+    pruner = pruner_for(subject, pattern, metric)
     rows = []
     try:
         for target in targets:
@@ -200,17 +142,6 @@ def _rows(subject: Subject, pattern: str, metric: str, base: float, say: Any) ->
         pruner.close()
         subject.restore()
     return rows
-
-
-def _pruner(subject: Subject, pattern: str, metric: str) -> Any:
-    method = "nm" if ":" in pattern else {"unstructured": "magnitude", "structured": "structured"}[pattern]
-    n, m = _nm(pattern) if ":" in pattern else (2, 4)
-    pruner = build_pruner(subject.model, None, PruneSettings(method=method, importance=metric, nm_n=n, nm_m=m))
-    names = {name for name, _ in pruner.params}
-    state = {key: {name: v for name, v in part.items() if name in names}
-             for key, part in subject.calibrated[metric].items()}
-    pruner.metric.load_state_dict(state)
-    return pruner
 
 
 def _skip(pruner: Any, target: float, base: float) -> str:
@@ -280,7 +211,7 @@ def _dense_row(subject: Subject) -> dict[str, Any]:
 
 
 def _test(subject: Subject, row: dict[str, Any]) -> dict[str, float]:
-    pruner = _pruner(subject, row["pattern"], row["metric"])
+    pruner = pruner_for(subject, row["pattern"], row["metric"])
     try:
         _apply(subject, pruner, row["target"])
         return subject.task.evaluate(subject.model, subject.spec, "test")

@@ -99,7 +99,25 @@ def markdown(record: dict[str, Any]) -> str:
              "values plus ceil(log2 M) bits of position each, structured as the smaller model cut out."]
     if record.get("note"):
         notes.append(f"Note: {record['note']}.")
-    return head + "\n".join(table) + "\n" + "\n\n".join(notes) + "\n" + int8_table(record)
+    return head + "\n".join(table) + "\n" + "\n\n".join(notes) + "\n" + int8_table(record) + layer_table(record)
+
+
+def layer_table(record: dict[str, Any]) -> str:
+    """Each layer pruned alone (SWEEP_LAYERS): val metric and drop per sparsity; '' when the sweep had none."""
+    layers = record.get("layers")
+    if not layers:
+        return ""
+    metric, sparsities = _metric(record), record["settings"]["sparsities"]
+    unit = "points" if metric.higher_is_better else "%"
+    lines = ["\n## Per-layer sensitivity (each layer alone pruned by |w|, the others as trained)\n",
+             f"Val {metric.name}, and in brackets the drop from {_short(record)} in {unit}; the file "
+             f"`layers.json` beside this one feeds CONFIG_SPARSITY_DISTRIBUTION_FILE.\n",
+             "| layer | weights | " + " | ".join(f"{100 * s:g} %" for s in sparsities) + " |",
+             "|---|---:|" + "---:|" * len(sparsities)]
+    for name, layer in layers.items():
+        cells = [f"{v:.2f} ({d:+.2f})" for v, d in zip(layer["values"], layer["drops"], strict=True)]
+        lines.append(f"| {name} | {layer['size']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def int8_table(record: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from lib.core.errors import ConfigError
 from lib.core.spec import OptimSettings, PruneSettings
 from lib.optim.bitmask import unpack
 from tests.conftest import VOCAB, resolve_defconfig, synthetic_spec, tiny_spec, trained_run
+from tests.sweep.test_baselines import sweep_baselines
 
 transformers = pytest.importorskip("transformers")
 TOKENS = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -114,8 +115,10 @@ def test_import_round_trip_is_exact_and_a_run_starts_from_it(runs: dict[str, Pat
     start = dataclasses.replace(synthetic_spec(tmp_path, name="from_hf", max_iters=2, eval_interval=1),
                                 optim=OptimSettings("adamw", 0.0, 0.0))
     start = dataclasses.replace(start, model_options={**start.model_options, "init_hf": str(out / "hf")})
-    weights = load(RunCheckpoints(trained_run(tmp_path, start)).best)["model"]
+    imported = trained_run(tmp_path, start)
+    weights = load(RunCheckpoints(imported).best)["model"]
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    sweep_baselines(imported)  # Wanda and SparseGPT rows on the imported weights (issue 32)
 
 
 def test_import_refuses_a_folder_that_does_not_fit_in_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
