@@ -80,6 +80,10 @@ def distribution(r: Any, models: tuple[str, ...], targets: tuple[float, ...]) ->
     CONFIG_SPARSITY_DISTRIBUTION_FILE names a file, whose curves are read here (lib/pruning/sensitivity.py)."""
     kind = r.choice("SPARSITY_DISTRIBUTION") or "global"
     text = r.str("SPARSITY_DISTRIBUTION_FILE")  # visible with the choice; what it names is read for sweep only
+    if kind == "owl":  # Kconfig offers it for GPT-2 alone, the model with calibration text
+        return {"distribution": kind, "owl_m": r.float("OWL_M", 0.0, open_low=True),
+                "owl_lambda": r.float("OWL_LAMBDA", 0.0, 0.5, open_high=True),
+                "owl_batches": r.int("OWL_CALIBRATION_BATCHES")}
     if kind != "sweep":
         return {"distribution": kind}
     for model in models:  # a file measures one model: every model of the matrix must be it

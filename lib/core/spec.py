@@ -53,6 +53,9 @@ class PruneSettings:
     distribution: str = "global"  # per-layer targets: global (none), uniform, erk, sweep (lib/pruning/distribution.py)
     layer_curves: tuple = ()  # "sweep": ((layer, shape, ((sparsity, drop), ...)), ...) (lib/pruning/sensitivity.py)
     layer_source: str = ""  # "sweep": the sensitivity file the curves were read from, and its digest
+    owl_m: float = 5.0  # "owl": a score is an outlier above M x the mean of its block's (lib/pruning/owl.py)
+    owl_lambda: float = 0.08  # "owl": layer sparsities within target +- lambda
+    owl_batches: int = 8  # "owl": training micro-batches of calibration text
     sample_tolerance: float = 0.1  # sampled threshold: worst sparsity error aimed at, in points (3.22 sigma)
     importance: str = "magnitude"  # magnitude pruning: "magnitude", "gradient-sensitivity", "activation"
     movement_form: str = "sanh"  # "sanh" (paper) or "knlp"
@@ -224,7 +227,7 @@ class RunSpec:
 
 # Every change to the RunSpec's fields bumps SCHEMA_VERSION and adds a migration from the version before, so
 # that every spec.json ever published loads (tests/core/test_spec_versions.py guards the field list).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -288,7 +291,14 @@ def _from_5(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     return data
 
 
-_MIGRATIONS = [_from_unversioned, _from_1, _from_2, _from_3, _from_4, _from_5]  # _MIGRATIONS[v] takes schema v to v + 1
+def _from_6(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Schema 6 -> 7 (issue 32, 2026-12-07): PruneSettings.owl_m, owl_lambda and owl_batches (the owl
+    distribution) were added; read only by it, which no earlier run used, so nothing changes."""
+    return data
+
+
+# _MIGRATIONS[v] takes schema v to v + 1
+_MIGRATIONS = [_from_unversioned, _from_1, _from_2, _from_3, _from_4, _from_5, _from_6]
 
 
 # A method's identity: every setting that changes what training does. Two runs are the same method (and may be

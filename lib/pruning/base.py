@@ -25,7 +25,8 @@ from lib.core.errors import HarnessError
 from lib.core.spec import PruneSettings
 from lib.optim import bitmask, compact, kernels
 from lib.optim.kernels import native
-from lib.pruning import distribution, sensitivity, sharded
+from lib.pruning import sharded
+from lib.pruning.per_layer import LayerTargets, row_masks
 from lib.pruning.prunable import prunable_parameters, zero_count
 from lib.pruning.schedule import SparsitySchedule
 from lib.pruning.sharded import is_sharded, local, sharded_exact_mask
@@ -63,9 +64,7 @@ class Pruner:
         self.applied = 0.0  # sparsity the current masks were computed for
         self.removed = 0  # prunable weights checkpoint-time surgery removed from the model (lib/surgery/cut.py)
         self.total_steps: int | None = None
-        # CONFIG_SPARSITY_DISTRIBUTION=sweep: each layer's sensitivity curve, checked against these very weights
-        self.curves = sensitivity.curves_for(settings.layer_curves, self.params) \
-            if settings.distribution == "sweep" else []
+        self.layered = LayerTargets(settings, self.params)  # CONFIG_SPARSITY_DISTRIBUTION's per-layer counts
 
     # -- what subclasses override -------------------------------------------------------------
 
@@ -201,33 +200,16 @@ class Pruner:
         output row when the metric compares within rows (Wanda); None for ``global``, where one threshold over
         every layer decides."""
         if self.compares_rows() and self.params:
-            return self._row_masks(sparsity)
+            return row_masks(self.ranked, self.params, sparsity)
         if self.settings.distribution == "global" or not self.params:
             return None
-        kept = distribution.kept_counts(self.settings.distribution, [p.shape for _, p in self.params], sparsity,
-                                        self.curves)
+        kept = self.layered.kept(self.model, self.params, sparsity)
         return [exact_count_mask([self.ranked(i)], p.numel() - k)[0]
                 for i, ((_, p), k) in enumerate(zip(self.params, kept, strict=True))]
 
     def compares_rows(self) -> bool:
         """True when weights compete only within their output row (the importance metric says so)."""
         return False
-
-    def _row_masks(self, sparsity: float) -> list[Tensor]:
-        """Every output row of every layer pruned to the same sparsity, the rounding remainder to the largest
-        rows (``distribution.kept_counts``, rows as its units), so the overall count is exact."""
-        rows = [(p.shape[0], p[0].numel()) for _, p in self.params]
-        kept = distribution.kept_counts("uniform", [(width,) for count, width in rows for _ in range(count)],
-                                        sparsity)
-        masks, start = [], 0
-        for i, (count, width) in enumerate(rows):
-            keep = torch.tensor(kept[start:start + count], device=self.params[i][1].device).unsqueeze(1)
-            start += count
-            order = self.ranked(i).reshape(count, width).argsort(dim=1, descending=True, stable=True)
-            rank = torch.empty_like(order).scatter_(1, order, torch.arange(width, device=order.device).expand(
-                count, width).contiguous())
-            masks.append((rank < keep).reshape(self.params[i][1].shape))
-        return masks
 
     def _lazy_scores(self) -> LazyScores:
         return LazyScores(self.ranked, [local(p).numel() for _, p in self.params], gather=self.ranked_at,
@@ -339,12 +321,7 @@ class Pruner:
         """Per-layer targets and reached sparsities under a per-layer distribution (summary.json); {} for global."""
         if self.settings.distribution == "global" or not self.params or self.total_steps is None:
             return {}
-        shapes = [p.shape for _, p in self.params]
-        kept = distribution.kept_counts(self.settings.distribution, shapes, self.schedule.target, self.curves)
-        source = {"source": self.settings.layer_source} if self.settings.layer_source else {}
-        return {"distribution": self.settings.distribution, **source, "layers": {
-            name: {"target": (p.numel() - k) / p.numel(), "reached": int((p == 0).sum()) / p.numel()}
-            for (name, p), k in zip(self.params, kept, strict=True)}}
+        return self.layered.report(self.params, self.schedule.target)
 
     def prunable_count(self) -> int:
         """Number of weights this pruner may prune."""
@@ -358,7 +335,8 @@ class Pruner:
 
     def state_dict(self) -> dict[str, Any]:
         """Masks and progress, for a checkpoint (plain tensors and numbers: weights_only-safe)."""
-        return {"step": self.step, "applied": self.applied, "masks": dict(self.masks), "removed": self.removed}
+        return {"step": self.step, "applied": self.applied, "masks": dict(self.masks), "removed": self.removed,
+                **self.layered.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()`` output; the masks must match this model's prunable weights."""
@@ -377,6 +355,7 @@ class Pruner:
         self.step = int(state["step"])
         self.applied = float(state["applied"])
         self.removed = int(state.get("removed", 0))
+        self.layered.load_state_dict(state)
 
 
 def _apply_mask(tensor: Tensor, mask: Tensor) -> None:

@@ -13,6 +13,9 @@
   0 at sparsity 0), a layer goes only as far as its drop stays below ``tau`` (a smaller drop measured further
   on, noise, is not reached before the larger one), and no layer goes past the highest sparsity it was
   measured at.
+- ``owl`` (outlier-weighted layerwise sparsity, lib/pruning/owl.py): density ``1 - s + deviation`` per layer,
+  the deviations from calibration text (weighted mean 0, so the total holds); where a density would leave
+  [0, 1] every deviation is shrunk by one factor until none does.
 
 Every distribution keeps exactly ``N - round(s * N)`` weights overall. Rounding: each layer keeps the whole
 number of weights below its share, and the weights left over go one each to the largest layers that still
@@ -26,7 +29,7 @@ from collections.abc import Sequence
 
 from lib.pruning.threshold import prune_count
 
-DISTRIBUTIONS = ("global", "uniform", "erk", "sweep")
+DISTRIBUTIONS = ("global", "uniform", "erk", "sweep", "owl")
 Curve = Sequence[Sequence[float]]  # ((sparsity, drop), ...), sparsity ascending
 
 
@@ -104,10 +107,23 @@ def _sparsity_at(curve: list[tuple[float, float]], tau: float) -> float:
     return reached
 
 
+def owl_densities(deviations: Sequence[float], sparsity: float) -> list[float]:
+    """``1 - sparsity + t * deviation`` per layer, with the largest ``t <= 1`` that keeps every density in [0, 1]."""
+    base = 1.0 - sparsity
+    t = 1.0
+    for d in deviations:
+        if d > 0:
+            t = min(t, (1.0 - base) / d)
+        elif d < 0:
+            t = min(t, base / -d)
+    return [min(1.0, max(0.0, base + t * d)) for d in deviations]
+
+
 def kept_counts(kind: str, shapes: Sequence[Sequence[int]], sparsity: float,
-                curves: Sequence[Curve] = ()) -> list[int]:
+                curves: Sequence[Curve] = (), deviations: Sequence[float] = ()) -> list[int]:
     """Whole weights each layer keeps under distribution ``kind`` (not ``global``), adding up to exactly
-    ``N - round(sparsity * N)`` (module docstring); ``curves`` (one per layer) for ``sweep``."""
+    ``N - round(sparsity * N)`` (module docstring); ``curves`` (one per layer) for ``sweep``, ``deviations``
+    for ``owl``."""
     sizes = [math.prod(shape) for shape in shapes]
     total = sum(sizes)
     wanted = total - prune_count(total, sparsity)
@@ -117,8 +133,10 @@ def kept_counts(kind: str, shapes: Sequence[Sequence[int]], sparsity: float,
         densities = erk_densities(shapes, sparsity)
     elif kind == "sweep":
         densities = sweep_densities(shapes, curves, sparsity)
+    elif kind == "owl":
+        densities = owl_densities(deviations, sparsity)
     else:
-        raise ValueError(f"distribution {kind!r} has no per-layer targets; valid: uniform, erk, sweep")
+        raise ValueError(f"distribution {kind!r} has no per-layer targets; valid: uniform, erk, sweep, owl")
     kept = [min(size, math.floor(d * size + 1e-9)) for d, size in zip(densities, sizes, strict=True)]
     left = wanted - sum(kept)
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))

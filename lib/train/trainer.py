@@ -42,7 +42,7 @@ from lib.core.task import Task, get_task
 from lib.hardware import actckpt, memory
 from lib.optim import build_optimizer, compact, masked_step
 from lib.optim.adamwprune import AdamWPrune
-from lib.pruning import build_pruner
+from lib.pruning import build_pruner, per_layer
 from lib.surgery.stats import StructureStats
 from lib.train import best as best_ckpt
 from lib.train import distributed, probe, sharding
@@ -104,6 +104,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
     stats = StructureStats(model, cfg.structure_stats_every) if cfg.structure_stats_every else None
     optimizer = _build_optimizer(model, spec)
     pruner = build_pruner(model, optimizer, spec.prune)  # the raw model: names match checkpoints
+    pruner.layered.calibration = per_layer.calibration(task, spec, model, device)  # OWL reads it, once
     if spec.optim.compact_state:  # moments for the kept weights only, once the masks settle
         compact.CompactState(optimizer)
     ddp = distributed.wrap(model, shard, device)  # DistributedDataParallel with several ranks (not sharded)
