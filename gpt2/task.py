@@ -191,6 +191,11 @@ class GPT2Task:
         logits = model(x)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
 
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = model(x)
+        return logits.view(-1, logits.size(-1)), y.reshape(-1)
+
     def samples_in(self, batch: Batch) -> int:
         return batch[0].numel()
 

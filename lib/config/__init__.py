@@ -17,7 +17,7 @@ from typing import Any
 
 import kconfiglib
 
-from lib.config import axes
+from lib.config import axes, distill
 from lib.config import sweep as sweep_settings
 from lib.config.axes import Axes
 from lib.config.executor import ExecutorSettings
@@ -337,6 +337,7 @@ def _train(r: Reader) -> TrainSettings:
         structure_stats_every=r.int("STRUCTURE_STATS_EVERY"),
         surgery_every=r.int("SURGERY_EVERY") if r.int("STRUCTURE_STATS_EVERY") else 0,  # it cuts by them
         quant_aware=r.bool("QUANT_AWARE"),
+        **distill.read(r),
     )
     if not (settings.epochs or settings.max_iters or settings.time_budget_s):  # Kconfig misses "0s", "0m"
         raise ConfigError("no training budget: CONFIG_EPOCHS, CONFIG_MAX_ITERS and CONFIG_TIME_BUDGET are all 0; "

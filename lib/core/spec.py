@@ -93,6 +93,9 @@ class TrainSettings:
     structure_stats_every: int = 0  # structure statistics for surgery every N steps (0 = none)
     surgery_every: int = 0  # cut the run's checkpoint every N steps and train on (0 = never)
     quant_aware: bool = False  # Linear weights fake-quantized to int8 in the forward (lib/quant)
+    distill_weight: float = 0.0  # CONFIG_DISTILL: share of the KL term to a dense teacher (0: off; lib/train/distill)
+    distill_temperature: float = 2.0
+    distill_teacher: str = ""  # a run of the same results folder (its name) or a run folder (its absolute path)
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,7 @@ class RunSpec:
 
 # Every change to the RunSpec's fields bumps SCHEMA_VERSION and adds a migration from the version before, so
 # that every spec.json ever published loads (tests/core/test_spec_versions.py guards the field list).
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -297,8 +300,14 @@ def _from_6(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     return data
 
 
+def _from_7(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Schema 7 -> 8 (issue 32, 2026-12-07): TrainSettings.distill_weight, distill_temperature and distill_teacher
+    (CONFIG_DISTILL) were added; weight 0 is off, as every earlier run was, so nothing changes."""
+    return data
+
+
 # _MIGRATIONS[v] takes schema v to v + 1
-_MIGRATIONS = [_from_unversioned, _from_1, _from_2, _from_3, _from_4, _from_5, _from_6]
+_MIGRATIONS = [_from_unversioned, _from_1, _from_2, _from_3, _from_4, _from_5, _from_6, _from_7]
 
 
 # A method's identity: every setting that changes what training does. Two runs are the same method (and may be
@@ -306,7 +315,7 @@ _MIGRATIONS = [_from_unversioned, _from_1, _from_2, _from_3, _from_4, _from_5, _
 # ran (hardware plan, data_dir, tracker) and what only bookkeeps (logging, checkpoint cadence) are left out.
 NOT_METHOD = {"prune.target", "optim.compact_state", "train.log_interval", "train.deterministic",
               "train.keep_checkpoints", "train.ckpt_interval", "train.ckpt_time_s", "train.ckpt_keep_last",
-              "train.ckpt_milestone", "model_options.text_dir"}
+              "train.ckpt_milestone", "model_options.text_dir", "train.distill_teacher"}
 
 
 def method_identity(spec: dict[str, Any]) -> dict[str, Any]:

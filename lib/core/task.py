@@ -105,6 +105,10 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean training loss of ``model`` on ``batch`` (already on the model's device)."""
 
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model``'s class scores on ``batch``, (examples, classes), and the targets, (examples,): what ``loss``
+        takes the cross-entropy of (distillation compares a teacher's)."""
+
     def samples_in(self, batch: Batch) -> int:
         """How many ``sample_unit`` a batch holds (images, or tokens)."""
 

@@ -128,7 +128,8 @@ def estimate_footprint(task: Task, spec: RunSpec, dtype: str, segments: Sequence
                        shards: int = 1) -> Footprint:
     """What one step of ``spec``'s model needs on one rank, from the tensors autograd saves in an eager fp32
     step, with the blocks of ``segments`` checkpointed (lib/hardware/actckpt.py; none by default) and the
-    weights, gradients and optimizer state sharded over ``shards`` ranks (FSDP2; 1: replicated).
+    weights, gradients and optimizer state sharded over ``shards`` ranks (FSDP2; 1: replicated), plus a
+    distillation teacher's weights (its forward runs without grad: its activations live one layer at a time).
 
     Measured on the meta device at micro-batch 1 and 2: the difference is the
     per-sample part. Eager fp32 with the math attention kernel saves more than a
@@ -139,8 +140,9 @@ def estimate_footprint(task: Task, spec: RunSpec, dtype: str, segments: Sequence
     one, two = (actckpt.peak_saved(segments, p) for p in profiles.at_one_two)
     half = dtype != "float32"
     per_sample = max(1, two - one)
+    teacher = profiles.weights * 4 if spec.train.distill_weight else 0  # CONFIG_DISTILL: fp32, no grads, no state
     return Footprint(
-        fixed=state_footprint(profiles, half, shards) + max(0, one - per_sample) + WORKSPACE_BYTES,
+        fixed=state_footprint(profiles, half, shards) + teacher + max(0, one - per_sample) + WORKSPACE_BYTES,
         per_sample=int(per_sample * (HALF_KEEPS if half else 1.0) * SAVED_SAFETY),
     )
 

@@ -50,6 +50,7 @@ def cannot_shard(spec: RunSpec, task: Any) -> str:
                 f"not run on sharded weights yet (FSDP2 runs: {', '.join(SHARDED_OPTIMIZERS)}, AdamWPrune on AdamW)")
     for what, on in (("compact optimizer state (CONFIG_COMPACT_STATE)", spec.optim.compact_state),
                      ("surgery during training (CONFIG_SURGERY_EVERY)", spec.train.surgery_every),
+                     ("distillation (CONFIG_DISTILL: the teacher is not sharded yet)", spec.train.distill_weight),
                      ("structure statistics (CONFIG_STRUCTURE_STATS_EVERY)", spec.train.structure_stats_every),
                      ("quantization-aware training (CONFIG_QUANT_AWARE)", spec.train.quant_aware)):
         if on:

@@ -23,7 +23,7 @@ from lib.core.errors import HarnessError, Interrupted
 from lib.core.files import is_disk_full, write_error, write_json_atomic
 from lib.core.spec import HardwarePlan, PruneSettings, RunSpec
 from lib.core.task import get_task
-from lib.matrix import cells
+from lib.matrix import cells, teachers
 from lib.matrix.cells import combinations  # noqa: F401 (the matrix's rules, used from here)
 from lib.matrix.executors.status import run_state
 from lib.pruning import WHOLE_STRUCTURES
@@ -72,7 +72,7 @@ def expand(config: Config, devices: hardware.Devices | None = None) -> list[RunS
         if cell.pruning in BY_MODEL:  # a target or pattern the model cannot hold fails before any run
             _check_units(draft)
         specs.append(dataclasses.replace(draft, hardware=plans[cell.model]))
-    return specs
+    return teachers.assign(specs)  # CONFIG_DISTILL: each pruned run's teacher, the teachers first
 
 
 def _named(config: Config, drafts: list[tuple[cells.Cell, RunSpec]], keys: dict) -> list[tuple]:

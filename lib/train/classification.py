@@ -134,5 +134,9 @@ class ClassificationTask:
         images, labels = batch
         return F.cross_entropy(model(images), labels)
 
+    def logits(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        return model(images), labels
+
     def samples_in(self, batch: tuple[torch.Tensor, ...]) -> int:
         return len(batch[0])

@@ -97,6 +97,8 @@ def summary(spec: RunSpec, task: Task, trained: Trained, ended: Ended, done: Pro
            if done.resumed_from else {}),
         **({"surgery": done.surgeries} if done.surgeries else {}),
         **({"structure_stats": {"every": stats.every, "count": stats.count}} if stats else {}),
+        **({"distill": {"teacher": spec.train.distill_teacher, "weight": spec.train.distill_weight,
+                        "temperature": spec.train.distill_temperature}} if spec.train.distill_weight else {}),
         **ranks,
     }
 

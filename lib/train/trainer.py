@@ -45,7 +45,7 @@ from lib.optim.adamwprune import AdamWPrune
 from lib.pruning import build_pruner, per_layer
 from lib.surgery.stats import StructureStats
 from lib.train import best as best_ckpt
-from lib.train import distributed, probe, sharding
+from lib.train import distill, distributed, probe, sharding
 from lib.train.distributed import SINGLE, Shard
 from lib.train.record import Best, Ended, Trained, summary
 from lib.train.tracking import NullTracker, open_tracker
@@ -105,6 +105,8 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
     optimizer = _build_optimizer(model, spec)
     pruner = build_pruner(model, optimizer, spec.prune)  # the raw model: names match checkpoints
     pruner.layered.calibration = per_layer.calibration(task, spec, model, device)  # OWL reads it, once
+    objective = distill.objective(task, distill.teacher_for(task, spec, run_dir, model, device,
+                                                            lambda line: _log(line, shard)))  # CONFIG_DISTILL
     if spec.optim.compact_state:  # moments for the kept weights only, once the masks settle
         compact.CompactState(optimizer)
     ddp = distributed.wrap(model, shard, device)  # DistributedDataParallel with several ranks (not sharded)
@@ -158,7 +160,7 @@ def train(spec: RunSpec, run_dir: Path, shard: Shard = SINGLE, after_surgery: bo
             with distributed.no_sync_unless(ddp, last=micro == hw.grad_accum - 1):  # all-reduce once per step
                 before = actckpt.bytes_in_use(device) if step == meter_step and micro == 0 else None
                 with autocast():
-                    loss = task.loss(forward_model, batch) / hw.grad_accum
+                    loss = objective(forward_model, batch) / hw.grad_accum
                 if before is not None:  # what this forward left saved for backward, under the plan's policy
                     activations = actckpt.bytes_in_use(device) - before
                 scaler.scale(loss).backward()

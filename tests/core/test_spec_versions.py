@@ -26,7 +26,7 @@ PUBLISHED = sorted(ROOT.glob("key_results/*/*/spec.json"))
 ADAMW_RUN = ROOT / "key_results" / "2026-12-02_lenet5-all-methods-released-spam" / "lenet5_adamw_none_0_s1"
 # The RunSpec's fields at each schema version: a change without a new version and a migration fails here.
 FIELDS_AT = {1: "acaed99b1517", 2: "87e3c8f2c375", 3: "fb815d79c2f8", 4: "f30e92659bcc", 5: "1bdd6231f5d0",
-             6: "6342e3af9293", 7: "f1cc2960bfe2"}
+             6: "6342e3af9293", 7: "f1cc2960bfe2", 8: "d5ead589acb2"}
 
 
 def fields_digest() -> str:
@@ -64,7 +64,7 @@ def test_every_published_spec_loads_and_builds_with_todays_code() -> None:
 
 
 def test_todays_specs_carry_the_schema_version() -> None:
-    assert RunSpec.read(PUBLISHED[0]).to_dict()["schema"] == SCHEMA_VERSION == 7
+    assert RunSpec.read(PUBLISHED[0]).to_dict()["schema"] == SCHEMA_VERSION == 8
 
 
 def test_removed_behaviour_is_named_only_where_a_run_used_it() -> None:
