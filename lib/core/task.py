@@ -162,6 +162,13 @@ class Task(Protocol):
         taking and returning one tensor; empty when the model has none worth it."""
 
 
+def first_batches(task: Task, spec: RunSpec, count: int, device: torch.device) -> list[Batch]:
+    """The first ``count`` training micro-batches of ``spec``'s seed, whole (the same on every rank), on ``device``:
+    what calibration reads (the sweep's data-driven metrics, the owl distribution)."""
+    stream = task.train_batches(spec, spec.hardware.micro_batch, spec.seed)
+    return [tuple(t.to(device) for t in next(stream)) for _ in range(count)]
+
+
 def get_task(model: str) -> Task:
     """The task object of model ``model``; a clear error if there is no such model."""
     module, _, attr = lookup(TASKS, model, "model", "lib/core/task.py").partition(":")

@@ -19,7 +19,8 @@ metric: subclass ``Importance`` and add one line to ``IMPORTANCES``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -214,6 +215,21 @@ def _per_unit(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         return x, tuple(range(x.dim() - 1))
     x = x if x.dim() == module.weight.dim() else x.unsqueeze(0)
     return x, (0, *range(2, x.dim()))
+
+
+@contextlib.contextmanager
+def observing(model: nn.Module, params: Params) -> Iterator[None]:
+    """``model`` in eval mode (dropout off, batch norm statistics fixed) with the layers of ``params`` in training
+    mode, so the activation hooks observe them (Linear and Conv compute alike in both modes); the model's own
+    mode comes back after."""
+    was_training = model.training
+    try:
+        model.eval()
+        for name, _ in params:
+            model.get_submodule(name.rpartition(".")[0]).train()
+        yield
+    finally:
+        model.train(was_training)
 
 
 IMPORTANCES: dict[str, type[Importance]] = {

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib.pruning.importance import Wanda
+from lib.pruning.importance import Wanda, observing
 
 M_DEFAULT, LAMBDA_DEFAULT = 5.0, 0.08
 
@@ -36,15 +36,11 @@ def outlier_shares(model: nn.Module, params: list[tuple[str, nn.Parameter]], bat
                    forward: Callable[[Any], Any], m: float) -> dict[str, float]:
     """{block: share of its Wanda scores above ``m`` x their mean} over the calibration ``batches``."""
     wanda = Wanda(model, params)
-    was_training = model.training
     try:
-        model.eval()  # dropout off
-        for name, _ in params:  # the hooks observe layers in training mode; Linear and Conv compute alike
-            model.get_submodule(name.rpartition(".")[0]).train()
-        for batch in batches:
-            forward(batch)
+        with observing(model, params):
+            for batch in batches:
+                forward(batch)
     finally:
-        model.train(was_training)
         wanda.close()
     pooled: dict[str, list[torch.Tensor]] = {}
     for name, param in params:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lib.core.errors import HarnessError
 from lib.core.spec import PruneSettings
+from lib.core.task import first_batches
 from lib.pruning import distribution, owl, sensitivity
 
 Params = list[tuple[str, nn.Parameter]]
@@ -71,11 +72,7 @@ def calibration(task: Any, spec: Any, model: nn.Module, device: torch.device) ->
     """The first ``spec.prune.owl_batches`` training micro-batches of the run's seed (the same on every rank) and
     the task's forward: what OWL measures outliers on."""
 
-    def batches() -> list[Any]:
-        stream = task.train_batches(spec, spec.hardware.micro_batch, spec.seed)
-        return [tuple(t.to(device) for t in next(stream)) for _ in range(spec.prune.owl_batches)]
-
-    return batches, lambda batch: task.loss(model, batch)
+    return lambda: first_batches(task, spec, spec.prune.owl_batches, device), lambda batch: task.loss(model, batch)
 
 
 def row_masks(ranked: Callable[[int], Tensor], params: Params, sparsity: float) -> list[Tensor]:

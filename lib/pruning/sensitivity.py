@@ -13,7 +13,6 @@ sweep), and targets beyond what the measured sparsities reach.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from lib.core.errors import ConfigError, HarnessError
-from lib.core.files import write_json_atomic
+from lib.core.files import file_sha256, write_json_atomic
 from lib.pruning import distribution
 
 KIND, VERSION = "layer-sensitivity", 1
@@ -71,7 +70,7 @@ def read(text: str, model: str, targets: Sequence[float]) -> tuple[tuple, str]:
             raise ConfigError(f"{where}: its layers were measured up to {100 * max(data['sparsities']):g} %, "
                               f"which reaches {100 * highest:.1f} % overall, below the target "
                               f"{100 * target:g} %; sweep again with higher SPARSITIES=")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     source = (f"{path.resolve()} (sha256 {digest[:12]}; run {data.get('run')}, step "
               f"{data.get('checkpoint', {}).get('step')})")
     return curves, source
@@ -83,7 +82,7 @@ def _check_fresh(where: str, data: dict[str, Any]) -> None:
     path = Path(recorded.get("path", ""))
     if not recorded.get("path") or not path.is_file():
         return  # moved or deleted: the curves stand on their own
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if digest != recorded.get("sha256"):
         raise ConfigError(f"{where}: stale: {path} changed since the sweep measured it (sha256 "
                           f"{str(recorded.get('sha256'))[:12]} then, {digest[:12]} now); sweep again with {REMAKE}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from lib import checkpoint
 from lib.checkpoint.folder import RunCheckpoints
 from lib.config import sweep as sweep_settings
 from lib.core.errors import ConfigError, HarnessError, first_line
+from lib.core.files import file_sha256
 from lib.core.spec import SweepSettings, run_spec
 from lib.core.task import Metric, get_task
 from lib.optim import build_optimizer
@@ -50,7 +50,7 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
     settings = sweep_settings.overridden(spec.sweep, given or {}, task.metric.higher_is_better)
     checkpoints = RunCheckpoints(run_dir)
     best = checkpoints.require_best("sweep")
-    digest = _sha256(best)
+    digest = file_sha256(best)
     payload = checkpoint.load(best)
     task.prepare(spec)
     check_calibration(task, spec, settings)
@@ -80,7 +80,7 @@ def sweep_run(run_dir: Path, given: dict[str, str | None] | None = None, say: An
               "note": sweep_measure.CPU_NOTE if subject.device.type == "cpu" else ""}
     if layers:
         record["layers"] = layers
-    if _sha256(best) != digest:
+    if file_sha256(best) != digest:
         record["note"] += "; the best checkpoint was replaced while the sweep read it (is the run still training?)"
     out = sweep_report.write(run_dir / "sweep", record)
     say(sweep_report.recommendation_lines(record))
@@ -294,11 +294,3 @@ def tolerance_text(metric: Metric, settings: SweepSettings, reference: str = "de
 def _nm(pattern: str) -> tuple[int, int]:
     n, m = pattern.split(":")
     return int(n), int(m)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

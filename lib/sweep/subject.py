@@ -18,10 +18,10 @@ from torch import nn
 
 from lib.core.errors import ConfigError
 from lib.core.spec import PruneSettings, RunSpec, SweepSettings
-from lib.core.task import Task
+from lib.core.task import Task, first_batches
 from lib.pruning import build_pruner, sparsegpt
-from lib.pruning.importance import build_importance
-from lib.pruning.prunable import PRUNABLE_TYPES, prunable_parameters
+from lib.pruning.importance import build_importance, observing
+from lib.pruning.prunable import prunable_parameters
 
 NEEDS_CALIBRATION = ("gradient-sensitivity", "activation", "wanda", sparsegpt.NAME)
 
@@ -46,8 +46,7 @@ class Subject:
 
     def batches(self) -> list[tuple[torch.Tensor, ...]]:
         """The calibration micro-batches, on the sweep's device (the same ones for every metric)."""
-        stream = self.task.train_batches(self.spec, self.spec.hardware.micro_batch, self.spec.seed)
-        return [tuple(t.to(self.device) for t in next(stream)) for _ in range(self.settings.calibration_batches)]
+        return first_batches(self.task, self.spec, self.settings.calibration_batches, self.device)
 
 
 def subject_of(spec: RunSpec, task: Task, settings: SweepSettings, payload: dict[str, Any]) -> Subject:
@@ -81,21 +80,17 @@ def calibrate(subject: Subject, metric: str) -> dict[str, Any]:
     and for SparseGPT, which reads the batches layer by layer as it prunes)."""
     if metric not in NEEDS_CALIBRATION or metric == sparsegpt.NAME:
         return {}
-    model, task = subject.model, subject.task
-    importance = build_importance(metric, model, prunable_parameters(model))
-    layers = [module for module in model.modules() if isinstance(module, PRUNABLE_TYPES)]
+    model, task, params = subject.model, subject.task, prunable_parameters(subject.model)
+    importance = build_importance(metric, model, params)
     try:
-        model.eval()
-        for module in layers:
-            module.train()  # the activation hooks observe layers in training mode; Linear and Conv compute alike
-        for batch in subject.batches():
-            model.zero_grad(set_to_none=True)
-            task.loss(model, batch).backward()
-            importance.accumulate()
+        with observing(model, params):  # the sweep's model is in eval mode, and stays so
+            for batch in subject.batches():
+                model.zero_grad(set_to_none=True)
+                task.loss(model, batch).backward()
+                importance.accumulate()
         return importance.state_dict()
     finally:
         model.zero_grad(set_to_none=True)
-        model.eval()
         importance.close()
 
 

@@ -11,7 +11,6 @@ number of classes (tokens); anything else is one line.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from lib.checkpoint.folder import RunCheckpoints
 from lib.core.errors import HarnessError
 from lib.core.spec import RunSpec, run_spec
 from lib.core.task import Task
+from lib.results import run_record
 
 WAIT_LOG_S = 60.0  # a student waiting for its teacher says so this often
 
@@ -111,13 +111,14 @@ def _wait(folder: Path, say: Callable[[str], Any], poll_s: float) -> None:
     """Until the teacher's run has ended ok; one line if it failed or is not a run."""
     waited, last = 0.0, 0.0
     while True:
-        summary = folder / "summary.json"
-        status = json.loads(summary.read_text()).get("status") if summary.is_file() else None
+        found = run_record(folder)  # the one check of a run's summary.json (lib/results)
+        status = found.record["status"] if found.record else None
         if status == "ok":
             return
-        if status is not None:
-            raise HarnessError(f"distillation teacher {folder} ended {status}, so this run has no teacher; "
-                               f"fix and finish it first (make continue)")
+        if status is not None or not found.missing:
+            how = f"ended {status}" if status else f"left an unusable summary.json ({found.problem})"
+            raise HarnessError(f"distillation teacher {folder} {how}, so this run has no teacher; fix and finish "
+                               f"it first (make continue)")
         if not (folder / "spec.json").is_file():
             raise HarnessError(f"distillation teacher {folder} is not a run folder (no spec.json); give a run "
                                f"folder with a best checkpoint (CONFIG_DISTILL_TEACHER_PATH)")

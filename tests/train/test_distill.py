@@ -121,9 +121,10 @@ def test_a_teacher_of_other_classes_is_one_line_and_a_student_waits_for_its_teac
     (later / "spec.json").write_text((teacher / "spec.json").read_text())
     lines: list[str] = []
 
-    def finish(status: str) -> None:
+    def finish(status: str) -> None:  # the teacher's own record, ended otherwise
         time.sleep(0.3)
-        (later / "summary.json").write_text(json.dumps({"status": status}))
+        (later / "summary.json").write_text(json.dumps({**json.loads((teacher / "summary.json").read_text()),
+                                                        "status": status, "error": "killed"}))
 
     student = dataclasses.replace(spec, train=dataclasses.replace(spec.train, distill_weight=0.5,
                                                                   distill_teacher=str(later)))
@@ -131,6 +132,27 @@ def test_a_teacher_of_other_classes_is_one_line_and_a_student_waits_for_its_teac
     with pytest.raises(HarnessError, match="ended failed, so this run has no teacher"):
         distill.load_teacher(task, student, tmp_path / "run", torch.device("cpu"), lines.append, poll_s=0.05)
     assert lines and lines[0].startswith("distillation: waiting for the teacher later")
+    (later / "summary.json").write_text("{")  # written by hand, or cut short: not taken for an ending
+    with pytest.raises(HarnessError, match=r"left an unusable summary.json \(truncated or not JSON\)"):
+        distill.load_teacher(task, student, tmp_path / "run", torch.device("cpu"), lines.append, poll_s=0.05)
+
+
+def test_the_plan_counts_the_teachers_weights_and_sharding_refuses_a_teacher() -> None:
+    from lib import hardware
+    from lib.hardware import memory
+    from tests.hardware.test_hardware import settings
+    from tests.hardware.test_parallel import A10GX8, xl
+
+    spec = tiny_spec("student", pruning="magnitude", sparsity=0.9)
+    taught = dataclasses.replace(spec, train=dataclasses.replace(spec.train, distill_weight=0.5, distill_teacher="t"))
+    task = get_task("lenet5")
+    plain, guided = (memory.estimate_footprint(task, s, "float32") for s in (spec, taught))
+    assert guided.fixed - plain.fixed == memory.activation_profiles(task, spec).weights * 4  # fp32, no state
+    assert guided.per_sample == plain.per_sample
+    big = xl()
+    with pytest.raises(ConfigError, match="distillation \\(CONFIG_DISTILL: the teacher is not sharded yet\\)"):
+        hardware.plan(dataclasses.replace(big, train=dataclasses.replace(big.train, distill_weight=0.5)),
+                      settings(parallel="fsdp"), A10GX8)
 
 
 def test_a_distilled_matrix_trains_its_teachers_first_and_ends_ok(make_config, tmp_path: Path) -> None:
